@@ -1,0 +1,1 @@
+"""Checkpoints: obtain (convert, build, download, local) into a content-addressed cache."""

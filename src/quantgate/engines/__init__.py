@@ -1,0 +1,1 @@
+"""Engines: the vLLM server process, emulation, hardware detection and the kernel path."""

