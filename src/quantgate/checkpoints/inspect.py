@@ -1,0 +1,304 @@
+"""What a checkpoint directory holds: quantization scheme, tensor dtypes, scales, size and weight error.
+
+Pure safetensors-header/json/numpy, so it runs in the main environment without torch, modelopt or a GPU.
+Weights are dequantized with the decoders the emulation engine uses (engines/emulation.py), so the weight
+error reported here is the error of the weights an emulated evaluation actually serves.
+
+The packed-byte entropy of 4-bit (NVFP4/MXFP4) weights follows the "compression proxy" of the NVFP4 scale
+inflation experiment (seeds/001): H = Shannon entropy of the packed uint8 stream in bits per byte, and
+proxy = 1 - H/8, the fraction a perfect entropy coder could still remove. A standard NVFP4 export sits
+near 1%; re-quantizing with inflated block scales pushes codes towards 0 and +-0.5 and raises it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.engines.emulation import (
+    FLOAT_DTYPES,
+    CheckpointTensors,
+    QuantizedLinear,
+    dequantize_linear,
+    find_quantized_linears,
+    layer_tensors,
+    read_quant_config,
+)
+from quantgate.errors import BuildError
+
+# Scale tensors each scheme needs for its weight, and the ones its activations need when they are
+# statically quantized (modelopt NVFP4/FP8 and compressed-tensors static schemes).
+_WEIGHT_SCALES = {
+    "nvfp4": ("weight_scale", "weight_scale_2"),
+    "nvfp4_ct": ("weight_scale", "weight_global_scale"),
+    "fp8": ("weight_scale",),
+    "mxfp8": ("weight_scale",),
+    "mxfp4": ("weight_scale",),
+    "int8": ("weight_scale",),
+    "int4_packed": ("weight_scale",),
+}
+_INPUT_SCALE = {"nvfp4": "input_scale", "nvfp4_ct": "input_global_scale", "fp8": "input_scale",
+                "int8": "input_scale"}
+_PACKED_4BIT = {"nvfp4", "nvfp4_ct", "mxfp4"}
+
+
+@dataclass
+class LinearReport:
+    name: str
+    scheme: str  # nvfp4 | nvfp4_ct | fp8 | mxfp8 | mxfp4 | int8 | int4_packed | unrecognized
+    weight_dtype: str
+    stored_shape: list[int]
+    shape: list[int]  # dequantized [out, in]
+    scales: dict[str, dict[str, Any]]  # role -> {"dtype", "shape"}
+    missing_scales: list[str] = field(default_factory=list)
+    mse: float | None = None
+    relative_mse: float | None = None  # mse / mean(baseline^2)
+    entropy_bits: float | None = None  # packed-byte entropy, 4-bit formats only
+
+
+@dataclass
+class CheckpointReport:
+    path: str
+    quant_method: str | None  # modelopt | compressed-tensors | None (unquantized) | other HF method
+    algorithm: str | None  # e.g. NVFP4, FP8, W8A8_SQ_PER_CHANNEL, "W4A16-g128"
+    kv_cache_algorithm: str | None
+    group_size: int | None
+    ignore: list[str]
+    producer: dict[str, Any] | None
+    tensor_dtypes: dict[str, str]
+    dtype_counts: dict[str, int]
+    quantized_linears: list[LinearReport]
+    unquantized_modules: dict[str, list[str]]  # kind (embedding, lm_head, norm, linear, other) -> modules
+    missing_scales: list[str]  # "<module>: <role>"
+    size_bytes: int
+    baseline_path: str | None = None
+    baseline_size_bytes: int | None = None
+    compression_ratio: float | None = None  # baseline bytes / these bytes
+    weight_mse: float | None = None  # element-weighted mean over quantized linears, vs baseline
+    weight_relative_mse: float | None = None
+    worst_layer: str | None = None  # highest relative MSE
+    packed_entropy_bits: float | None = None  # bits per byte over all packed 4-bit weights
+    compression_proxy: float | None = None  # 1 - entropy/8
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.quantized_linears)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for a terminal or a test failure message."""
+        lines = [f"{self.path}: {self.quant_method or 'unquantized'} {self.algorithm or ''}".rstrip()]
+        line = f"  {len(self.quantized_linears)} quantized linears, {_mib(self.size_bytes)} on disk"
+        if self.compression_ratio:
+            line += f", {self.compression_ratio:.2f}x smaller than the baseline"
+        lines.append(line)
+        if self.weight_mse is not None:
+            lines.append(f"  weight MSE {self.weight_mse:.3e} (relative {self.weight_relative_mse:.3e}, "
+                         f"worst {self.worst_layer})")
+        if self.packed_entropy_bits is not None:
+            lines.append(f"  packed-byte entropy {self.packed_entropy_bits:.4f} bits/byte, "
+                         f"compression proxy {self.compression_proxy:.2%}")
+        kept = {k: len(v) for k, v in self.unquantized_modules.items() if v}
+        if kept:
+            lines.append(f"  left unquantized: {kept}")
+        lines += [f"  missing scale: {m}" for m in self.missing_scales[:5]]
+        lines += [f"  warning: {w}" for w in self.warnings[:5]]
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def byte_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy in bits per symbol of a histogram."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+def _module_kind(prefix: str, ndim: int) -> str:
+    leaf = prefix.rsplit(".", 1)[-1].lower()
+    if "embed" in leaf or leaf in ("wte", "wpe", "tok_embeddings"):
+        return "embedding"
+    if leaf in ("lm_head", "output", "embed_out"):
+        return "lm_head"
+    if "norm" in leaf or leaf.startswith("ln"):
+        return "norm"
+    return "linear" if ndim == 2 else "other"
+
+
+def _unrecognized(ck: CheckpointTensors, prefix: str, parts: dict[str, str]) -> LinearReport | None:
+    """A layer whose weight is stored as integers/FP8 but whose tensors match no known scheme."""
+    wname = parts.get("weight_packed") or parts.get("weight")
+    if not wname or ck.tensors[wname].dtype in FLOAT_DTYPES:
+        return None
+    w = ck.tensors[wname]
+    missing = []
+    if "weight_scale" not in parts:
+        missing.append("weight_scale")
+    elif w.dtype == "U8" and ck.tensors[parts["weight_scale"]].dtype == "F8_E4M3":
+        missing.append("weight_global_scale" if "weight_packed" in parts else "weight_scale_2")
+    scales = {r: {"dtype": ck.tensors[n].dtype, "shape": list(ck.tensors[n].shape)}
+              for r, n in parts.items() if r not in ("weight", "weight_packed")}
+    return LinearReport(prefix, "unrecognized", w.dtype, list(w.shape), list(w.shape), scales, missing)
+
+
+def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = None, *,
+                       compute_error: bool = True) -> CheckpointReport:
+    """Describe the checkpoint in `directory`, comparing its weights with `baseline_dir` when given.
+
+    Raises BuildError naming the directory and the cause when it has no config.json, no safetensors
+    weights, or a corrupt/truncated weight file (the same for the baseline).
+    """
+    d = Path(directory)
+    qc = read_quant_config(d)
+    ck = CheckpointTensors(d)
+    cfg = json.loads((d / "config.json").read_text())
+    warnings: list[str] = []
+
+    linears = find_quantized_linears(ck)
+    reports: dict[str, LinearReport] = {}
+    act_static = _activation_scales_expected(qc)
+    for prefix, ql in linears.items():
+        wname = ql.parts.get("weight_packed") or ql.parts["weight"]
+        w = ck.tensors[wname]
+        scales = {r: {"dtype": ck.tensors[n].dtype, "shape": list(ck.tensors[n].shape)}
+                  for r, n in ql.parts.items() if r not in ("weight", "weight_packed")}
+        need = list(_WEIGHT_SCALES.get(ql.scheme, ()))
+        if act_static and ql.scheme in _INPUT_SCALE:
+            need.append(_INPUT_SCALE[ql.scheme])
+        missing = [r for r in need if r not in ql.parts]
+        reports[prefix] = LinearReport(
+            prefix, ql.scheme, w.dtype, list(w.shape), list(ql.shape), scales, missing
+        )
+
+    for prefix, parts in layer_tensors(ck.tensors).items():
+        if prefix not in linears:
+            bad = _unrecognized(ck, prefix, parts)
+            if bad is not None:
+                reports[prefix] = bad
+                warnings.append(f"{prefix}: {bad.weight_dtype} weight in no layout quantgate can decode")
+
+    unquantized: dict[str, list[str]] = {k: [] for k in ("embedding", "lm_head", "norm", "linear", "other")}
+    for name, info in sorted(ck.tensors.items()):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf != "weight" or prefix in reports or info.dtype not in FLOAT_DTYPES:
+            continue
+        unquantized[_module_kind(prefix, len(info.shape))].append(prefix)
+    if not unquantized["lm_head"] and not any(n.endswith("lm_head.weight") for n in ck.tensors):
+        if cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)):
+            unquantized["lm_head"].append("lm_head (tied to the input embedding)")
+
+    # Layers the config promises to quantize but are stored in float, and the reverse.
+    if qc.method and not linears:
+        warnings.append(f"config says {qc.method} {qc.algorithm} but no quantized linear layer was found")
+
+    missing_scales = [f"{p}: {r}" for p, rep in sorted(reports.items()) for r in rep.missing_scales]
+
+    # Packed 4-bit streams: aggregate histogram for the whole checkpoint, per-layer entropy for each.
+    hist_total = np.zeros(256, dtype=np.int64)
+    for prefix, ql in linears.items():
+        if ql.scheme in _PACKED_4BIT:
+            packed = ck.raw(ql.parts.get("weight_packed") or ql.parts["weight"])
+            hist = np.bincount(packed.reshape(-1), minlength=256)
+            hist_total += hist
+            reports[prefix].entropy_bits = byte_entropy(hist)
+    entropy = byte_entropy(hist_total) if hist_total.any() else None
+
+    report = CheckpointReport(
+        path=str(d),
+        quant_method=qc.method,
+        algorithm=qc.algorithm,
+        kv_cache_algorithm=qc.kv_cache_algorithm,
+        group_size=qc.group_size,
+        ignore=qc.ignore,
+        producer=qc.producer,
+        tensor_dtypes={n: i.dtype for n, i in sorted(ck.tensors.items())},
+        dtype_counts=_count(i.dtype for i in ck.tensors.values()),
+        quantized_linears=[reports[p] for p in sorted(reports)],
+        unquantized_modules=unquantized,
+        missing_scales=missing_scales,
+        size_bytes=ck.size_bytes,
+        packed_entropy_bits=entropy,
+        compression_proxy=None if entropy is None else 1.0 - entropy / 8.0,
+        warnings=warnings,
+    )
+    if baseline_dir is not None:
+        _compare_with_baseline(report, ck, linears, Path(baseline_dir), compute_error)
+    return report
+
+
+def _activation_scales_expected(qc: Any) -> bool:
+    """Whether the config says activations are statically quantized (so input scales must be stored)."""
+    for group in qc.schemes:
+        act = group.get("input_activations")
+        if act and not act.get("dynamic", False):
+            return True
+    return qc.method == "modelopt" and (qc.algorithm or "").upper() in ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL")
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _compare_with_baseline(
+    report: CheckpointReport, ck: CheckpointTensors, linears: dict[str, QuantizedLinear],
+    baseline_dir: Path, compute_error: bool,
+) -> None:
+    try:
+        base = CheckpointTensors(baseline_dir)
+    except BuildError as e:
+        raise BuildError(f"baseline for {report.path}: {e}") from None
+    report.baseline_path = str(baseline_dir)
+    report.baseline_size_bytes = base.size_bytes
+    report.compression_ratio = base.size_bytes / report.size_bytes if report.size_bytes else None
+    if not compute_error or not linears:
+        return
+    sse = 0.0
+    energy = 0.0
+    numel = 0
+    worst = (-1.0, None)
+    by_name = {r.name: r for r in report.quantized_linears}
+    for prefix, ql in linears.items():
+        ref_name = ql.weight_name
+        if ref_name not in base:
+            report.warnings.append(f"baseline has no {ref_name}; no error for {prefix}")
+            continue
+        ref_info = base.tensors[ref_name]
+        if tuple(ref_info.shape) != tuple(ql.shape):
+            report.warnings.append(f"{prefix}: shape {list(ql.shape)} vs baseline {list(ref_info.shape)}")
+            continue
+        ref = base.float32(ref_name).astype(np.float64)
+        deq = dequantize_linear(ck, ql).astype(np.float64)
+        diff = deq - ref
+        layer_sse = float(np.sum(diff * diff))
+        layer_energy = float(np.sum(ref * ref))
+        n = ref.size
+        rep = by_name[prefix]
+        rep.mse = layer_sse / n
+        rep.relative_mse = layer_sse / layer_energy if layer_energy else math.inf
+        if not math.isfinite(rep.mse):
+            report.warnings.append(f"{prefix}: dequantized weight has NaN/inf")
+        if rep.relative_mse > worst[0]:
+            worst = (rep.relative_mse, prefix)
+        sse += layer_sse
+        energy += layer_energy
+        numel += n
+    if numel:
+        report.weight_mse = sse / numel
+        report.weight_relative_mse = sse / energy if energy else None
+        report.worst_layer = worst[1]

@@ -1,0 +1,220 @@
+"""The regression gate: is the current run worse than the last accepted run, on the same items?
+
+Items are matched by doc id; only ids present in both runs are compared, and the verdict says how many were
+missing on either side. The gate fails on a significant drop (one-sided paired test at ``1 - level``:
+McNemar exact for 0/1 items, sign-flip randomisation for continuous ones), and, when ``max_drop`` > 0, only
+if the drop also exceeds ``max_drop`` (in the metric's own units, e.g. 0.02 = 2 points of accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from quantgate.errors import InsufficientSampleError, QuantgateError
+from quantgate.gates.stats import PairedChange, paired_change
+
+Status = Literal["pass", "fail", "insufficient"]
+
+MAX_LINES = 25  # one screen
+_ANSWER_WIDTH = 96
+
+
+class ItemMismatchError(QuantgateError, ValueError):
+    """The accepted and current runs share no doc ids, so nothing can be compared."""
+
+
+@dataclass(frozen=True)
+class FlippedItem:
+    doc_id: str
+    before: float
+    after: float
+    accepted_answer: str | None = None
+    current_answer: str | None = None
+
+
+@dataclass(frozen=True)
+class RegressionVerdict:
+    """Outcome of the regression gate; ``message()`` explains it in at most 25 lines."""
+
+    status: Status
+    change: PairedChange
+    level: float
+    max_drop: float
+    missing_in_current: int
+    new_in_current: int
+    examples: tuple[FlippedItem, ...]
+    n_flipped: int
+    label: str = ""
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
+    def before(self) -> float:
+        return self.change.before
+
+    @property
+    def after(self) -> float:
+        return self.change.after
+
+    @property
+    def n(self) -> int:
+        return self.change.n
+
+    def message(self) -> str:
+        c = self.change
+        name = f" {self.label}" if self.label else ""
+        alpha = 1 - self.level
+        lines = [
+            f"{self.status.upper()}{name} vs accepted run: regression gate (one-sided test at {alpha:.0%})",
+            f"  score    accepted {_val(c.before, c)} -> current {_val(c.after, c)} on {c.n} common items",
+            f"  change   {_delta_interval(c)} ({c.interval_level:.0%} interval, matches the one-sided test)",
+            f"  test     {c.test}: p = {c.p_value:.3g}",
+            f"  verdict  {self.reason}",
+            f"  flips    {c.flips_down} items worse, {c.flips_up} better",
+        ]
+        if self.missing_in_current or self.new_in_current:
+            lines.append(
+                f"  items    {self.missing_in_current} accepted items missing from the current run; "
+                f"{self.new_in_current} new items ignored"
+            )
+        if self.examples:
+            lines.append(f"  flipped items (worse first; {len(self.examples)} of {self.n_flipped}):")
+            per_item = 1 + sum(
+                a is not None for a in (self.examples[0].accepted_answer, self.examples[0].current_answer)
+            )
+            room = max(0, (MAX_LINES - len(lines)) // per_item)
+            for item in self.examples[:room]:
+                lines.append(f"    doc {item.doc_id}: {item.before:.4g} -> {item.after:.4g}")
+                if item.accepted_answer is not None:
+                    lines.append(f"      accepted: {_shorten(item.accepted_answer)}")
+                if item.current_answer is not None:
+                    lines.append(f"      current:  {_shorten(item.current_answer)}")
+        return "\n".join(lines[:MAX_LINES])
+
+    def raise_for_status(self) -> None:
+        """Raise InsufficientSampleError for "insufficient", AssertionError for "fail"; return on "pass"."""
+        if self.status == "insufficient":
+            raise InsufficientSampleError(self.message())
+        if self.status == "fail":
+            raise AssertionError(self.message())
+
+
+def _val(x: float, c: PairedChange) -> str:
+    return f"{100 * x:.1f}%" if c.binary else f"{x:.4g}"
+
+
+def _amount(x: float, c: PairedChange) -> str:
+    return f"{100 * x:.1f} pts" if c.binary else f"{x:.4g}"
+
+
+def _delta_interval(c: PairedChange) -> str:
+    if c.binary:
+        s = 100.0
+        return (
+            f"{s * c.change:+.1f} ± {s * (c.high - c.low) / 2:.1f} pts [{s * c.low:+.1f}, {s * c.high:+.1f}]"
+        )
+    return f"{c.change:+.4g} ± {(c.high - c.low) / 2:.3g} [{c.low:+.4g}, {c.high:+.4g}]"
+
+
+def _shorten(text: str, width: int = _ANSWER_WIDTH) -> str:
+    flat = " ".join(str(text).split())
+    if len(flat) <= width:
+        return repr(flat)
+    # Keep both ends: a generated answer's conclusion (e.g. GSM8K's "#### 42") sits at its tail.
+    head = width * 2 // 5
+    tail = width - head - 5
+    return repr(flat[:head] + " ... " + flat[-tail:])
+
+
+def regression_gate(
+    accepted: Mapping[str, float],
+    current: Mapping[str, float],
+    *,
+    level: float = 0.95,
+    max_drop: float = 0.0,
+    accepted_answers: Mapping[str, str] | None = None,
+    current_answers: Mapping[str, str] | None = None,
+    higher_is_better: bool = True,
+    show: int = 5,
+    label: str = "",
+    seed: int = 0,
+) -> RegressionVerdict:
+    """Compare the current run with the last accepted one, item by item, on their common doc ids.
+
+    Raises ItemMismatchError when no id is shared. "insufficient" means no outcome on so few common items
+    could be significant (even if every one of them dropped), so a pass would be uninformative.
+    """
+    if max_drop < 0 or not math.isfinite(max_drop):
+        raise ValueError(f"max_drop must be a finite number >= 0, got {max_drop!r}")
+    if show < 0:
+        raise ValueError(f"show must be >= 0, got {show!r}")
+    ids = [k for k in accepted if k in current]
+    missing = [k for k in accepted if k not in current]
+    new = [k for k in current if k not in accepted]
+    if not ids:
+        raise ItemMismatchError(
+            f"no doc ids in common: the accepted run has {len(accepted)} items (e.g. {_some(accepted)}), "
+            f"the current run has {len(current)} (e.g. {_some(current)}). Did the task, its limit or its "
+            "doc-id scheme change? Accept a new baseline run."
+        )
+    before = [float(accepted[k]) for k in ids]
+    after = [float(current[k]) for k in ids]
+    c = paired_change(before, after, level=level, higher_is_better=higher_is_better, seed=seed)
+
+    sign = 1.0 if higher_is_better else -1.0
+    worse = [(sign * (b - a), i) for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
+    # Largest drops first, then gains; ties keep the accepted run's order.
+    worse.sort(key=lambda t: (-t[0], t[1]))
+    examples = tuple(
+        FlippedItem(
+            doc_id=str(ids[i]),
+            before=before[i],
+            after=after[i],
+            accepted_answer=None if accepted_answers is None else accepted_answers.get(ids[i], "<missing>"),
+            current_answer=None if current_answers is None else current_answers.get(ids[i], "<missing>"),
+        )
+        for _, i in worse[:show]
+    )
+
+    alpha = 1 - level
+    amount = _amount(c.drop, c)
+    if 0.5**c.n >= alpha:
+        # Exact tests on n items cannot go below 2^-n, so no drop could ever be significant.
+        status: Status = "insufficient"
+        reason = f"{c.n} common items cannot show a significant drop at {alpha:.0%} (need >= "
+        reason += f"{math.ceil(math.log2(1 / alpha) + 1e-9)}); a pass would mean nothing"
+    elif c.p_value < alpha and c.drop > max_drop:
+        status = "fail"
+        reason = f"significant drop of {amount} (p = {c.p_value:.3g} < {alpha:.2g})"
+        if max_drop > 0:
+            reason += f", more than max_drop {_amount(max_drop, c)}"
+    elif c.p_value < alpha:
+        status = "pass"
+        reason = f"drop of {amount} is significant (p = {c.p_value:.3g}) "
+        reason += f"but within max_drop {_amount(max_drop, c)}"
+    else:
+        status = "pass"
+        reason = f"no significant drop (p = {c.p_value:.3g} >= {alpha:.2g})"
+    return RegressionVerdict(
+        status=status,
+        change=c,
+        level=level,
+        max_drop=max_drop,
+        missing_in_current=len(missing),
+        new_in_current=len(new),
+        examples=examples,
+        n_flipped=len(worse),
+        label=label,
+        reason=reason,
+    )
+
+
+def _some(m: Mapping[str, float], k: int = 3) -> str:
+    keys = [repr(x) for x, _ in zip(m, range(k), strict=False)]
+    return ", ".join(keys) if keys else "none"

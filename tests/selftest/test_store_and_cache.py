@@ -1,0 +1,95 @@
+"""Result store and checkpoint cache: atomic writes, exact-key reuse, nothing half-written survives a crash."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantgate.checkpoints import cache
+from quantgate.checkpoints.obtain import validate_checkpoint_dir
+from quantgate.errors import BuildError
+from quantgate.evaluation.lmeval_runner import item_outcomes
+from quantgate.evaluation.store import ResultStore, ServerRecords
+
+KEY = {"checkpoint_sha256": "abc", "task": "hellaswag", "kernel_path": "k", "limit": 10}
+SAMPLES = [{"doc_id": 1, "acc_norm": 0.0, "resps": [["x"]], "filter": "none"},
+           {"doc_id": 0, "acc_norm": 1.0, "resps": [["y"]], "filter": "none"}]
+
+
+def test_put_get_roundtrip_and_key_must_match_exactly(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("m", "v", "hellaswag", KEY, {"versions": {}}, {"acc_norm,none": 0.5}, SAMPLES, None)
+    hit = store.get("m", "v", "hellaswag", KEY)
+    assert hit and hit.aggregate["acc_norm,none"] == 0.5 and len(hit.samples) == 2
+    for field, other in [("checkpoint_sha256", "abd"), ("kernel_path", "other"), ("limit", 11)]:
+        assert store.get("m", "v", "hellaswag", {**KEY, field: other}) is None, field
+
+
+def test_crash_while_writing_leaves_no_entry(tmp_path):
+    store = ResultStore(tmp_path)
+
+    def bad_samples():
+        yield SAMPLES[0]
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        store.put("m", "v", "t", KEY, {}, {}, bad_samples(), None)
+    assert store.get("m", "v", "t", KEY) is None
+    assert not [p for p in (tmp_path / "m" / "v" / "t").iterdir() if p.is_dir()]
+
+
+def test_server_records(tmp_path):
+    rec = ServerRecords(tmp_path)
+    assert rec.get({"a": 1}) is None
+    rec.put({"a": 1}, {"kernel_path": "K"})
+    assert rec.get({"a": 1})["kernel_path"] == "K"
+
+
+def test_cache_entry_built_once_and_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path))
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(d)
+        (d / "config.json").write_text("{}")
+
+    first = cache.cached_entry("built", {"k": 1}, build)
+    second = cache.cached_entry("built", {"k": 1}, build)
+    assert first == second and len(calls) == 1
+    assert json.loads((first / cache.MANIFEST).read_text())["checkpoint_sha256"]
+
+    def crash(d: Path) -> None:
+        (d / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.cached_entry("built", {"k": 2}, crash)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "built").iterdir() if p.is_dir()) == [first.name]
+
+
+def test_item_outcomes_sorted_by_doc_and_kinds():
+    o = item_outcomes(SAMPLES, "acc_norm,none")
+    assert o.ids == ("0", "1") and o.values.tolist() == [1.0, 0.0] and o.kind == "mean"
+    inst = item_outcomes([{"doc_id": 0, "inst_level_strict_acc": [True, False, True], "resps": [["a"]]}],
+                         "inst_level_strict_acc,none")
+    assert inst.kind == "weighted_mean" and inst.score() == pytest.approx(2 / 3)
+    ppl = item_outcomes([{"doc_id": 0, "word_perplexity": [-20.0, 10], "resps": [["a"]]}], "word_perplexity,none")
+    assert ppl.kind == "perplexity" and ppl.score() == pytest.approx(2.718281828 ** 2, rel=1e-6)
+
+
+def test_validate_checkpoint_dir_errors(tmp_path):
+    with pytest.raises(BuildError, match="no config.json"):
+        validate_checkpoint_dir(tmp_path, "m/v")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(BuildError, match="pickled"):
+        validate_checkpoint_dir(tmp_path, "m/v")
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((64, 64), dtype=np.float32)}, str(tmp_path / "model.safetensors"))
+    validate_checkpoint_dir(tmp_path, "m/v")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BuildError, match="truncated|not a readable safetensors"):
+        validate_checkpoint_dir(tmp_path, "m/v")
