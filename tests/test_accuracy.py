@@ -32,8 +32,10 @@ def test_regression_vs_accepted(qg_session, qg_run, qg_any_variant, qg_regressio
         print(f"accepted: {path}")
     verdict = verdicts.regression_verdict(qg_run, model, variant, qg_regression_task)
     if verdict is None:
-        pytest.skip(f"no accepted run for {model}/{variant}/{qg_regression_task}: "
-                    f"record one with `pytest --qg-accept` or `quantgate accept`")
+        pytest.skip(
+            f"no accepted run for {model}/{variant}/{qg_regression_task}: "
+            f"record one with `pytest --qg-accept` or `quantgate accept`"
+        )
     print(verdict.message())
     assert verdict.passed, verdict.message()
 
@@ -47,7 +49,9 @@ def test_kernel_path(qg_run, qg_any_variant):
     assert len(observed) == 1, f"results of one variant ran on different kernels: {observed}"
     kernel = observed.pop()
     engines = {r.engine for r in results.values()}
-    assert engines == {vr.support.engine}, f"results from engine {engines}, this hardware uses {vr.support.engine}"
+    assert engines == {vr.support.engine}, (
+        f"results from engine {engines}, this hardware uses {vr.support.engine}"
+    )
     expected = vr.variant.expected_kernels.get(qg_run.hw.hw_class)
     if expected == "emulated":
         assert vr.support.engine == "emulated", f"expected emulation on {qg_run.hw.hw_class}, ran {kernel}"

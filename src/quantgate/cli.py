@@ -1,9 +1,9 @@
 """The `quantgate` console script, a front door over the same pytest suite and the same library.
 
-  quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
-  quantgate report [--matrix M]                                  print the score table from stored results
-  quantgate accept [--matrix M]                                  record current results as accepted baselines
-  quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
+quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
+quantgate report [--matrix M]                                  print the score table from stored results
+quantgate accept [--matrix M]                                  record current results as accepted baselines
+quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ class _VerdictCollector:
         if report.when == "call" or report.outcome in ("failed", "skipped") and report.when == "setup":
             detail = ""
             if report.failed:
-                detail = str(report.longrepr.reprcrash.message if hasattr(report.longrepr, "reprcrash")
-                             else report.longrepr).splitlines()[0][:160]
+                detail = str(
+                    report.longrepr.reprcrash.message
+                    if hasattr(report.longrepr, "reprcrash")
+                    else report.longrepr
+                ).splitlines()[0][:160]
             elif report.skipped and isinstance(report.longrepr, tuple):
                 detail = str(report.longrepr[2])[:160]
             self.outcomes[report.nodeid] = (report.outcome, detail)
@@ -62,8 +65,18 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     collector = _VerdictCollector()
     t0 = time.monotonic()
     code = pytest.main(
-        [str(tests), "--ignore", str(tests / "selftest"), "--qg-matrix", str(matrix_path),
-         "--qg-thresholds", str(thresholds_path), "-p", "no:cacheprovider", *extra],
+        [
+            str(tests),
+            "--ignore",
+            str(tests / "selftest"),
+            "--qg-matrix",
+            str(matrix_path),
+            "--qg-thresholds",
+            str(thresholds_path),
+            "-p",
+            "no:cacheprovider",
+            *extra,
+        ],
         plugins=[collector],
     )
     wall = time.monotonic() - t0
@@ -75,8 +88,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         if outcome != "passed":
             print(f"  {outcome.upper():7} {nodeid}" + (f"\n          {detail}" if detail else ""))
     verdict = "PASS" if code == 0 else ("FAIL" if code == 1 else f"ERROR (pytest exit {int(code)})")
-    print(f"VERDICT: {verdict}  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-          + f"  ({wall:.0f}s wall)")
+    print(
+        f"VERDICT: {verdict}  "
+        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        + f"  ({wall:.0f}s wall)"
+    )
     _print_tables(matrix_path, thresholds_path)
     return int(code)
 
@@ -88,9 +104,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
     matrix_path, thresholds_path = _paths(args)
-    return int(pytest.main([args.tests, "--ignore", str(Path(args.tests) / "selftest"), "--qg-accept",
-                            "-k", "regression", "--qg-matrix", str(matrix_path),
-                            "--qg-thresholds", str(thresholds_path), "-p", "no:cacheprovider", *extra]))
+    return int(
+        pytest.main(
+            [
+                args.tests,
+                "--ignore",
+                str(Path(args.tests) / "selftest"),
+                "--qg-accept",
+                "-k",
+                "regression",
+                "--qg-matrix",
+                str(matrix_path),
+                "--qg-thresholds",
+                str(thresholds_path),
+                "-p",
+                "no:cacheprovider",
+                *extra,
+            ]
+        )
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -103,8 +135,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="quantgate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report", "accept", "check"):
         p = sub.add_parser(name)

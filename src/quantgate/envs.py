@@ -68,7 +68,9 @@ def _find_links() -> str | None:
     try:
         out = subprocess.run(
             [sys.executable, "-m", "pip", "config", "get", "global.find-links"],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         value = out.stdout.strip()
         return value or None
@@ -131,8 +133,19 @@ def _create(env: BuilderEnv, root: Path) -> None:
         run_env["UV_FIND_LINKS"] = links
     steps = [
         [uv, "venv", "-q", "--python", sys.executable, str(root)],
-        [uv, "pip", "install", "-q", "--python", str(root / "bin" / "python"), "--override", str(overrides),
-         _torch_requirement(), "gguf", *env.requirements],
+        [
+            uv,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(root / "bin" / "python"),
+            "--override",
+            str(overrides),
+            _torch_requirement(),
+            "gguf",
+            *env.requirements,
+        ],
     ]
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)

@@ -83,7 +83,9 @@ class Variant(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     format: Format
     builder: Builder = "none"
-    recipe: dict[str, Any] = Field(default_factory=dict, description="builder-specific recipe (scheme, group size)")
+    recipe: dict[str, Any] = Field(
+        default_factory=dict, description="builder-specific recipe (scheme, group size)"
+    )
     source: Source | None = Field(None, description="a prebuilt checkpoint instead of a build")
     calibration: Calibration = Calibration()
     expected_kernels: dict[str, str] = Field(
@@ -127,7 +129,9 @@ class Model(_Strict):
 
 class Task(_Strict):
     name: str
-    metric: str = Field(description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'")
+    metric: str = Field(
+        description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'"
+    )
     limit: int | None = Field(None, gt=0, description="first N items; None = all")
     num_fewshot: int = Field(0, ge=0)
     gate: bool = Field(True, description="gate retention on this task (false: run it to exercise the path)")
@@ -158,7 +162,9 @@ class Generation(_Strict):
 
     temperature: float = Field(0.0, ge=0)
     seed: int = 1234
-    max_gen_toks: int | None = Field(None, gt=0, description="cap on generated tokens; None keeps the task's own")
+    max_gen_toks: int | None = Field(
+        None, gt=0, description="cap on generated tokens; None keeps the task's own"
+    )
     concurrency: int = Field(8, gt=0, description="parallel requests lm-eval keeps in flight")
 
 
@@ -169,7 +175,10 @@ class Matrix(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Matrix:
-        for label, names in (("model", [m.name for m in self.models]), ("task", [t.name for t in self.tasks])):
+        for label, names in (
+            ("model", [m.name for m in self.models]),
+            ("task", [t.name for t in self.tasks]),
+        ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"duplicate {label} name(s) {dupes}")

@@ -53,10 +53,17 @@ class QuantgateSession:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("quantgate")
     group.addoption("--qg-matrix", default=None, help="matrix YAML (default: ini quantgate_matrix)")
-    group.addoption("--qg-thresholds", default=None, help="thresholds YAML (default: ini quantgate_thresholds)")
-    group.addoption("--qg-results", default=None, help="results directory (default: $QUANTGATE_RESULTS or results/)")
-    group.addoption("--qg-accept", action="store_true",
-                    help="record this run's per-item outcomes as the accepted baseline for regression tests")
+    group.addoption(
+        "--qg-thresholds", default=None, help="thresholds YAML (default: ini quantgate_thresholds)"
+    )
+    group.addoption(
+        "--qg-results", default=None, help="results directory (default: $QUANTGATE_RESULTS or results/)"
+    )
+    group.addoption(
+        "--qg-accept",
+        action="store_true",
+        help="record this run's per-item outcomes as the accepted baseline for regression tests",
+    )
     parser.addini("quantgate_matrix", "matrix YAML", default="fixtures/demo.yaml")
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
 
@@ -79,10 +86,15 @@ def pytest_configure(config: pytest.Config) -> None:
         thresholds = load_thresholds(thresholds_path)
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None
-    results = Path(config.getoption("--qg-results")).resolve() if config.getoption("--qg-results") else results_dir()
+    results = (
+        Path(config.getoption("--qg-results")).resolve()
+        if config.getoption("--qg-results")
+        else results_dir()
+    )
     _pin_gpu_for_xdist_worker()
-    config.stash[STASH] = QuantgateSession(matrix, thresholds, matrix_path, thresholds_path, results,
-                                           config.getoption("--qg-accept"))
+    config.stash[STASH] = QuantgateSession(
+        matrix, thresholds, matrix_path, thresholds_path, results, config.getoption("--qg-accept")
+    )
 
 
 def _pin_gpu_for_xdist_worker() -> None:
@@ -124,7 +136,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         name = "qg_variant" if "qg_variant" in metafunc.fixturenames else "qg_any_variant"
         params = [
             pytest.param((model.name, v.name), id=f"{model.name}/{v.name}", marks=_variant_marks(model, v))
-            for model in m.models for v in model.variants
+            for model in m.models
+            for v in model.variants
             if name == "qg_any_variant" or v.format != "bf16"
         ]
         metafunc.parametrize(name, params)
@@ -143,13 +156,18 @@ def _variant_of(item: pytest.Item) -> tuple[str, str] | None:
     return callspec.params.get("qg_variant") or callspec.params.get("qg_any_variant")
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     """Run each variant's tests together, baselines first, so each server starts at most once."""
     qs = _session(config)
     if qs is None:
         return
-    order = {(mo.name, v.name): (i, v.format != "bf16", j)
-             for i, mo in enumerate(qs.matrix.models) for j, v in enumerate(mo.variants)}
+    order = {
+        (mo.name, v.name): (i, v.format != "bf16", j)
+        for i, mo in enumerate(qs.matrix.models)
+        for j, v in enumerate(mo.variants)
+    }
     last = (len(order) + 1, True, 0)
     items.sort(key=lambda it: order.get(_variant_of(it), last) if _variant_of(it) else last)
 

@@ -48,7 +48,9 @@ def variant_support(variant: Variant, hw: Hardware) -> Support:
         return Support("vllm", f"real vLLM kernels on {hw.hw_class}")
     if variant.builder == "modelopt" and variant.format in EMULATABLE:
         return Support("emulated", f"no {variant.format} kernel on {hw.hw_class}: weight-only emulation")
-    return Support(None, f"{variant.format} via {variant.builder} cannot run on {hw.hw_class} and has no emulation")
+    return Support(
+        None, f"{variant.format} via {variant.builder} cannot run on {hw.hw_class} and has no emulation"
+    )
 
 
 @dataclass
@@ -84,14 +86,20 @@ class RunEvents:
     evaluated: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     built: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"build": 0.0, "server_start": 0.0, "evaluate": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"build": 0.0, "server_start": 0.0, "evaluate": 0.0}
+    )
 
     def summary(self) -> str:
         if not self.servers_started and not self.evaluated:
-            return (f"quantgate: nothing changed: reused {len(self.reused)} stored result(s), "
-                    f"started no server, evaluated nothing")
-        return (f"quantgate: evaluated {len(self.evaluated)}, reused {len(self.reused)}, "
-                f"started {len(self.servers_started)} server(s)")
+            return (
+                f"quantgate: nothing changed: reused {len(self.reused)} stored result(s), "
+                f"started no server, evaluated nothing"
+            )
+        return (
+            f"quantgate: evaluated {len(self.evaluated)}, reused {len(self.reused)}, "
+            f"started {len(self.servers_started)} server(s)"
+        )
 
 
 class VariantRun:
@@ -179,7 +187,9 @@ class VariantRun:
         if kernel is not None:
             missing = []
             for task in tasks:
-                hit = self.run.store.get(self.model.name, self.variant.name, task.name, self.eval_key(task, kernel))
+                hit = self.run.store.get(
+                    self.model.name, self.variant.name, task.name, self.eval_key(task, kernel)
+                )
                 if hit is not None:
                     out[task.name] = self._reused(task, hit)
                 else:
@@ -221,8 +231,12 @@ class VariantRun:
             "format": self.variant.format,
             "builder": self.variant.builder,
             "recipe": self.variant.recipe,
-            "checkpoint": {"path": str(self.checkpoint().path), "origin": self.checkpoint().origin,
-                           "size_bytes": self.checkpoint().size_bytes, "info": self.checkpoint().info},
+            "checkpoint": {
+                "path": str(self.checkpoint().path),
+                "origin": self.checkpoint().origin,
+                "size_bytes": self.checkpoint().size_bytes,
+                "info": self.checkpoint().info,
+            },
             "served_checkpoint": str(self.served_checkpoint().path),
             "emulation": self.served_checkpoint().info if self.support.engine == "emulated" else None,
             "versions": versions(),
@@ -234,8 +248,9 @@ class VariantRun:
             "seconds": {"evaluate": round(seconds, 2), "server_start": round(server.startup_seconds or 0, 2)},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        stored = self.run.store.put(self.model.name, self.variant.name, task.name, key, context, aggregate,
-                                    samples, server.log_path)
+        stored = self.run.store.put(
+            self.model.name, self.variant.name, task.name, key, context, aggregate, samples, server.log_path
+        )
         return EvalResult(self.model.name, self.variant.name, task.name, stored, reused=False)
 
     def ensure_server(self) -> VllmServer:
@@ -245,8 +260,12 @@ class VariantRun:
         served = self.served_checkpoint()
         log_path = self.run.logs_dir / f"{self.model.name}__{self.variant.name}__{int(time.time())}.log"
         server = VllmServer(
-            served.path, log_path=log_path, served_name=self.label, max_model_len=self.model.max_model_len,
-            seed=self.run.matrix.generation.seed, extra_args=self.variant.serve_args,
+            served.path,
+            log_path=log_path,
+            served_name=self.label,
+            max_model_len=self.model.max_model_len,
+            seed=self.run.matrix.generation.seed,
+            extra_args=self.variant.serve_args,
         )
         t0 = time.monotonic()
         server.__enter__()
@@ -254,10 +273,15 @@ class VariantRun:
         self.run.events.servers_started.append(self.label)
         self.server = server
         observed = kernel_path(server.log_text())
-        self.run.server_records.put(self.server_key(), {
-            "kernel_path": observed, "attention_backend": attention_backend(server.log_text()),
-            "log": str(log_path), "startup_seconds": server.startup_seconds,
-        })
+        self.run.server_records.put(
+            self.server_key(),
+            {
+                "kernel_path": observed,
+                "attention_backend": attention_backend(server.log_text()),
+                "log": str(log_path),
+                "startup_seconds": server.startup_seconds,
+            },
+        )
         expected = self.variant.expected_kernels.get(self.run.hw.hw_class)
         self.kernel_error = check_expected(expected, observed)
         return server
@@ -269,7 +293,9 @@ class VariantRun:
 
 
 class Run:
-    def __init__(self, matrix: Matrix, thresholds: Thresholds, store_root: Path, reuse_only: bool = False) -> None:
+    def __init__(
+        self, matrix: Matrix, thresholds: Thresholds, store_root: Path, reuse_only: bool = False
+    ) -> None:
         self.matrix = matrix
         self.reuse_only = reuse_only
         self.thresholds = thresholds

@@ -45,8 +45,14 @@ def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEsti
     base, var = paired_outcomes(run, model, variant, task)
     level = run.thresholds.retention.level
     if base.kind == "perplexity":
-        return paired_retention(base.values, var.values, weights=base.weights, level=level,
-                                higher_is_better=False, aggregate="perplexity")
+        return paired_retention(
+            base.values,
+            var.values,
+            weights=base.weights,
+            level=level,
+            higher_is_better=False,
+            aggregate="perplexity",
+        )
     if base.weights is not None:
         # Ratio of sums over the base's item weights (instructions per prompt are the same in both runs).
         return paired_retention(base.values, var.values, weights=base.weights, level=level)
@@ -101,8 +107,12 @@ def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
     o = res.outcomes(task.metric_key)
     prov = res.provenance
     doc = {
-        "model": model, "variant": variant, "task": task_name, "metric": task.metric_key,
-        "score": o.score(), "n": len(o.ids),
+        "model": model,
+        "variant": variant,
+        "task": task_name,
+        "metric": task.metric_key,
+        "score": o.score(),
+        "n": len(o.ids),
         "provenance": {k: prov.get(k) for k in ("key", "versions", "hardware", "git", "finished_at")},
         "items": o.as_map(),
         "answers": {d: a[:300] for d, a in o.answers.items()},
@@ -123,13 +133,19 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
     accepted = json.loads(path.read_text())
     task = run.task(task_name)
     if accepted.get("metric") != task.metric_key:
-        raise QuantgateError(f"{path}: accepted metric {accepted.get('metric')!r} != matrix {task.metric_key!r}; "
-                             f"re-accept with --qg-accept")
+        raise QuantgateError(
+            f"{path}: accepted metric {accepted.get('metric')!r} != matrix {task.metric_key!r}; "
+            f"re-accept with --qg-accept"
+        )
     o = variant_results(run, model, variant)[task_name].outcomes(task.metric_key)
     pol = run.thresholds.regression
     return regression_gate(
-        accepted["items"], o.as_map(), level=pol.level, max_drop=pol.max_drop,
-        accepted_answers=accepted.get("answers"), current_answers=o.answers,
+        accepted["items"],
+        o.as_map(),
+        level=pol.level,
+        max_drop=pol.max_drop,
+        accepted_answers=accepted.get("answers"),
+        current_answers=o.answers,
         higher_is_better=task.higher_is_better,
     )
 
@@ -166,14 +182,26 @@ def score_table(run: Run, model_name: str) -> ScoreTable:
             retention = (est.estimate, est.low, est.high)
             gate = average_retention_verdict(run, model.name, v.name)
             verdict = gate.status
-        rows.append(Row(model.name, v.name, v.format, any_result.engine, _short_kernel(any_result.kernel_path),
-                        vr.checkpoint().size_bytes / 1e9, cells, retention, verdict))
+        rows.append(
+            Row(
+                model.name,
+                v.name,
+                v.format,
+                any_result.engine,
+                _short_kernel(any_result.kernel_path),
+                vr.checkpoint().size_bytes / 1e9,
+                cells,
+                retention,
+                verdict,
+            )
+        )
     th = run.thresholds.retention
     footer = {
-        "metrics": ", ".join(f"{t.name}={t.metric_key} (n={n_items.get(t.name)}, {t.num_fewshot}-shot)"
-                             for t in tasks),
+        "metrics": ", ".join(
+            f"{t.name}={t.metric_key} (n={n_items.get(t.name)}, {t.num_fewshot}-shot)" for t in tasks
+        ),
         "cells": "score ± 95% interval half-width, in points; Retention = paired ratio of the AVG over "
-                 "gated tasks, [95% interval]",
+        "gated tasks, [95% interval]",
         "gate": f"mode {th.mode} at level {th.level}; floors {dict(th.floors)}",
         "hardware class": run.hw.hw_class,
         "versions": ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if k != "quantgate"),

@@ -2,7 +2,9 @@
 
 from quantgate.engines.kernels import UNQUANTIZED, check_expected, kernel_path, parse_kernels
 
-H100_FP8 = "(EngineCore pid=1) INFO 11-22 [fp8.py:120] Selected CutlassFP8ScaledMMLinearKernel for ModelOptFp8LinearMethod"
+H100_FP8 = (
+    "(EngineCore pid=1) INFO 11-22 [fp8.py:120] Selected CutlassFP8ScaledMMLinearKernel for ModelOptFp8LinearMethod"
+)
 H100_NVFP4 = "(EngineCore pid=1) INFO 11-22 [nvfp4.py:88] Using MarlinNvFp4LinearKernel for NVFP4 GEMM"
 CPU_INT8 = (
     "(Worker pid=9) INFO [int8.py:50] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"

@@ -164,13 +164,21 @@ def test_mmlu_prompt_zero_shot(tasks):
     )
     assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
     assert task.doc_to_target(doc) == 1
-    last = task.eval_docs[len(task.eval_docs) - 1]
-    rows = _mmlu_csv("test", "world_religions")
-    assert last["qg_id"] == f"mmlu/world_religions/test/{len(rows) - 1}"
-    assert _prompt(task, last) == (
+    # Round-robin over subjects: the first 57 docs are row 0 of each subject, in name order.
+    first = [task.eval_docs[i] for i in range(57)]
+    assert [d["qg_id"] for d in first[:2]] == ["mmlu/abstract_algebra/test/0", "mmlu/anatomy/test/0"]
+    assert len({d["subject"] for d in first}) == 57
+    doc = first[-1]
+    assert doc["qg_id"] == "mmlu/world_religions/test/0"
+    assert _prompt(task, doc) == (
         "The following are multiple choice questions (with answers) about world religions.\n\n"
-        + _mmlu_text(rows[-1])
+        + _mmlu_text(_mmlu_csv("test", "world_religions")[0])
     )
+    # professional_law is the largest subject, so its last row comes last.
+    rows = _mmlu_csv("test", "professional_law")
+    last = task.eval_docs[len(task.eval_docs) - 1]
+    assert last["qg_id"] == f"mmlu/professional_law/test/{len(rows) - 1}"
+    assert task.doc_to_target(last) == "ABCD".index(rows[-1][5])
 
 
 def test_mmlu_few_shot_uses_the_subjects_dev_rows(tasks):

@@ -44,12 +44,18 @@ def fake_module(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(str(tmp_path))
         monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         monkeypatch.setattr(vllm_server, "SERVER_MODULE", "fake_vllm_server")
+
     return install
 
 
 def make(tmp_path, timeout=30.0) -> VllmServer:
-    return VllmServer(tmp_path, log_path=tmp_path / "logs" / "server.log", served_name="m",
-                      startup_timeout=timeout, python=sys.executable)
+    return VllmServer(
+        tmp_path,
+        log_path=tmp_path / "logs" / "server.log",
+        served_name="m",
+        startup_timeout=timeout,
+        python=sys.executable,
+    )
 
 
 def test_healthy_server_serves_then_whole_tree_is_killed(tmp_path, fake_module):

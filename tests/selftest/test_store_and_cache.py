@@ -12,8 +12,10 @@ from quantgate.evaluation.lmeval_runner import item_outcomes
 from quantgate.evaluation.store import ResultStore, ServerRecords
 
 KEY = {"checkpoint_sha256": "abc", "task": "hellaswag", "kernel_path": "k", "limit": 10}
-SAMPLES = [{"doc_id": 1, "acc_norm": 0.0, "resps": [["x"]], "filter": "none"},
-           {"doc_id": 0, "acc_norm": 1.0, "resps": [["y"]], "filter": "none"}]
+SAMPLES = [
+    {"doc_id": 1, "acc_norm": 0.0, "resps": [["x"]], "filter": "none"},
+    {"doc_id": 0, "acc_norm": 1.0, "resps": [["y"]], "filter": "none"},
+]
 
 
 def test_put_get_roundtrip_and_key_must_match_exactly(tmp_path):
@@ -64,17 +66,23 @@ def test_cache_entry_built_once_and_failed_build_leaves_nothing(tmp_path, monkey
 
     with pytest.raises(KeyboardInterrupt):
         cache.cached_entry("built", {"k": 2}, crash)
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "built").iterdir() if p.is_dir()) == [first.name]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "built").iterdir() if p.is_dir()) == [
+        first.name
+    ]
 
 
 def test_item_outcomes_sorted_by_doc_and_kinds():
     o = item_outcomes(SAMPLES, "acc_norm,none")
     assert o.ids == ("0", "1") and o.values.tolist() == [1.0, 0.0] and o.kind == "mean"
-    inst = item_outcomes([{"doc_id": 0, "inst_level_strict_acc": [True, False, True], "resps": [["a"]]}],
-                         "inst_level_strict_acc,none")
+    inst = item_outcomes(
+        [{"doc_id": 0, "inst_level_strict_acc": [True, False, True], "resps": [["a"]]}],
+        "inst_level_strict_acc,none",
+    )
     assert inst.kind == "weighted_mean" and inst.score() == pytest.approx(2 / 3)
-    ppl = item_outcomes([{"doc_id": 0, "word_perplexity": [-20.0, 10], "resps": [["a"]]}], "word_perplexity,none")
-    assert ppl.kind == "perplexity" and ppl.score() == pytest.approx(2.718281828 ** 2, rel=1e-6)
+    ppl = item_outcomes(
+        [{"doc_id": 0, "word_perplexity": [-20.0, 10], "resps": [["a"]]}], "word_perplexity,none"
+    )
+    assert ppl.kind == "perplexity" and ppl.score() == pytest.approx(2.718281828**2, rel=1e-6)
 
 
 def test_validate_checkpoint_dir_errors(tmp_path):

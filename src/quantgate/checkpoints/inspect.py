@@ -162,8 +162,8 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
     weights, or a corrupt/truncated weight file (the same for the baseline).
     """
     d = Path(directory)
-    qc = read_quant_config(d)
     ck = CheckpointTensors(d)
+    qc = read_quant_config(d)
     cfg = json.loads((d / "config.json").read_text())
     warnings: list[str] = []
 

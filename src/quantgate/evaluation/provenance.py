@@ -41,10 +41,14 @@ def versions() -> dict[str, str | None]:
 def git_state() -> dict[str, Any]:
     root = project_root()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit or None, "dirty": dirty}
@@ -54,7 +58,7 @@ def hardware() -> dict[str, Any]:
     return detect().as_dict()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_definition_hash(lm_eval_task: str) -> str:
     """Hash of the task's YAML and the shared Python it calls: a changed prompt is a different experiment."""
     h = hashlib.sha256()

@@ -173,9 +173,13 @@ def _sign_test_p(worse: int, better: int) -> float:
     return float(min(1.0, 2.0 * stats.binom.cdf(min(worse, better), m, 0.5)))
 
 
-def _wilson_discordance(discordant: float, n: float, z: float) -> float:
-    # Wilson centre of the discordance rate: zero observed flips still carry ~z^2/2 pseudo-flips of doubt.
-    return (discordant + z * z / 2) / (n + z * z)
+def _no_flip_discordance(n: float, z: float) -> float:
+    """Wilson upper bound on the discordance rate when no item flipped: z^2 / (n + z^2).
+
+    Used as a floor on the per-item variance of 0/1 data, so that identical answers never look infinitely
+    precise; it reproduces, to first order, the score interval's own width at zero flips.
+    """
+    return z * z / (n + z * z)
 
 
 def _percentile_bounds(r: np.ndarray, level: float) -> tuple[float, float]:
@@ -191,7 +195,7 @@ def _percentile_bounds(r: np.ndarray, level: float) -> tuple[float, float]:
 def _resample_sums(rng: np.random.Generator, n_boot: int, *cols: np.ndarray) -> list[np.ndarray]:
     """Column sums over ``n_boot`` resamples of the rows (documents), drawn in memory-bounded chunks.
 
-    The same index matrix serves every column, which is what keeps the pairing.
+    Rows are resampled jointly across the columns, which is what keeps the pairing.
     """
     n = cols[0].size
     rows, counts = np.unique(np.column_stack(cols), axis=0, return_counts=True)
@@ -357,16 +361,18 @@ def paired_retention(
     est = float(_ratio(sb, sv, sw, aggregate, higher_is_better))
 
     if method == "score":
-        # Tang's table orientation: n12 counts items that are 1 only in the ratio's numerator.
+        # Tang's table orientation: n12 counts items that are 1 only in the ratio's numerator, which is an
+        # improvement in either direction (variant right for accuracy, base wrong for an error rate).
         n11 = float(np.sum(b * v))
-        n12, n21 = (float(better), float(worse)) if higher_is_better else (float(worse), float(better))
-        low, high = tang_interval(n11, n12, n21, n, level)
+        low, high = tang_interval(n11, float(better), float(worse), n, level)
         item_var = 0.0
     else:
         rng = np.random.default_rng(seed)
         rb, rv, rw = _resample_sums(rng, n_boot, b, v, w)
         low, high = _percentile_bounds(np.asarray(_ratio(rb, rv, rw, aggregate, higher_is_better)), level)
         item_var = _item_var([(b, v, w)], aggregate, level, binary)
+        if binary:
+            low, high = _widen(est, low, high, item_var, n, level)
     return PairedEstimate(
         estimate=est, low=low, high=high, base_mean=base_m, variant_mean=var_m, item_var=item_var, **common
     )
@@ -394,7 +400,7 @@ def _item_var(
     """Per-item variance of the influence on log-retention, so that Var(log R) ~ item_var / n_total.
 
     Equal task weights (the average of task means) give Var = sum_t var_t / (T^2 n_t). For 0/1 data the
-    variance is floored at the Wilson-centred discordance so that no flips does not mean no uncertainty.
+    variance is floored at what a sample with no flips at all implies (``_no_flip_discordance``).
     """
     z = _z(level)
     t_count = len(tasks)
@@ -413,7 +419,7 @@ def _item_var(
         psi = (v / a_v if a_v > 0 else 0.0) - (b / a_b if a_b > 0 else 0.0)
         var_t = float(np.var(psi, ddof=1)) if b.size > 1 else 0.0
         if binary:
-            var_t = max(var_t, _wilson_discordance(float(np.sum(b != v)), b.size, z) / den**2)
+            var_t = max(var_t, _no_flip_discordance(b.size, z) / den**2)
         total += var_t / (t_count**2 * b.size)
     return n_total * total
 
@@ -477,15 +483,25 @@ def paired_retention_average(
     t_count = len(arrays)
     ratios = np.asarray(_ratio(boot_b / t_count, boot_v / t_count, 1.0, "mean", higher_is_better))
     low, high = _percentile_bounds(ratios, level)
+    est = float(_ratio(a_b, a_v, 1.0, "mean", higher_is_better))
+    item_var = _item_var(arrays, "mean", level, binary)
+    if binary:
+        low, high = _widen(est, low, high, item_var, n, level)
     return PairedEstimate(
-        estimate=float(_ratio(a_b, a_v, 1.0, "mean", higher_is_better)),
-        low=low,
-        high=high,
-        base_mean=a_b,
-        variant_mean=a_v,
-        item_var=_item_var(arrays, "mean", level, binary),
-        **common,
+        estimate=est, low=low, high=high, base_mean=a_b, variant_mean=a_v, item_var=item_var, **common
     )
+
+
+def _widen(est: float, low: float, high: float, item_var: float, n: int, level: float) -> tuple[float, float]:
+    """Union of the bootstrap interval with the continuity-floored delta interval on log-retention.
+
+    A bootstrap of 0/1 items with no flips is the single point [1, 1]; the floored delta interval keeps
+    the displayed interval as honest as the min-n rule.
+    """
+    if est <= 0:
+        return low, high
+    half = _z(level) * math.sqrt(item_var / n)
+    return min(low, est * math.exp(-half)), max(high, est * math.exp(half))
 
 
 # ------------------------------------------------------------------------------------------- min-n rule

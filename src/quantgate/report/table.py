@@ -72,18 +72,48 @@ class ScoreTable:
 
     def render(self, stable: bool = False) -> str:
         avg_cols = [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
-        header = ["Model", "Variant", "Engine", "Kernel", "Size(GB)", *self.tasks, "AVG", "Retention (AVG)",
-                  "Verdict"]
-        lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" for _ in header) + "|"]
+        header = [
+            "Model",
+            "Variant",
+            "Engine",
+            "Kernel",
+            "Size(GB)",
+            *self.tasks,
+            "AVG",
+            "Retention (AVG)",
+            "Verdict",
+        ]
+        lines = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
         for r in self.rows:
-            ret = "baseline" if r.retention is None else (
-                f"{100 * r.retention[0]:.1f}% [{100 * r.retention[1]:.1f}, {100 * r.retention[2]:.1f}]")
+            ret = (
+                "baseline"
+                if r.retention is None
+                else (f"{100 * r.retention[0]:.1f}% [{100 * r.retention[1]:.1f}, {100 * r.retention[2]:.1f}]")
+            )
             cells = [r.cells[t].text() if t in r.cells else "—" for t in self.tasks]
             avg = r.average(avg_cols)
-            lines.append("| " + " | ".join([r.model, f"{r.variant} ({r.fmt})", r.engine, r.kernel,
-                                            f"{r.size_gb:.3f}", *cells,
-                                            "—" if math.isnan(avg) else f"{avg:.1f}", ret, r.verdict]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        r.model,
+                        f"{r.variant} ({r.fmt})",
+                        r.engine,
+                        r.kernel,
+                        f"{r.size_gb:.3f}",
+                        *cells,
+                        "—" if math.isnan(avg) else f"{avg:.1f}",
+                        ret,
+                        r.verdict,
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
         footer = dict(self.footer)
         if not stable:

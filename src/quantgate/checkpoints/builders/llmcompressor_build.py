@@ -124,7 +124,8 @@ def main() -> None:
         ds = Dataset.from_dict({"text": texts})
         ds = ds.map(
             lambda b: tokenizer(b["text"], truncation=True, max_length=cal["seq_len"]),
-            batched=True, remove_columns=["text"],
+            batched=True,
+            remove_columns=["text"],
         )
         kwargs = dict(dataset=ds, num_calibration_samples=len(texts), max_seq_length=cal["seq_len"])
     t1 = time.monotonic()
@@ -141,7 +142,11 @@ def main() -> None:
         "torch_version": torch.__version__,
         "recipe": recipe,
         "calibration_samples": len(texts) if needs_data else 0,
-        "seconds": {"load": round(t1 - t0, 1), "oneshot": round(t2 - t1, 1), "save": round(time.monotonic() - t2, 1)},
+        "seconds": {
+            "load": round(t1 - t0, 1),
+            "oneshot": round(t2 - t1, 1),
+            "save": round(time.monotonic() - t2, 1),
+        },
     }
     (out / "quantgate_build.json").write_text(json.dumps(info, indent=2))
 

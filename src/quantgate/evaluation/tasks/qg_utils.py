@@ -69,8 +69,7 @@ MMLU_DIR = "mmlu"
 IFEVAL_INPUT = "ifeval/input_data.jsonl"
 WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
 
-# lm-eval's mmlu subjects and their categories (lm_eval/tasks/mmlu/_generate_configs.py), in the order the
-# single qg_mmlu task concatenates them: sorted by name.
+# lm-eval's mmlu subjects and their categories (lm_eval/tasks/mmlu/_generate_configs.py), sorted by name.
 MMLU_SUBJECTS: dict[str, str] = {
     "abstract_algebra": "stem",
     "anatomy": "stem",
@@ -274,15 +273,18 @@ def load_hellaswag(**_: Any) -> datasets.DatasetDict:
 
 
 # --------------------------------------------------------------------------------------------------------
-# mmlu (lm-eval `mmlu`: cais/mmlu, 57 subject tasks; here one task over all subjects, sorted by name)
+# mmlu (lm-eval `mmlu`: cais/mmlu, 57 subject tasks; here one task over all subjects' test rows)
 
 
 def _mmlu_rows(task: str, split: str) -> list[dict[str, Any]]:
+    """All subjects' rows of `split`, subject by subject (subjects in name order, rows in file order)."""
     rows: list[dict[str, Any]] = []
     for subject, category in MMLU_SUBJECTS.items():
         path = data_file(task, f"{MMLU_DIR}/{split}/{subject}_{split}.csv")
         with path.open(encoding="utf-8", newline="") as f:
             records = list(csv.reader(f))
+        if not records:
+            raise OfflineDataError(f"{task}: {path} holds no rows")
         for i, rec in enumerate(records):
             if len(rec) != 6 or rec[5].strip() not in MMLU_LETTERS:
                 raise OfflineDataError(
@@ -301,8 +303,24 @@ def _mmlu_rows(task: str, split: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _interleave_subjects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Round-robin over subjects: row 0 of every subject (in name order), then row 1 of every subject, ...
+
+    So that `--limit N` evaluates a spread of subjects rather than the first one or two (abstract_algebra alone
+    has 100 test rows); the full task is the same set of items either way.
+    """
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject"], []).append(row)
+    out = []
+    for i in range(max(len(v) for v in by_subject.values())):
+        out.extend(v[i] for v in by_subject.values() if i < len(v))
+    return out
+
+
 def load_mmlu(**_: Any) -> datasets.DatasetDict:
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(_mmlu_rows("qg_mmlu", "test"))})
+    rows = _interleave_subjects(_mmlu_rows("qg_mmlu", "test"))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
 @functools.lru_cache(maxsize=4)
