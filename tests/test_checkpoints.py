@@ -1,0 +1,43 @@
+"""Structure of every built checkpoint: quantization method and algorithm in its config, scale tensors present,
+the layers the recipe keeps in BF16 kept, size on disk and compression against BF16, weight error against BF16
+and, for packed 4-bit weights, the byte entropy of the packed stream (seed 001's compressibility proxy).
+No server is needed: these run wherever the checkpoint can be built."""
+
+import re
+
+import pytest
+
+from quantgate.checkpoints.inspect import inspect_checkpoint
+
+METHOD = {"llmcompressor": "compressed-tensors", "modelopt": "modelopt"}
+ALGORITHM = {"fp8": "fp8", "nvfp4": "nvfp4", "int8": "int8|w8a8", "int4": "w4a16|int4|pack",
+             "mxfp4": "mxfp4", "mxfp8": "mxfp8"}
+# Sanity bounds on the weight error relative to the weights' mean square: far above what a working export
+# gives (8-bit ~1e-4, 4-bit ~1e-2), far below what a scale or packing bug gives (~1).
+MAX_RELATIVE_MSE = {"fp8": 1e-2, "int8": 1e-2, "mxfp8": 1e-2, "int4": 0.1, "nvfp4": 0.1, "mxfp4": 0.1}
+
+
+def test_checkpoint_structure(qg_run, qg_variant, record_property):
+    model, variant = qg_variant
+    vr = qg_run.variant(model, variant)
+    if vr.variant.source is not None:
+        pytest.skip("a fetched checkpoint: structure is the publisher's")
+    base = qg_run.variant(model, qg_run.model(model).baseline.name).checkpoint()
+    report = inspect_checkpoint(vr.checkpoint().path, base.path)
+    print(report.summary())
+    for key in ("compression_ratio", "weight_relative_mse", "packed_entropy_bits", "compression_proxy"):
+        record_property(key, getattr(report, key))
+    fmt = vr.variant.format
+    assert report.quant_method == METHOD[vr.variant.builder], report.summary()
+    assert report.algorithm and re.search(ALGORITHM[fmt], report.algorithm, re.I), report.summary()
+    if vr.variant.recipe.get("group_size"):
+        assert report.group_size == vr.variant.recipe["group_size"], report.summary()
+    assert report.is_quantized and not report.missing_scales, report.summary()
+    assert report.unquantized_modules.get("embedding"), "embeddings must stay in BF16"
+    assert not any("lm_head" in q.name for q in report.quantized_linears), "lm_head must stay in BF16"
+    assert report.compression_ratio and report.compression_ratio > 1.0, report.summary()
+    assert report.weight_relative_mse is not None and report.weight_relative_mse < MAX_RELATIVE_MSE[fmt], (
+        report.summary()
+    )
+    if fmt in ("nvfp4", "mxfp4"):
+        assert report.packed_entropy_bits is not None and 0 < report.packed_entropy_bits <= 8
