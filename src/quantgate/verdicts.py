@@ -97,7 +97,8 @@ def average_retention_verdict(run: Run, model: str, variant: str) -> GateVerdict
 def accepted_path(run: Run, model: str, variant: str, task: str) -> Path:
     root = Path(run.thresholds.regression.baseline_dir)
     root = root if root.is_absolute() else project_root() / root
-    return root / model / variant / f"{task}.json"
+    # Accepted outcomes are per hardware class: another class runs other kernels, so it is another baseline.
+    return root / run.hw.hw_class / model / variant / f"{task}.json"
 
 
 def accept(run: Run, model: str, variant: str, task_name: str) -> Path:

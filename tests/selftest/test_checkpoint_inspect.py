@@ -98,7 +98,8 @@ def test_compressed_tensors_nvfp4_report(tiny_base, tmp_path):
 def test_unquantized_checkpoint(tiny_base):
     r = inspect_checkpoint(tiny_base, tiny_base)
     assert r.quant_method is None and r.algorithm is None and not r.is_quantized
-    assert r.compression_ratio == 1.0 and r.weight_mse is None and r.packed_entropy_bits is None
+    assert r.compression_ratio == 1.0 and r.weight_mse == 0.0 and r.packed_entropy_bits is None
+    assert r.mse_scope.startswith("all linear")
     assert len(r.unquantized_modules["linear"]) == N_LINEARS
     assert r.dtype_counts == {"BF16": len(r.tensor_dtypes)}
 
@@ -193,3 +194,16 @@ def test_bad_baseline_is_named(tiny_base, tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(BuildError, match="not a directory"):
         inspect_checkpoint(tmp_path / "nope")
+
+
+def test_emulated_checkpoint_has_the_same_weight_error_as_its_source(tiny_base, tmp_path):
+    from quantgate.engines.emulation import dequantize_to_bf16
+
+    make_quantized_checkpoint(tiny_base, tmp_path / "q", "nvfp4")
+    dequantize_to_bf16(tmp_path / "q", tmp_path / "emu")
+    quantized = inspect_checkpoint(tmp_path / "q", tiny_base)
+    emulated = inspect_checkpoint(tmp_path / "emu", tiny_base)
+    assert emulated.quant_method is None and emulated.emulation["engine"] == "emulated"
+    # the emulated weights are the dequantized ones rounded to BF16: the same error up to that rounding
+    assert emulated.weight_mse == pytest.approx(quantized.weight_mse, rel=0.05)
+    assert emulated.compression_ratio == pytest.approx(1.0, abs=0.01)

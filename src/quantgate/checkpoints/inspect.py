@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.engines.emulation import (
+    EMULATION_FILE,
     FLOAT_DTYPES,
     CheckpointTensors,
     QuantizedLinear,
@@ -84,6 +85,9 @@ class CheckpointReport:
     worst_layer: str | None = None  # highest relative MSE
     packed_entropy_bits: float | None = None  # bits per byte over all packed 4-bit weights
     compression_proxy: float | None = None  # 1 - entropy/8
+    mse_scope: str | None = None  # which weights weight_mse covers
+    build: dict[str, Any] | None = None  # quantgate_build.json, when quantgate built it
+    emulation: dict[str, Any] | None = None  # quantgate_emulation.json, when it is an emulated checkpoint
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -101,8 +105,10 @@ class CheckpointReport:
             line += f", {self.compression_ratio:.2f}x smaller than the baseline"
         lines.append(line)
         if self.weight_mse is not None:
-            lines.append(f"  weight MSE {self.weight_mse:.3e} (relative {self.weight_relative_mse:.3e}, "
-                         f"worst {self.worst_layer})")
+            lines.append(f"  weight MSE {self.weight_mse:.3e} over {self.mse_scope} (relative "
+                         f"{self.weight_relative_mse:.3e}, worst {self.worst_layer})")
+        if self.emulation:
+            lines.append(f"  emulated ({self.emulation.get('method')}) from {self.emulation.get('source_format')}")
         if self.packed_entropy_bits is not None:
             lines.append(f"  packed-byte entropy {self.packed_entropy_bits:.4f} bits/byte, "
                          f"compression proxy {self.compression_proxy:.2%}")
@@ -234,6 +240,12 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
         compression_proxy=None if entropy is None else 1.0 - entropy / 8.0,
         warnings=warnings,
     )
+    for attr, fname in (("build", "quantgate_build.json"), ("emulation", EMULATION_FILE)):
+        if (d / fname).is_file():
+            try:
+                setattr(report, attr, json.loads((d / fname).read_text()))
+            except json.JSONDecodeError as e:
+                warnings.append(f"{fname} is not valid JSON ({e})")
     if baseline_dir is not None:
         _compare_with_baseline(report, ck, linears, Path(baseline_dir), compute_error)
     return report
@@ -266,38 +278,45 @@ def _compare_with_baseline(
     report.baseline_path = str(baseline_dir)
     report.baseline_size_bytes = base.size_bytes
     report.compression_ratio = base.size_bytes / report.size_bytes if report.size_bytes else None
-    if not compute_error or not linears:
+    if not compute_error:
         return
-    sse = 0.0
-    energy = 0.0
+    # A dense checkpoint (the BF16 base, or an emulated one) is compared linear by linear as stored, so an
+    # emulated checkpoint shows the error of exactly the weights it serves.
+    if linears:
+        report.mse_scope = "quantized linears"
+        pairs = [(prefix, ql.weight_name, lambda ql=ql: dequantize_linear(ck, ql)) for prefix, ql in linears.items()]
+    else:
+        report.mse_scope = "all linear weights (dense checkpoint)"
+        pairs = [(prefix, f"{prefix}.weight", lambda name=f"{prefix}.weight": ck.float32(name))
+                 for prefix in report.unquantized_modules["linear"]]
+    sse = energy = 0.0
     numel = 0
-    worst = (-1.0, None)
+    worst: tuple[float, str | None] = (-1.0, None)
     by_name = {r.name: r for r in report.quantized_linears}
-    for prefix, ql in linears.items():
-        ref_name = ql.weight_name
+    for prefix, ref_name, load in pairs:
         if ref_name not in base:
             report.warnings.append(f"baseline has no {ref_name}; no error for {prefix}")
             continue
-        ref_info = base.tensors[ref_name]
-        if tuple(ref_info.shape) != tuple(ql.shape):
-            report.warnings.append(f"{prefix}: shape {list(ql.shape)} vs baseline {list(ref_info.shape)}")
-            continue
+        ref_shape = tuple(base.tensors[ref_name].shape)
         ref = base.float32(ref_name).astype(np.float64)
-        deq = dequantize_linear(ck, ql).astype(np.float64)
-        diff = deq - ref
+        value = load().astype(np.float64)
+        if value.shape != ref_shape:
+            report.warnings.append(f"{prefix}: shape {list(value.shape)} vs baseline {list(ref_shape)}")
+            continue
+        diff = value - ref
         layer_sse = float(np.sum(diff * diff))
         layer_energy = float(np.sum(ref * ref))
-        n = ref.size
-        rep = by_name[prefix]
-        rep.mse = layer_sse / n
-        rep.relative_mse = layer_sse / layer_energy if layer_energy else math.inf
-        if not math.isfinite(rep.mse):
-            report.warnings.append(f"{prefix}: dequantized weight has NaN/inf")
-        if rep.relative_mse > worst[0]:
-            worst = (rep.relative_mse, prefix)
+        relative = layer_sse / layer_energy if layer_energy else math.inf
+        if prefix in by_name:
+            by_name[prefix].mse = layer_sse / ref.size
+            by_name[prefix].relative_mse = relative
+        if not math.isfinite(layer_sse):
+            report.warnings.append(f"{prefix}: weight has NaN/inf")
+        if relative > worst[0]:
+            worst = (relative, prefix)
         sse += layer_sse
         energy += layer_energy
-        numel += n
+        numel += ref.size
     if numel:
         report.weight_mse = sse / numel
         report.weight_relative_mse = sse / energy if energy else None

@@ -662,6 +662,9 @@ def dequantize_to_bf16(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         shards = _plan_shards(items)
         weight_map: dict[str, str] = {}
