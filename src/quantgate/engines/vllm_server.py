@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -122,6 +123,7 @@ class VllmServer:
             "--uvicorn-log-level",
             "warning",
             *default_engine_args(hw.hw_class),
+            *shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", "")),
             *self.extra_args,
         ]
 
