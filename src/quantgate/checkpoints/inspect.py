@@ -102,7 +102,7 @@ class CheckpointReport:
         lines = [f"{self.path}: {self.quant_method or 'unquantized'} {self.algorithm or ''}".rstrip()]
         line = f"  {len(self.quantized_linears)} quantized linears, {_mib(self.size_bytes)} on disk"
         if self.compression_ratio:
-            line += f", {self.compression_ratio:.2f}x smaller than the baseline"
+            line += f", compression {self.compression_ratio:.2f}x vs the baseline"
         lines.append(line)
         if self.weight_mse is not None:
             lines.append(f"  weight MSE {self.weight_mse:.3e} over {self.mse_scope} (relative "

@@ -610,8 +610,8 @@ def dequantize_to_bf16(
     """Write a plain BF16 HF checkpoint holding exactly the dequantized weights of a quantized export.
 
     Every quantized linear becomes its dequantized weight rounded to BF16 (pre_quant_scale folded in);
-    scale tensors are dropped; every other tensor is copied (BF16 stays bit-identical, F32/F16 are
-    rounded to BF16). config.json loses its quantization_config. Returns the description that is also
+    scale tensors are dropped; every other tensor is copied bit for bit. config.json loses its
+    quantization_config. Returns the description that is also
     written to `out_dir/quantgate_emulation.json`. Raises BuildError for an unreadable or unsupported
     checkpoint, or when `out_dir` exists and `overwrite` is false.
     """
@@ -655,10 +655,8 @@ def dequantize_to_bf16(
         if leaf in QUANT_AUX:  # e.g. self_attn.k_scale / v_scale of a quantized KV cache
             dropped.append(name)
             continue
-        if info.dtype == "BF16":
-            items.append((name, "BF16", info.shape, lambda name=name: ck.raw(name)))
-        else:
-            items.append((name, "BF16", info.shape, lambda name=name: float32_to_bf16(ck.float32(name))))
+        # Everything else is copied bit for bit in its own dtype (an FP32 router bias stays FP32).
+        items.append((name, info.dtype, info.shape, lambda name=name: ck.raw(name)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -669,6 +667,7 @@ def dequantize_to_bf16(
         shards = _plan_shards(items)
         weight_map: dict[str, str] = {}
         total = 0
+        tensor_bytes = sum(math.prod(shape) * np.dtype(_STORAGE[dt]).itemsize for _, dt, shape, _ in items)
         for i, shard in enumerate(shards):
             fname = (
                 "model.safetensors" if len(shards) == 1
@@ -678,7 +677,7 @@ def dequantize_to_bf16(
             weight_map.update({name: fname for name, *_ in shard})
         if len(shards) > 1:
             (staging / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map}, indent=2))
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _DROP_FILES:
                 shutil.copy2(f, staging / f.name)
@@ -695,7 +694,7 @@ def dequantize_to_bf16(
             kv = qc.kv_cache_algorithm or "k_scale/v_scale present"
             not_emulated.append(f"KV cache quantization ({kv})")
         build_file = src / "quantgate_build.json"
-        info = {
+        description = {
             "engine": "emulated",
             "method": "weight-only dequantization",
             "version": EMULATION_VERSION,
@@ -718,14 +717,14 @@ def dequantize_to_bf16(
             "dropped_examples": dropped[:8],
             "weight_bytes": total,
         }
-        (staging / EMULATION_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (staging / EMULATION_FILE).write_text(json.dumps(description, indent=2, default=str) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return info
+    return description
 
 
 def _has_act_quant(qc: QuantConfig, linears: dict[str, QuantizedLinear], scheme: str) -> bool:

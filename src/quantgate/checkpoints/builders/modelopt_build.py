@@ -413,6 +413,10 @@ def _pick_device(requested: str | None) -> str:
     return requested
 
 
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _calib_dtype(requested: str | None, device: str) -> Any:
     import torch
 
@@ -466,7 +470,8 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         # activation statistics come from a slightly more precise forward. Parameters go back to BF16
         # before export, so the checkpoint's unquantized tensors are the base's own.
         model.to(calib_dtype)
-        deviations.append(f"calibration forward ran in {calib_dtype} on {device} (BF16 GEMMs are slow here)")
+        deviations.append(f"calibration forward ran in {_dtype_name(calib_dtype)} on {device} "
+                          "(BF16 GEMMs are slow here)")
 
     awq_block = None
     if fmt in _AWQ_FORMATS:
@@ -490,9 +495,12 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
 
     sanity: dict[str, Any] = {}
     do_sanity = recipe.get("sanity_check", True)
+    # Fake quantization is slow on CPU (FP8/FP4 emulated per element on every forward), so the check
+    # uses a shorter slice there.
+    sanity_batch = batches[0][:1, : (128 if device == "cpu" else 512)]
     if do_sanity:
         t = time.perf_counter()
-        sanity["reference_nll"] = mean_nll(model, batches[0][:1], device)
+        sanity["reference_nll"] = mean_nll(model, sanity_batch, device)
         timings["sanity_reference_s"] = time.perf_counter() - t
 
     _log(f"quantizing {base} as {fmt} ({preset_name}{', kv ' + kv_name if kv_name else ''}) on {device} "
@@ -513,12 +521,12 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         # all-zero scales) before minutes of evaluation do. It is seen data, so it is not an accuracy score.
         t = time.perf_counter()
         try:
-            sanity["fake_quant_nll"] = mean_nll(model, batches[0][:1], device)
+            sanity["fake_quant_nll"] = mean_nll(model, sanity_batch, device)
         except Exception as e:  # noqa: BLE001 - the check is advisory; export is what matters
             sanity["error"] = f"{type(e).__name__}: {e}"
         timings["sanity_quant_s"] = time.perf_counter() - t
-        sanity["note"] = (f"mean NLL on calibration sample 0 (seen data) in {calib_dtype}, unquantized vs "
-                          "modelopt fake-quant")
+        sanity["note"] = (f"mean NLL on the first {sanity_batch.shape[1]} tokens of calibration sample 0 "
+                          f"(seen data) in {_dtype_name(calib_dtype)}, unquantized vs modelopt fake-quant")
 
     if calib_dtype != torch.bfloat16:
         for param in model.parameters():
@@ -541,7 +549,10 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
             if (base / name).is_file() and not (staging / name).exists():
                 shutil.copy2(base / name, staging / name)
                 copied.append(name)
+        umask = os.umask(0)
+        os.umask(umask)
         for item in sorted(staging.iterdir()):
+            os.chmod(item, 0o666 & ~umask)  # the exporter writes some files owner-only
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -565,7 +576,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         "kv_cache_quant_algo": hf_quant.get("kv_cache_quant_algo"),
         "base": str(base),
         "device": device,
-        "calib_dtype": str(calib_dtype).replace("torch.", ""),
+        "calib_dtype": _dtype_name(calib_dtype),
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
         or platform.machine(),
         "torch_threads": torch.get_num_threads(),

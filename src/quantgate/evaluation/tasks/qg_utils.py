@@ -33,8 +33,8 @@ IFEval
     NLTK's ``punkt_tab`` English parameters as Python literals; they are written out once, in NLTK's own
     tab format, to a cache folder that is put first on ``nltk.data.path``. The checkers then run
     unchanged through NLTK. ``langdetect`` is seeded (``DetectorFactory.seed = 0``) and Python's ``random`` is
-    seeded per prompt around each scoring call, so a response gets the same score in every run. If any of this is missing, loading the task fails with a message
-    that says what to install: no checker is skipped.
+    seeded per prompt around each scoring call, so a response gets the same score in every run. If any of this
+    is missing, loading the task fails with a message that says what to install: no checker is skipped.
 """
 
 from __future__ import annotations
@@ -157,9 +157,7 @@ def data_root(task: str, expected: str) -> Path:
         )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise OfflineDataError(
-            f"{task}: {DATA_ENV}={root!r} is not a directory; this task reads {path / expected}"
-        )
+        raise OfflineDataError(f"{task}: {DATA_ENV}={root!r} is not a directory; this task reads {path / expected}")
     return path
 
 
@@ -493,8 +491,7 @@ def install_punkt_tab() -> str:
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
     except OSError as err:
         raise IFEvalSetupError(
-            f"qg_ifeval: cannot write NLTK's punkt_tab model under {base} ({err}); set {CACHE_ENV} to a "
-            "writable folder"
+            f"qg_ifeval: cannot write NLTK's punkt_tab model under {base} ({err}); set {CACHE_ENV} to a writable folder"
         ) from None
     try:
         staged_lang = staging / "tokenizers" / "punkt_tab" / "english"
