@@ -67,7 +67,7 @@ def perf_config(request: pytest.FixtureRequest) -> PerfConfig:
 
 # ---- per-session cache on the Run: the BF16 baseline's numbers for relative budgets -------------------
 
-def _cache(run: Run) -> dict[tuple, Any]:
+def _cache(run: Run) -> dict[Any, Any]:
     cache = getattr(run, "_perf", None)
     if cache is None:
         cache = {}
@@ -76,8 +76,8 @@ def _cache(run: Run) -> dict[tuple, Any]:
 
 
 def _out_dir(qg_session, vr: VariantRun) -> Path:
-    stamp = getattr(qg_session, "_perf_stamp", None) or time.strftime("%Y%m%dT%H%M%S")
-    qg_session._perf_stamp = stamp
+    """Raw `vllm bench serve` JSON and logs, one folder per session, kept beside the results."""
+    stamp = _cache(vr.run).setdefault("stamp", time.strftime("%Y%m%dT%H%M%S"))
     return qg_session.results / "_perf" / stamp / f"{vr.model.name}__{vr.variant.name}"
 
 
