@@ -94,6 +94,10 @@ class Variant(_Strict):
         "'emulated' means this hardware evaluates the variant by emulation",
     )
     cadence: Cadence = "commit"
+    emulate: bool = Field(False, description="evaluate by weight-only emulation even where a kernel exists")
+    compare_to: str | None = Field(
+        None, description="another variant of the same recipe: test that the two agree within noise (FQ vs real)"
+    )
     serve_args: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -118,6 +122,9 @@ class Model(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate variant name(s) {dupes} in model {self.name!r}")
+        for v in self.variants:
+            if v.compare_to is not None and v.compare_to not in names:
+                raise ValueError(f"variant {v.name!r}: compare_to {v.compare_to!r} is not a variant of {self.name!r}")
         if sum(v.format == "bf16" for v in self.variants) != 1:
             raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")
         return self

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint
+from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.engines.hardware import Hardware, detect, native_support
 from quantgate.engines.kernels import attention_backend, check_expected, kernel_path
 from quantgate.engines.vllm_server import VllmServer
@@ -44,6 +44,8 @@ class Support:
 
 
 def variant_support(variant: Variant, hw: Hardware) -> Support:
+    if variant.emulate:
+        return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
     if native_support(variant.format, variant.builder, hw.hw_class):
         return Support("vllm", f"real vLLM kernels on {hw.hw_class}")
     if variant.builder == "modelopt" and variant.format in EMULATABLE:
@@ -112,13 +114,28 @@ class VariantRun:
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None
         self.kernel_error: str | None = None
+        # A failed build or server start is remembered: the variant's other tests fail at once with the same
+        # cause instead of building or starting again, and the other variants go on.
+        self.failure: QuantgateError | None = None
 
     @property
     def label(self) -> str:
         return f"{self.model.name}/{self.variant.name}"
 
+    def _remember(self, fn):  # noqa: ANN001, ANN202
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return fn()
+        except QuantgateError as exc:
+            self.failure = exc
+            raise
+
     def checkpoint(self) -> Checkpoint:
         """The variant's own checkpoint (a modelopt export stays an export here, even where it is emulated)."""
+        return self._remember(self._checkpoint_once)
+
+    def _checkpoint_once(self) -> Checkpoint:
         if self._checkpoint is None:
             t0 = time.monotonic()
             if self.variant.format == "bf16":
@@ -131,11 +148,12 @@ class VariantRun:
 
     def served_checkpoint(self) -> Checkpoint:
         """What the engine loads: the checkpoint itself, or its dequantized BF16 form under emulation."""
+        return self._remember(self._served_once)
+
+    def _served_once(self) -> Checkpoint:
         if self._served is None:
             ckpt = self.checkpoint()
             if self.support.engine == "emulated":
-                from quantgate.engines.emulation import emulated_checkpoint
-
                 t0 = time.monotonic()
                 self._served = emulated_checkpoint(ckpt)
                 self.run.events.seconds["build"] += time.monotonic() - t0
@@ -254,6 +272,9 @@ class VariantRun:
         return EvalResult(self.model.name, self.variant.name, task.name, stored, reused=False)
 
     def ensure_server(self) -> VllmServer:
+        return self._remember(self._ensure_server_once)
+
+    def _ensure_server_once(self) -> VllmServer:
         if self.server is not None and self.server.proc is not None and self.server.proc.poll() is None:
             return self.server
         self.run.stop_servers()

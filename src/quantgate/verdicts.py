@@ -222,3 +222,25 @@ def _short_kernel(path: str) -> str:
 
 def fmt_pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+# ------------------------------------------------------------------------- emulation against kernels
+
+
+def emulation_agreement(run: Run, model: str, variant: str) -> dict[str, PairedEstimate]:
+    """Per gated task, the paired ratio emulated/real of a variant and its `compare_to` twin (same recipe)."""
+    v = next(x for x in run.model(model).variants if x.name == variant)
+    if v.compare_to is None:
+        raise QuantgateError(f"{model}/{variant} declares no compare_to variant")
+    out: dict[str, PairedEstimate] = {}
+    for task in run.matrix.tasks:
+        if not task.gate:
+            continue
+        emu = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
+        real = variant_results(run, model, v.compare_to)[task.name].outcomes(task.metric_key)
+        common = tuple(d for d in real.ids if d in set(emu.ids))
+        real, emu = real.aligned(common), emu.aligned(common)
+        out[task.name] = paired_retention(
+            real.values, emu.values, weights=real.weights, level=run.thresholds.retention.level
+        )
+    return out

@@ -222,3 +222,17 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
         validate_checkpoint_dir(tmp, f"{model.name}/{variant.name}")
 
     return _from_cache(cached_entry("built", key, build), "built", {"key": key})
+
+
+def emulated_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """The BF16 checkpoint holding exactly `ckpt`'s dequantized weights (weight-only emulation), cached."""
+    from quantgate.engines import emulation
+
+    key = {"source_sha256": ckpt.sha256, "emulation_sha256": hash_file(Path(emulation.__file__))}
+
+    def build(tmp: Path) -> None:
+        emulation.dequantize_to_bf16(ckpt.path, tmp, overwrite=True)
+
+    path = cached_entry("emulated", key, build)
+    info = emulation.read_emulation_info(path) or {}
+    return _from_cache(path, "emulated", {"emulation": info, "source": str(ckpt.path)})

@@ -20,7 +20,9 @@ Layouts (per quantized linear `<p>`; modelopt export unless marked compressed-te
          w = e2m1 * float(weight_scale) * weight_scale_2.
          compressed-tensors: weight_packed / weight_scale / weight_global_scale, and the global scale is
          the reciprocal: w = e2m1 * float(weight_scale) / weight_global_scale.
-  FP8    <p>.weight F8_E4M3 [out, in]; <p>.weight_scale F32 [] or [out] (or [out, 1]); w = fp8 * scale.
+  FP8    <p>.weight F8_E4M3 [out, in]; <p>.weight_scale F32 [] or [out] (or [out, 1]); w = fp8 * scale,
+         in float32 and rounded to BF16 once (modelopt's dequantize(dtype=bfloat16) rounds the scale to
+         BF16 first, which moves some weights by one BF16 ulp; dequantize(float32) matches exactly).
   MXFP8  <p>.weight F8_E4M3; <p>.weight_scale U8 [out, in/32] E8M0: w = fp8 * 2**(s - 127).
   MXFP4  <p>.weight U8 packed as NVFP4; <p>.weight_scale U8 [out, in/32] E8M0.
   INT8   <p>.weight I8; <p>.weight_scale F32 [out] (modelopt SmoothQuant also has <p>.pre_quant_scale,

@@ -1,0 +1,26 @@
+"""Emulation against real kernels (seed 003's fake-quant vs real INT8 comparison, as a test): the same
+checkpoint evaluated by weight-only emulation and by vLLM's real kernel must agree within noise. A gap the
+paired interval resolves is a kernel or export bug worth failing on."""
+
+import pytest
+
+from quantgate import verdicts
+from quantgate.gates.stats import format_interval
+from tests._support import runnable
+
+
+def test_emulation_matches_real_kernels(qg_run, qg_variant):
+    model, variant = qg_variant
+    vr = runnable(qg_run, model, variant)
+    if vr.variant.compare_to is None:
+        pytest.skip("variant declares no compare_to twin")
+    runnable(qg_run, model, vr.variant.compare_to)
+    agreement = verdicts.emulation_agreement(qg_run, model, variant)
+    lines = [f"{model}/{variant} (emulated) vs {vr.variant.compare_to} (real kernels), ratio emulated/real:"]
+    for task, est in agreement.items():
+        lines.append(f"  {task:10} {format_interval(est)}  flips {est.flips_down} down / {est.flips_up} up "
+                     f"of n = {est.n}, McNemar p = {est.mcnemar_p:.3g}")
+    message = "\n".join(lines)
+    print(message)
+    disagree = [t for t, est in agreement.items() if not est.low <= 1.0 <= est.high]
+    assert not disagree, f"emulation and real kernels disagree beyond noise on {disagree}\n{message}"
