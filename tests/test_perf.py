@@ -23,7 +23,13 @@ from quantgate.perf.budgets import (
     evaluate_budget,
     load_perf,
 )
-from quantgate.perf.serve_bench import ServingMetrics, kv_cache_capacity, run_serving_benchmark, server_memory
+from quantgate.perf.serve_bench import (
+    ServingMetrics,
+    kv_cache_capacity,
+    model_memory,
+    run_serving_benchmark,
+    server_memory,
+)
 from quantgate.plugin import STASH
 from quantgate.runner import Run, VariantRun
 from tests._support import runnable
@@ -185,11 +191,13 @@ def _memory(vr: VariantRun) -> dict[str, Any]:
         assert server.proc is not None
         mem = server_memory(server.proc.pid)
         kv = kv_cache_capacity(server.log_text())
+        model = model_memory(server.log_text())
         cache[key] = {
             "server_rss_bytes": mem["rss_bytes"], "server_pss_bytes": mem["pss_bytes"],
             "gpu_memory_used_bytes": mem["gpu_memory_used_bytes"],
+            "model_memory_bytes": model.get("model_memory_bytes"),
             "kv_cache_tokens": kv.get("kv_cache_tokens"),
-            "detail": {**mem, **kv},
+            "detail": {**mem, **kv, **model},
         }
     return cache[key]
 

@@ -117,6 +117,7 @@ class VariantRun:
         # A failed build or server start is remembered: the variant's other tests fail at once with the same
         # cause instead of building or starting again, and the other variants go on.
         self.failure: QuantgateError | None = None
+        self._results: dict[str, EvalResult] = {}
 
     @property
     def label(self) -> str:
@@ -199,12 +200,14 @@ class VariantRun:
         """Every task's result, from the store where its key matches, else evaluated now (one server)."""
         if self.support.engine is None:
             raise QuantgateError(f"{self.label}: {self.support.reason}")
-        out: dict[str, EvalResult] = {}
+        if all(t.name in self._results for t in tasks):
+            return {t.name: self._results[t.name] for t in tasks}
+        out = self._results
         kernel = self._known_kernel()
         missing = list(tasks)
         if kernel is not None:
             missing = []
-            for task in tasks:
+            for task in (t for t in tasks if t.name not in out):
                 hit = self.run.store.get(
                     self.model.name, self.variant.name, task.name, self.eval_key(task, kernel)
                 )
@@ -212,8 +215,9 @@ class VariantRun:
                     out[task.name] = self._reused(task, hit)
                 else:
                     missing.append(task)
+        missing = [t for t in missing if t.name not in out]
         if not missing:
-            return out
+            return {t.name: out[t.name] for t in tasks}
         if self.run.reuse_only:
             raise QuantgateError(f"{self.label}: no stored result for {[t.name for t in missing]}")
         server = self.ensure_server()
@@ -223,7 +227,7 @@ class VariantRun:
             with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
                 hit = self.run.store.get(self.model.name, self.variant.name, task.name, key)
                 out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
-        return out
+        return {t.name: out[t.name] for t in tasks}
 
     def _reused(self, task: Task, hit: StoredResult) -> EvalResult:
         self.run.events.reused.append(f"{self.label}:{task.name}")

@@ -251,6 +251,16 @@ def test_int4_unpack_inverts_compressed_tensors_pack():
     assert np.array_equal(em.unpack_int32(packed.numpy(), 4, 24), q.numpy())
 
 
+def test_modelopt_int4_row_pair_unpacking():
+    # packing exactly as modelopt.torch.export.quant_utils.pack_int4_in_uint8 does it for 2-D weights
+    torch.manual_seed(4)
+    q = torch.randint(-8, 8, (6, 10), dtype=torch.int8)
+    pairs = q.T.reshape(10, 3, 2)
+    packed = ((pairs[..., 0] & 0x0F) | ((pairs[..., 1] & 0x0F) << 4)).T.contiguous().view(torch.uint8)
+    assert packed.shape == (3, 10)
+    assert np.array_equal(em.unpack_int4_rows(packed.numpy()), q.numpy())
+
+
 def test_grouped_and_channel_scales_broadcast():
     q = np.ones((4, 8), dtype=np.float32)
     assert em.dequant_scaled(q, np.array(2.0, dtype=np.float32)).max() == 2.0
@@ -491,3 +501,50 @@ def test_golden_vectors_are_what_the_installed_modelopt_produces():
     live = json.loads(proc.stdout.strip().splitlines()[-1])
     for fmt, rec in live.items():
         assert rec == MODELOPT_GOLDEN[fmt], fmt
+
+
+# ------------------------------------------------- the modelopt builder's spec handling (no modelopt)
+
+
+def _builder():
+    path = Path(__file__).resolve().parents[2] / "src/quantgate/checkpoints/builders/modelopt_build.py"
+    spec = importlib.util.spec_from_file_location("_qg_modelopt_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib-only at import time, so this works without modelopt
+    return module
+
+
+def test_builder_unknown_format_exits_2_with_one_line(tmp_path, tiny_base, capsys):
+    mb = _builder()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base": str(tiny_base), "out": str(tmp_path / "out"), "format": "int3",
+                                "calibration": {"text_file": str(tiny_base / "config.json")}}))
+    with pytest.raises(SystemExit) as exc:
+        mb.main(["--spec", str(spec)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'int3'" in err[0] and "nvfp4" in err[0] and "int8_sq" in err[0]
+
+
+def test_builder_maps_renamed_presets():
+    from types import SimpleNamespace
+
+    mb = _builder()
+    new = SimpleNamespace(INT8_SMOOTHQUANT_CFG={"algorithm": "smoothquant"}, FP8_DEFAULT_CFG={})
+    old = SimpleNamespace(INT8_SQ_CFG={"algorithm": "smoothquant"})
+    assert mb.resolve_preset(new, "int8_sq")[0] == "INT8_SMOOTHQUANT_CFG"
+    assert mb.resolve_preset(old, "int8_sq")[0] == "INT8_SQ_CFG"
+    with pytest.raises(mb.SpecError, match="available presets: FP8_DEFAULT_CFG"):
+        mb.resolve_preset(new, "w4a8_awq")
+
+
+def test_builder_awq_block_size_reaches_every_int4_stage():
+    mb = _builder()
+    cfg = {"quant_cfg": [
+        {"quantizer_name": "*weight_quantizer",
+         "cfg": [{"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}, {"num_bits": (4, 3), "axis": None}]},
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "block_sizes": {-1: 128}}},
+    ]}
+    mb.set_awq_block_size(cfg, 64)
+    assert cfg["quant_cfg"][0]["cfg"][0]["block_sizes"][-1] == 64
+    assert cfg["quant_cfg"][1]["cfg"]["block_sizes"][-1] == 128

@@ -17,6 +17,7 @@ from quantgate.perf.serve_bench import (
     PerfError,
     bench_command,
     kv_cache_capacity,
+    model_memory,
     parse_result,
     server_memory,
 )
@@ -36,6 +37,8 @@ CPU_LOG_4096 = ("(EngineCore pid=2475) INFO 11-22 15:23:47 [kv_cache_utils.py:23
 # No GPU log here: these two lines are built from vLLM's own format strings (kv_cache_utils.py
 # update_kv_cache_capacity, "GPU" on CUDA; gpu_worker.py "Available KV cache memory: %s GiB").
 GPU_LOG = """\
+(EngineCore_DP0 pid=812) INFO 11-22 10:01:58 [gpu_model_runner.py:5150] Model loading took 0.26 GiB memory \
+and 1.918273 seconds
 (EngineCore_DP0 pid=812) INFO 11-22 10:02:11 [gpu_worker.py:436] Available KV cache memory: 61.87 GiB
 (EngineCore_DP0 pid=812) INFO 11-22 10:02:11 [kv_cache_utils.py:1087] GPU KV cache size: 2,702,624 tokens, \
 Maximum concurrency for 2,048 tokens per request: 1319.64x
@@ -210,6 +213,15 @@ def test_kv_cache_capacity_gpu_and_absent():
     kv = kv_cache_capacity(GPU_LOG)
     assert kv["device"] == "GPU" and kv["kv_cache_tokens"] == 2_702_624 and kv["kv_cache_gib"] == 61.87
     assert kv_cache_capacity("INFO Starting vLLM API server") == {}
+
+
+def test_model_memory_from_log():
+    cpu = model_memory(CPU_LOG)
+    assert cpu["model_memory_gib"] == 1.11 and cpu["model_memory_source"] == "cpu non-kv usage"
+    assert cpu["model_memory_bytes"] == int(1.11 * 2**30)
+    gpu = model_memory(GPU_LOG)
+    assert gpu["model_memory_gib"] == 0.26 and gpu["model_memory_source"] == "gpu model loading"
+    assert model_memory("nothing") == {}
 
 
 def test_parse_saved_vllm_bench_serve_result():

@@ -42,9 +42,10 @@ _WEIGHT_SCALES = {
     "mxfp4": ("weight_scale",),
     "int8": ("weight_scale",),
     "int4_packed": ("weight_scale",),
+    "int4_awq": ("weight_scale",),
 }
 _INPUT_SCALE = {"nvfp4": "input_scale", "nvfp4_ct": "input_global_scale", "fp8": "input_scale",
-                "int8": "input_scale"}
+                "int8": "input_scale", "int4_awq": "input_scale"}
 _PACKED_4BIT = {"nvfp4", "nvfp4_ct", "mxfp4"}
 
 
@@ -257,7 +258,8 @@ def _activation_scales_expected(qc: Any) -> bool:
         act = group.get("input_activations")
         if act and not act.get("dynamic", False):
             return True
-    return qc.method == "modelopt" and (qc.algorithm or "").upper() in ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL")
+    static_act = ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL", "W4A8_AWQ")
+    return qc.method == "modelopt" and (qc.algorithm or "").upper() in static_act
 
 
 def _count(items: Any) -> dict[str, int]:

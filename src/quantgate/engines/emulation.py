@@ -27,6 +27,9 @@ Layouts (per quantized linear `<p>`; modelopt export unless marked compressed-te
   MXFP4  <p>.weight U8 packed as NVFP4; <p>.weight_scale U8 [out, in/32] E8M0.
   INT8   <p>.weight I8; <p>.weight_scale F32 [out] (modelopt SmoothQuant also has <p>.pre_quant_scale,
          applied to the input: folded into the weight's columns here).
+  INT4   modelopt AWQ: <p>.weight U8 [out/2, in], two *output rows* per byte (row 2i in the low nibble),
+         two's complement; <p>.weight_scale [out, in/block]; w = q * scale (W4A8 also stores
+         weight_scale_2, its FP8 per-tensor scale).
   INT4   compressed-tensors pack-quantized: weight_packed I32 [out, in/8], eight 4-bit values per int32,
          lowest bits first, stored with +8 offset; weight_scale [out, in/group]; weight_shape [2].
 """
@@ -181,6 +184,19 @@ def dequant_scaled(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | No
     if zero_point is not None:
         q = q - _broadcast_scale(zero_point, q.shape)
     return q * _broadcast_scale(scale, q.shape)
+
+
+def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
+    """modelopt INT4 AWQ packing: [out/2, in] uint8 -> [out, in] int8; row 2i in the low nibble, 2i+1 high.
+
+    (modelopt packs pairs of output channels, not pairs along the input dimension; values are two's
+    complement 4-bit.)
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = np.empty((packed.shape[0] * 2, *packed.shape[1:]), dtype=np.int8)
+    for half, nibble in ((0, packed & 0x0F), (1, packed >> 4)):
+        out[half::2] = np.where(nibble >= 8, nibble.astype(np.int16) - 16, nibble).astype(np.int8)
+    return out
 
 
 def unpack_int32(packed: np.ndarray, num_bits: int, cols: int) -> np.ndarray:
@@ -503,6 +519,8 @@ def classify_linear(ck: CheckpointTensors, prefix: str, parts: dict[str, str]) -
         return QuantizedLinear(prefix, "nvfp4", parts, (shape[0], shape[1] * 2))
     if w == "U8" and ws in ("U8", "F8_E8M0"):
         return QuantizedLinear(prefix, "mxfp4", parts, (shape[0], shape[1] * 2))
+    if w == "U8" and ws in FLOAT_DTYPES and t[parts["weight_scale"]].shape[0] == shape[0] * 2:
+        return QuantizedLinear(prefix, "int4_awq", parts, (shape[0] * 2, shape[1]))
     if w == "F8_E4M3" and ws in ("U8", "F8_E8M0"):
         return QuantizedLinear(prefix, "mxfp8", parts, (shape[0], shape[1]))
     if w == "F8_E4M3":
@@ -538,6 +556,10 @@ def dequantize_linear(
     elif ql.scheme in ("fp8", "int8"):
         zp = ck.float32(p["weight_zero_point"]) if "weight_zero_point" in p else None
         w = dequant_scaled(ck.float32(p["weight"]), ck.float32(p["weight_scale"]), zp)
+    elif ql.scheme == "int4_awq":
+        w = dequant_scaled(unpack_int4_rows(ck.raw(p["weight"])), ck.float32(p["weight_scale"]))
+        if "weight_scale_2" in p:  # W4A8: the int4 block scales are stored relative to the FP8 scale
+            w = w * ck.float32(p["weight_scale_2"]).reshape(())
     elif ql.scheme == "int4_packed":
         q = unpack_int32(ck.raw(p["weight_packed"]), 4, ql.shape[1])
         zp = None
@@ -565,6 +587,7 @@ _EMULATED = {
     "mxfp4": "MXFP4 weights (E2M1, E8M0 scale per 32), dequantized to BF16",
     "int8": "INT8 weights with per-channel scales, dequantized to BF16",
     "int4_packed": "INT4 grouped weights, dequantized to BF16",
+    "int4_awq": "INT4 AWQ weights (modelopt row-pair packing, per-block scales), dequantized to BF16",
 }
 _EQUIVALENT = {
     "nvfp4": "Marlin W4A16 NVFP4 (Hopper/Ampere): FP4 weights, BF16 activations",
@@ -574,6 +597,7 @@ _EQUIVALENT = {
     "mxfp8": "MXFP8 weight-only",
     "int8": "INT8 weight-only (W8A16)",
     "int4_packed": "W4A16 (Marlin/Machete)",
+    "int4_awq": "W4A16 AWQ (Marlin/Machete)",
 }
 _ACT_NOTE = {
     "fp8": "FP8 activation quantization (input_scale, static per-tensor E4M3)",
@@ -583,6 +607,7 @@ _ACT_NOTE = {
     "mxfp4": "MXFP4 activation quantization",
     "int8": "INT8 activation quantization (input_scale)",
     "int4_packed": "activation quantization (none expected for W4A16)",
+    "int4_awq": "FP8 activation quantization of W4A8 (input_scale)",
 }
 
 _DROP_FILES = {"hf_quant_config.json", "quantgate_build.json", "model.safetensors.index.json",

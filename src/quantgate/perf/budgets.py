@@ -4,7 +4,8 @@ A budget bounds one metric of one variant with `min` and/or `max`:
   relative  `relative_to_bf16: true`: the bound is a ratio to the model's BF16 baseline measured on the same
             machine in the same session (output_throughput >= 1.0 x bf16)
   absolute  the bound is in the metric's own unit, for the hardware classes named in `hardware`
-  memory    server RSS/PSS, GPU memory in use, KV-cache capacity in tokens (absolute or relative)
+  memory    server RSS/PSS, GPU memory in use, the engine's non-KV memory (model_memory_bytes), KV-cache
+            capacity in tokens (absolute or relative)
   size      checkpoint bytes on disk, and compression_ratio = BF16 bytes / variant bytes
 Every budget may be limited to hardware classes, formats, models and (serving metrics) concurrency levels;
 one that does not apply here is skipped with the reason. A serving metric is measured over several rounds:
@@ -30,18 +31,19 @@ SERVING_METRICS: tuple[str, ...] = (
     "e2el_p50_ms", "e2el_p99_ms", "output_throughput", "request_throughput", "total_token_throughput",
 )
 MEMORY_METRICS: tuple[str, ...] = ("server_rss_bytes", "server_pss_bytes", "gpu_memory_used_bytes",
-                                   "kv_cache_tokens")
+                                   "model_memory_bytes", "kv_cache_tokens")
 SIZE_METRICS: tuple[str, ...] = ("checkpoint_bytes", "compression_ratio")
 Metric = Literal[
     "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms",
     "e2el_p50_ms", "e2el_p99_ms", "output_throughput", "request_throughput", "total_token_throughput",
-    "server_rss_bytes", "server_pss_bytes", "gpu_memory_used_bytes", "kv_cache_tokens",
+    "server_rss_bytes", "server_pss_bytes", "gpu_memory_used_bytes", "model_memory_bytes", "kv_cache_tokens",
     "checkpoint_bytes", "compression_ratio",
 ]
 UNITS: dict[str, str] = {
     **{m: "ms" for m in SERVING_METRICS if m.endswith("_ms")},
     "output_throughput": "tok/s", "request_throughput": "req/s", "total_token_throughput": "tok/s",
-    "server_rss_bytes": "B", "server_pss_bytes": "B", "gpu_memory_used_bytes": "B", "checkpoint_bytes": "B",
+    "server_rss_bytes": "B", "server_pss_bytes": "B", "gpu_memory_used_bytes": "B", "model_memory_bytes": "B",
+    "checkpoint_bytes": "B",
     "kv_cache_tokens": "tokens", "compression_ratio": "x",
 }
 # Names people use for a GPU, mapped to the hardware class quantgate.engines.hardware.detect() reports.

@@ -318,6 +318,22 @@ def kv_cache_capacity(log_text: str) -> dict[str, Any]:
     return out
 
 
+_GPU_MODEL_GIB = re.compile(r"Model loading took (?P<gib>[\d.]+) GiB memory")
+_CPU_NON_KV_GIB = re.compile(r"(?P<gib>[\d.]+) GiB memory was consumed by non-kv usages")
+
+
+def model_memory(log_text: str) -> dict[str, Any]:
+    """Memory the engine holds besides the KV cache, as vLLM logged it: on a GPU the weights it loaded
+    ("Model loading took X GiB memory"); on the CPU backend what the worker held when it sized the KV cache
+    ("X GiB memory was consumed by non-kv usages": weights plus the runtime, about 0.8 GiB of torch)."""
+    for source, pattern in (("gpu model loading", _GPU_MODEL_GIB), ("cpu non-kv usage", _CPU_NON_KV_GIB)):
+        found = list(pattern.finditer(log_text))
+        if found:
+            gib = float(found[-1]["gib"])
+            return {"model_memory_gib": gib, "model_memory_bytes": int(gib * 2**30), "model_memory_source": source}
+    return {}
+
+
 def _main(argv: list[str]) -> None:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser

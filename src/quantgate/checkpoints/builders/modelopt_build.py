@@ -9,12 +9,21 @@ spec.json:
     {"base": "<hf dir>", "out": "<dir to write>", "format": "nvfp4",
      "calibration": {"text_file": "...", "samples": 512, "seq_len": 512, "seed": 1234, "batch_size": 1}
                   | {"jsonl_file": "...", "field": "question" | ["question", "answer"], ...},
-     "recipe": {"kv_cache": null | "fp8" | "fp8_cast" | "nvfp4" | ..., "awq_block_size": 64,
-                "device": "auto" | "cpu" | "cuda", "sanity_check": true}}
+     "recipe": {"kv_cache": null | "fp8" | "fp8_cast" | "nvfp4" | ..., "awq_block_size" (or "group_size"): 64,
+                "device": "auto" | "cpu" | "cuda", "calib_dtype": "float32" | "bfloat16",
+                "sanity_check": true}}
+Defaults follow modelopt's hf_ptq example: 512 samples x 512 tokens, seed 1234, no KV-cache quantization
+unless asked for.
 
 The export is written by modelopt's export_hf_checkpoint; tokenizer files are copied from the base, and
 `quantgate_build.json` (versions, resolved preset, calibration digest, device, timings) is written last, so
 its presence marks a complete build.
+
+On a machine without CUDA every format builds: max calibration collects amax with quantization off and the
+exporter packs weights with modelopt's pure-torch QTensor code, so FP8/NVFP4/MX never touch a kernel; the
+fake-quantized forwards that AWQ's search and the sanity check run go through a CPU fallback built from the
+same QTensor code (install_cpu_block_quant_fallback). The calibration forward runs in FP32 there (BF16
+GEMMs are slow on CPUs without AMX), which leaves weight scales unchanged; quantgate_build.json records it.
 
 Exit codes: 0 built; 2 bad spec (unknown format, missing files, output dir already holds a checkpoint);
 3 the format cannot be built on this device; 1 anything else (traceback on stderr).
@@ -413,6 +422,23 @@ def _pick_device(requested: str | None) -> str:
     return requested
 
 
+def restore_bf16(model: Any) -> None:
+    """Undo the FP32 calibration copy: parameters and input scales back to BF16, amax left in FP32.
+
+    SmoothQuant/AWQ leave a `_pre_quant_scale` on input quantizers that multiplies the activations; left
+    in FP32 it would promote BF16 activations and break the BF16 GEMMs of export's dummy forward. amax
+    buffers can stay FP32: the quantizers and the exporter cast them to float themselves.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    for module in model.modules():
+        pqs = getattr(module, "_pre_quant_scale", None)
+        if isinstance(pqs, torch.Tensor) and pqs.is_floating_point():
+            pqs.data = pqs.data.to(torch.bfloat16)
+
+
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -529,8 +555,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
                           f"(seen data) in {_dtype_name(calib_dtype)}, unquantized vs modelopt fake-quant")
 
     if calib_dtype != torch.bfloat16:
-        for param in model.parameters():
-            param.data = param.data.to(torch.bfloat16)
+        restore_bf16(model)
 
     out.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"

