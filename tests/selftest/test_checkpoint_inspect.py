@@ -207,3 +207,19 @@ def test_emulated_checkpoint_has_the_same_weight_error_as_its_source(tiny_base, 
     # the emulated weights are the dequantized ones rounded to BF16: the same error up to that rounding
     assert emulated.weight_mse == pytest.approx(quantized.weight_mse, rel=0.05)
     assert emulated.compression_ratio == pytest.approx(1.0, abs=0.01)
+
+
+def test_linear_left_in_float_without_being_excluded_is_warned(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    make_quantized_checkpoint(tiny_base, tmp_path / "q", "fp8")
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(f))
+    prefix = "model.layers.1.self_attn.o_proj"
+    for leaf in ("weight_scale", "input_scale"):
+        tensors.pop(f"{prefix}.{leaf}")
+    tensors[f"{prefix}.weight"] = load_file(str(tiny_base / "model.safetensors"))[f"{prefix}.weight"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    r = inspect_checkpoint(tmp_path / "q")
+    assert r.unquantized_modules["linear"] == [prefix]
+    assert any("not exclude" in w and prefix in w for w in r.warnings)

@@ -12,8 +12,10 @@ near 1%; re-quantizing with inflated block scales pushes codes towards 0 and +-0
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,9 +209,15 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
         if cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)):
             unquantized["lm_head"].append("lm_head (tied to the input embedding)")
 
-    # Layers the config promises to quantize but are stored in float, and the reverse.
+    # A quantized checkpoint whose linears are stored in float although the config does not exclude them
+    # was probably exported wrong (or by a tool that silently skipped layers).
     if qc.method and not linears:
         warnings.append(f"config says {qc.method} {qc.algorithm} but no quantized linear layer was found")
+    elif qc.method:
+        stray = [m for m in unquantized["linear"] if not _ignored(m, qc.ignore)]
+        if stray:
+            warnings.append(f"{len(stray)} linear layers are stored unquantized though the config does not "
+                            f"exclude them, e.g. {stray[0]}")
 
     missing_scales = [f"{p}: {r}" for p, rep in sorted(reports.items()) for r in rep.missing_scales]
 
@@ -250,6 +258,18 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
     if baseline_dir is not None:
         _compare_with_baseline(report, ck, linears, Path(baseline_dir), compute_error)
     return report
+
+
+def _ignored(module: str, patterns: list[str]) -> bool:
+    """Whether a config's ignore/exclude list covers `module` (exact, suffix, glob, or compressed-tensors
+    `re:` regex)."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.match(pat[3:], module):
+                return True
+        elif module == pat or module.endswith("." + pat) or fnmatch.fnmatchcase(module, pat):
+            return True
+    return False
 
 
 def _activation_scales_expected(qc: Any) -> bool:

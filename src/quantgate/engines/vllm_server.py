@@ -40,10 +40,10 @@ def free_port() -> int:
 def default_engine_args(hw_class: str) -> list[str]:
     if hw_class == "cpu":
         # On the CPU backend this fraction is of host memory and is reserved up front (vLLM refuses to start
-        # when less is free): 0.15 of a 24 GiB machine holds ~100k tokens of a small model's KV cache.
+        # when less is free): 0.1 of a 24 GiB machine holds ~80k tokens of a small model's KV cache.
         # Eager mode: torch.compile on the CPU backend took minutes per variant at start (and recompiles per
         # checkpoint), far more than it saves on a small model's evaluation.
-        return ["--gpu-memory-utilization", os.environ.get("QUANTGATE_CPU_MEMORY_UTILIZATION", "0.15"),
+        return ["--gpu-memory-utilization", os.environ.get("QUANTGATE_CPU_MEMORY_UTILIZATION", "0.1"),
                 "--enforce-eager"]
     return ["--gpu-memory-utilization", os.environ.get("QUANTGATE_GPU_MEMORY_UTILIZATION", "0.85")]
 
