@@ -15,7 +15,8 @@ server is stopped, so that one engine is alive at a time.
 
   python benchmarks/suite_cost.py                          # (a) + (b) + (c), fresh temp results dir
   python benchmarks/suite_cost.py --skip-cold --results results   # (b) against an existing results dir
-  python benchmarks/suite_cost.py --skip-cold --skip-warm --items 32   # (c) only, small
+  python benchmarks/suite_cost.py --skip-cold --skip-warm --items 32 --num-fewshot 0 --max-gen-toks 64
+                                                           # (c) only, small
 """
 
 from __future__ import annotations
@@ -121,14 +122,18 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     task = next((t for t in matrix.tasks if t.name == args.task), None)
     if task is None:
         raise SystemExit(f"task {args.task!r} is not in {args.matrix}")
-    task = task.model_copy(update={"limit": args.items})
+    task = task.model_copy(update={"limit": args.items, **(
+        {"num_fewshot": args.num_fewshot} if args.num_fewshot is not None else {})})
+    generation = matrix.generation
+    if args.max_gen_toks:
+        generation = generation.model_copy(update={"max_gen_toks": args.max_gen_toks})
     vr = run.variant(model.name, model.baseline.name)
     try:
         server = vr.ensure_server()
         t0 = time.monotonic()
         _, samples, _ = run_task(completions_url=server.completions_url, served_name=vr.label,
                                  tokenizer_dir=vr.served_checkpoint().path, task=task,
-                                 generation=matrix.generation, data_dir=run.data_dir)
+                                 generation=generation, data_dir=run.data_dir)
         seconds = time.monotonic() - t0
     finally:
         run.close()
@@ -140,7 +145,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "serve_args": vr.variant.serve_args, "seed": matrix.generation.seed,
             "temperature": matrix.generation.temperature, "requests": requests}
     return {"items": len(requests), "seconds": seconds, "output_tokens": out_tokens, "spec": spec,
-            "concurrency": matrix.generation.concurrency}
+            "concurrency": generation.concurrency, "num_fewshot": task.num_fewshot,
+            "max_gen_toks": generation.max_gen_toks}
 
 
 def _child_offline(args: argparse.Namespace) -> int:
@@ -217,8 +223,9 @@ def throughput_table(server: dict[str, Any], off: dict[str, Any], task: str) -> 
                 f"{d['output_tokens']} | {d['output_tokens'] / d['seconds']:.1f} |")
 
     ratio = (server["items"] / server["seconds"]) / (off["items"] / off["seconds"])
+    setting = f"{task}, {server.get('num_fewshot')}-shot, max_gen_toks {server.get('max_gen_toks') or 'task'}"
     return "\n".join([
-        f"| path ({task}, BF16) | items | seconds | items/s | output tokens | output tok/s |",
+        f"| path ({setting}, BF16) | items | seconds | items/s | output tokens | output tok/s |",
         "|---|---:|---:|---:|---:|---:|",
         row(f"server + lm-eval local-completions (concurrency {server['concurrency']})", server),
         row("offline LLM.generate (upper bound)", off),
@@ -233,13 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests", default="tests")
     ap.add_argument("--results", default=None,
                     help="results dir; default a fresh temp dir (cold run), which the warm rerun then reuses")
-    ap.add_argument("--skip-cold", action="store_true", help="no cold run: only rerun warm against --results")
-    ap.add_argument("--skip-warm", action="store_true")
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-cold", action="store_true",
+                    help="no cold run: rerun warm against --results (default: $QUANTGATE_RESULTS or results/)")
+    ap.add_argument("--skip-warm", action="store_true", help="no warm rerun")
+    ap.add_argument("--skip-throughput", action="store_true", help="no (c): items/s server vs offline")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments for the suite runs, one string")
     ap.add_argument("--task", default="gsm8k", help="generative task of the matrix for (c)")
     ap.add_argument("--items", type=int, default=32, help="items of the task for (c)")
     ap.add_argument("--model", default=None, help="model of the matrix for (c); default the first")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="(c): override the task's few-shot count")
+    ap.add_argument("--max-gen-toks", type=int, default=None,
+                    help="(c): cap generated tokens per item (both paths), default the matrix's setting")
     ap.add_argument("--child-suite", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-offline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-json", help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ is not installed, so it imports only the standard library, torch, transformers, 
 
 spec.json:
     {"base": "<hf dir>", "out": "<dir to write>", "format": "nvfp4",
-     "calibration": {"text_file": "...", "samples": 512, "seq_len": 512, "seed": 1234, "batch_size": 1}
+     "calibration": {"text_file": "...", "samples": 512, "seq_len": 512, "seed": 1234, "batch_size": 16}
                   | {"jsonl_file": "...", "field": "question" | ["question", "answer"], ...},
      "recipe": {"kv_cache": null | "fp8" | "fp8_cast" | "nvfp4" | ..., "awq_block_size" (or "group_size"): 64,
                 "device": "auto" | "cpu" | "cuda", "calib_dtype": "float32" | "bfloat16",
@@ -82,6 +82,7 @@ _FIXED_BLOCK = {"nvfp4": 16, "nvfp4_awq": 16, "mxfp8": 32, "mxfp4": 32}
 DEFAULT_SAMPLES = 512
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SEED = 1234
+AUTO_BATCH_TOKENS = 8192
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -240,7 +241,10 @@ def calibration_batches(tokenizer: Any, cal: dict[str, Any]) -> tuple[list[Any],
     samples = int(cal.get("samples") or DEFAULT_SAMPLES)
     seq_len = int(cal.get("seq_len") or DEFAULT_SEQ_LEN)
     seed = int(cal.get("seed") if cal.get("seed") is not None else DEFAULT_SEED)
-    batch_size = max(1, int(cal.get("batch_size") or 1))
+    # hf_ptq picks the largest batch that fits; here a token budget does. Batch count matters more than
+    # size on CPU: AWQ's scale search re-quantizes every weight for every alpha once per batch, so 32
+    # single-sample batches cost ~32x the search of one 32-sample batch.
+    batch_size = max(1, int(cal.get("batch_size") or max(1, min(samples, AUTO_BATCH_TOKENS // seq_len))))
     rng = random.Random(seed)
     src = Path(cal.get("text_file") or cal["jsonl_file"])
     sequences: list[list[int]] = []
