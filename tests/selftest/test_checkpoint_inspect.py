@@ -223,3 +223,23 @@ def test_linear_left_in_float_without_being_excluded_is_warned(tiny_base, tmp_pa
     r = inspect_checkpoint(tmp_path / "q")
     assert r.unquantized_modules["linear"] == [prefix]
     assert any("not exclude" in w and prefix in w for w in r.warnings)
+
+
+def test_scales_folded_into_norms_are_folded_back_before_measuring(tiny_base, tmp_path):
+    plain = inspect_checkpoint(make_dir(tiny_base, tmp_path / "plain"), tiny_base)
+    folded_dir = tmp_path / "folded"
+    make_quantized_checkpoint(tiny_base, folded_dir, "nvfp4", fold_into_norm=True)
+    folded = inspect_checkpoint(folded_dir, tiny_base)
+    q = next(x for x in folded.quantized_linears if x.name == "model.layers.0.self_attn.q_proj")
+    assert q.folded_norm == "model.layers.0.input_layernorm"
+    up = next(x for x in folded.quantized_linears if x.name == "model.layers.1.mlp.up_proj")
+    assert up.folded_norm == "model.layers.1.post_attention_layernorm"
+    assert next(x for x in folded.quantized_linears if x.name.endswith("0.mlp.down_proj")).folded_norm is None
+    assert len(folded.modified_tensors) == 2 * TINY["num_hidden_layers"]
+    # without folding back, the stored W/s would be compared with W: a relative error near 1
+    assert folded.weight_relative_mse < 3 * plain.weight_relative_mse < 0.1
+
+
+def make_dir(base: Path, path: Path) -> Path:
+    make_quantized_checkpoint(base, path, "nvfp4")
+    return path

@@ -25,6 +25,8 @@ E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
         "tie_word_embeddings": True}
+FOLDED = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+FOLD_SCALE = torch.linspace(0.25, 4.0, 64).to(torch.bfloat16)  # one scale per hidden channel
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -93,11 +95,12 @@ def make_bf16_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def make_quantized_checkpoint(
     base: Path, path: Path, fmt: str = "nvfp4", *, input_scale: bool = True, pre_quant_scale: bool = False,
-    drop: tuple[str, ...] = (),
+    fold_into_norm: bool = False, drop: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """A modelopt-style export of `base` (fmt nvfp4 | fp8 | nvfp4_ct); returns the float32 weights it encodes.
 
     nvfp4_ct writes the compressed-tensors layout instead (weight_packed, reciprocal global scale).
+    fold_into_norm mimics modelopt's AWQ export: q/k/v and gate/up store W/s and the norm before them s*g.
     """
     path.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(base / "model.safetensors"))
@@ -110,6 +113,8 @@ def make_quantized_checkpoint(
             continue
         w = t.float()
         pqs = None
+        if fold_into_norm and prefix.rsplit(".", 1)[-1] in FOLDED:
+            w = w / FOLD_SCALE.float()
         if pre_quant_scale:
             pqs = torch.linspace(0.5, 2.0, w.shape[1])
             w = w / pqs  # what AWQ stores: the input is multiplied by pqs at run time
@@ -133,6 +138,10 @@ def make_quantized_checkpoint(
             out[f"{prefix}.pre_quant_scale"] = pqs.to(torch.bfloat16)
             ref = ref * pqs.to(torch.bfloat16).float()
         encoded[prefix] = ref
+    if fold_into_norm:
+        for name in list(out):
+            if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+                out[name] = (out[name].float() * FOLD_SCALE.float()).to(torch.bfloat16)
     for name in drop:
         out.pop(name)
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})

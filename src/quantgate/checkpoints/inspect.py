@@ -63,6 +63,7 @@ class LinearReport:
     mse: float | None = None
     relative_mse: float | None = None  # mse / mean(baseline^2)
     entropy_bits: float | None = None  # packed-byte entropy, 4-bit formats only
+    folded_norm: str | None = None  # norm whose change vs the baseline was folded into the error
 
 
 @dataclass
@@ -89,6 +90,7 @@ class CheckpointReport:
     packed_entropy_bits: float | None = None  # bits per byte over all packed 4-bit weights
     compression_proxy: float | None = None  # 1 - entropy/8
     mse_scope: str | None = None  # which weights weight_mse covers
+    modified_tensors: list[str] = field(default_factory=list)  # unquantized tensors that differ from baseline
     build: dict[str, Any] | None = None  # quantgate_build.json, when quantgate built it
     emulation: dict[str, Any] | None = None  # quantgate_emulation.json, when it is an emulated checkpoint
     warnings: list[str] = field(default_factory=list)
@@ -110,6 +112,9 @@ class CheckpointReport:
         if self.weight_mse is not None:
             lines.append(f"  weight MSE {self.weight_mse:.3e} over {self.mse_scope} (relative "
                          f"{self.weight_relative_mse:.3e}, worst {self.worst_layer})")
+        if self.modified_tensors:
+            lines.append(f"  {len(self.modified_tensors)} unquantized tensors differ from the baseline "
+                         f"(e.g. {self.modified_tensors[0]}; folded scales)")
         if self.emulation:
             lines.append(f"  emulated ({self.emulation.get('method')}) from {self.emulation.get('source_format')}")
         if self.packed_entropy_bits is not None:
@@ -289,6 +294,24 @@ def _count(items: Any) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+# Which norm feeds which linear, for the folding below: attention inputs read the pre-attention norm,
+# MLP inputs the pre-MLP norm (HF names across Llama/Qwen/Mistral/GPT-2/Falcon-style blocks).
+_ATTN_INPUTS = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"}
+_MLP_INPUTS = {"gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h"}
+_ATTN_NORMS = ("input_layernorm", "ln_1", "attention_norm", "pre_attention_layernorm")
+_MLP_NORMS = ("post_attention_layernorm", "ln_2", "ffn_norm", "pre_feedforward_layernorm")
+_BLOCK = re.compile(r"^(.*\.\d+)\.")
+
+
+def _feeding_norm(prefix: str, changed: dict[str, np.ndarray]) -> str | None:
+    leaf = prefix.rsplit(".", 1)[-1]
+    block = _BLOCK.match(prefix)
+    if not block:
+        return None
+    norms = _ATTN_NORMS if leaf in _ATTN_INPUTS else _MLP_NORMS if leaf in _MLP_INPUTS else ()
+    return next((f"{block.group(1)}.{n}" for n in norms if f"{block.group(1)}.{n}" in changed), None)
+
+
 def _compare_with_baseline(
     report: CheckpointReport, ck: CheckpointTensors, linears: dict[str, QuantizedLinear],
     baseline_dir: Path, compute_error: bool,
@@ -300,31 +323,54 @@ def _compare_with_baseline(
     report.baseline_path = str(baseline_dir)
     report.baseline_size_bytes = base.size_bytes
     report.compression_ratio = base.size_bytes / report.size_bytes if report.size_bytes else None
+
+    # modelopt's AWQ/SmoothQuant export folds the input scale of q/k/v and gate/up into the preceding
+    # norm (norm * s, weight / s). Such a layer's stored weight is not comparable with the baseline's
+    # until the norm's change is multiplied back into its columns.
+    changed: dict[str, np.ndarray] = {}
+    for prefix in (*report.unquantized_modules["norm"], *report.unquantized_modules["embedding"]):
+        name = f"{prefix}.weight"
+        if name in base and tuple(base.tensors[name].shape) == tuple(ck.tensors[name].shape):
+            mine, ref = ck.float32(name), base.float32(name)
+            if not np.array_equal(mine, ref):
+                report.modified_tensors.append(name)
+                if mine.ndim == 1:
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        changed[prefix] = np.where(ref != 0, mine / ref, 1.0).astype(np.float32)
     if not compute_error:
         return
+
     # A dense checkpoint (the BF16 base, or an emulated one) is compared linear by linear as stored, so an
     # emulated checkpoint shows the error of exactly the weights it serves.
+    by_name = {r.name: r for r in report.quantized_linears}
     if linears:
         report.mse_scope = "quantized linears"
-        pairs = [(prefix, ql.weight_name, lambda ql=ql: dequantize_linear(ck, ql)) for prefix, ql in linears.items()]
+        names = {prefix: ql.weight_name for prefix, ql in linears.items()}
     else:
         report.mse_scope = "all linear weights (dense checkpoint)"
-        pairs = [(prefix, f"{prefix}.weight", lambda name=f"{prefix}.weight": ck.float32(name))
-                 for prefix in report.unquantized_modules["linear"]]
+        names = {prefix: f"{prefix}.weight" for prefix in report.unquantized_modules["linear"]}
+
+    def load(prefix: str) -> np.ndarray:
+        return dequantize_linear(ck, linears[prefix]) if linears else ck.float32(names[prefix])
+
     sse = energy = 0.0
     numel = 0
     worst: tuple[float, str | None] = (-1.0, None)
-    by_name = {r.name: r for r in report.quantized_linears}
-    for prefix, ref_name, load in pairs:
+    for prefix, ref_name in names.items():
         if ref_name not in base:
             report.warnings.append(f"baseline has no {ref_name}; no error for {prefix}")
             continue
         ref_shape = tuple(base.tensors[ref_name].shape)
         ref = base.float32(ref_name).astype(np.float64)
-        value = load().astype(np.float64)
+        value = load(prefix).astype(np.float64)
         if value.shape != ref_shape:
             report.warnings.append(f"{prefix}: shape {list(value.shape)} vs baseline {list(ref_shape)}")
             continue
+        norm = _feeding_norm(prefix, changed)
+        if norm is not None and changed[norm].shape[0] == value.shape[1]:
+            value = value * changed[norm][None, :]
+            if prefix in by_name:
+                by_name[prefix].folded_norm = norm
         diff = value - ref
         layer_sse = float(np.sum(diff * diff))
         layer_energy = float(np.sum(ref * ref))

