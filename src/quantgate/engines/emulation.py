@@ -35,7 +35,7 @@ Layouts (per quantized linear `<p>`; modelopt export unless marked compressed-te
          applied to the input: folded into the weight's columns here).
   INT4   modelopt AWQ: <p>.weight U8 [out/2, in], two *output rows* per byte (row 2i in the low nibble),
          two's complement; <p>.weight_scale [out, in/block]; w = q * scale (W4A8 also stores
-         weight_scale_2, its FP8 per-tensor scale).
+         weight_scale_2, the FP8 per-tensor scale of its second stage, which does not enter w).
   INT4   compressed-tensors pack-quantized: weight_packed I32 [out, in/8], eight 4-bit values per int32,
          lowest bits first, stored with +8 offset; weight_scale [out, in/group]; weight_shape [2].
 """
@@ -563,9 +563,9 @@ def dequantize_linear(
         zp = ck.float32(p["weight_zero_point"]) if "weight_zero_point" in p else None
         w = dequant_scaled(ck.float32(p["weight"]), ck.float32(p["weight_scale"]), zp)
     elif ql.scheme == "int4_awq":
+        # W4A8 also stores weight_scale_2 (the FP8 stage the kernel converts int4 into); modelopt packs
+        # round(W / weight_scale) either way, so it takes no part in the weight's value.
         w = dequant_scaled(unpack_int4_rows(ck.raw(p["weight"])), ck.float32(p["weight_scale"]))
-        if "weight_scale_2" in p:  # W4A8: the int4 block scales are stored relative to the FP8 scale
-            w = w * ck.float32(p["weight_scale_2"]).reshape(())
     elif ql.scheme == "int4_packed":
         q = unpack_int32(ck.raw(p["weight_packed"]), 4, ql.shape[1])
         zp = None
@@ -613,7 +613,7 @@ _ACT_NOTE = {
     "mxfp4": "MXFP4 activation quantization",
     "int8": "INT8 activation quantization (input_scale)",
     "int4_packed": "activation quantization (none expected for W4A16)",
-    "int4_awq": "FP8 activation quantization of W4A8 (input_scale)",
+    "int4_awq": "W4A8: FP8 activation quantization (input_scale) and the FP8 stage of the weights",
 }
 
 _DROP_FILES = {"hf_quant_config.json", "quantgate_build.json", "model.safetensors.index.json",
