@@ -149,6 +149,33 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "max_gen_toks": generation.max_gen_toks}
 
 
+def _flags_to_kwargs(flags: list[str]) -> dict[str, Any]:
+    """`--gpu-memory-utilization 0.1 --enforce-eager` -> {"gpu_memory_utilization": 0.1, "enforce_eager": True}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--"):
+            raise SystemExit(f"cannot map engine argument {flag!r} to LLM(...)")
+        key, _, inline = flag[2:].partition("=")
+        key = key.replace("-", "_")
+        if inline:
+            value: Any = inline
+        elif i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            value = flags[i + 1]
+            i += 1
+        else:
+            value = True
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)  # numbers, booleans, JSON objects; plain words stay strings
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+        i += 1
+    return out
+
+
 def _child_offline(args: argparse.Namespace) -> int:
     """Runs in the child: vLLM's offline engine on the exact prompts the server was sent."""
     spec = json.loads(Path(args.child_spec).read_text())
@@ -157,12 +184,10 @@ def _child_offline(args: argparse.Namespace) -> int:
     from quantgate.engines.hardware import detect
     from quantgate.engines.vllm_server import default_engine_args
 
-    engine_kwargs: dict[str, Any] = {}
-    flags = default_engine_args(detect().hw_class)
-    if "--gpu-memory-utilization" in flags:
-        engine_kwargs["gpu_memory_utilization"] = float(flags[flags.index("--gpu-memory-utilization") + 1])
-    if spec["serve_args"]:
-        print(f"[suite_cost] note: serve_args {spec['serve_args']} are not applied to the offline engine")
+    # The server's own engine flags (memory share, eager mode on the CPU, the variant's serve_args), so the
+    # offline engine is configured as the server was.
+    engine_kwargs = _flags_to_kwargs([*default_engine_args(detect().hw_class), *spec["serve_args"]])
+    print(f"[suite_cost] offline engine arguments: {engine_kwargs}", flush=True)
     llm = LLM(model=spec["model_dir"], dtype="bfloat16", max_model_len=spec["max_model_len"],
               seed=spec["seed"], **engine_kwargs)
     params = []
@@ -284,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory(prefix="qg_items_") as tmp:
             server = through_server(args, Path(tmp))
-            off = offline(server.pop("spec"), Path(tmp))
+            spec = server.pop("spec")
+            print(f"[suite_cost] server path: {server}", flush=True)  # kept even if the offline run fails
+            off = offline(spec, Path(tmp))
         tables.append(throughput_table(server, off, args.task))
     print("\n## quantgate suite cost\n")
     print("\n\n".join(tables))

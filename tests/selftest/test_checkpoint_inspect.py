@@ -231,10 +231,10 @@ def test_scales_folded_into_norms_are_folded_back_before_measuring(tiny_base, tm
     make_quantized_checkpoint(tiny_base, folded_dir, "nvfp4", fold_into_norm=True)
     folded = inspect_checkpoint(folded_dir, tiny_base)
     q = next(x for x in folded.quantized_linears if x.name == "model.layers.0.self_attn.q_proj")
-    assert q.folded_norm == "model.layers.0.input_layernorm"
+    assert q.folded == ["model.layers.0.input_layernorm scale"]
     up = next(x for x in folded.quantized_linears if x.name == "model.layers.1.mlp.up_proj")
-    assert up.folded_norm == "model.layers.1.post_attention_layernorm"
-    assert next(x for x in folded.quantized_linears if x.name.endswith("0.mlp.down_proj")).folded_norm is None
+    assert up.folded == ["model.layers.1.post_attention_layernorm scale"]
+    assert next(x for x in folded.quantized_linears if x.name.endswith("0.mlp.down_proj")).folded == []
     assert len(folded.modified_tensors) == 2 * TINY["num_hidden_layers"]
     # without folding back, the stored W/s would be compared with W: a relative error near 1
     assert folded.weight_relative_mse < 3 * plain.weight_relative_mse < 0.1
@@ -243,3 +243,14 @@ def test_scales_folded_into_norms_are_folded_back_before_measuring(tiny_base, tm
 def make_dir(base: Path, path: Path) -> Path:
     make_quantized_checkpoint(base, path, "nvfp4")
     return path
+
+
+def test_input_scale_moved_into_producer_rows_is_recovered(tiny_base, tmp_path):
+    plain = inspect_checkpoint(make_dir(tiny_base, tmp_path / "plain"), tiny_base)
+    make_quantized_checkpoint(tiny_base, tmp_path / "rows", "nvfp4", fold_mlp_rows=True)
+    r = inspect_checkpoint(tmp_path / "rows", tiny_base)
+    up = next(x for x in r.quantized_linears if x.name == "model.layers.0.mlp.up_proj")
+    down = next(x for x in r.quantized_linears if x.name == "model.layers.0.mlp.down_proj")
+    assert up.folded and "down_proj" in up.folded[0] and down.folded and "up_proj" in down.folded[0]
+    assert next(x for x in r.quantized_linears if x.name.endswith("0.self_attn.o_proj")).folded == []
+    assert r.weight_relative_mse < 3 * plain.weight_relative_mse < 0.1

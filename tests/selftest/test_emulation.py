@@ -27,6 +27,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "tie_word_embeddings": True}
 FOLDED = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 FOLD_SCALE = torch.linspace(0.25, 4.0, 64).to(torch.bfloat16)  # one scale per hidden channel
+ROW_SCALE = torch.linspace(0.3, 3.0, 128)  # one per intermediate channel
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -95,12 +96,13 @@ def make_bf16_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def make_quantized_checkpoint(
     base: Path, path: Path, fmt: str = "nvfp4", *, input_scale: bool = True, pre_quant_scale: bool = False,
-    fold_into_norm: bool = False, drop: tuple[str, ...] = (),
+    fold_into_norm: bool = False, fold_mlp_rows: bool = False, drop: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """A modelopt-style export of `base` (fmt nvfp4 | fp8 | nvfp4_ct); returns the float32 weights it encodes.
 
     nvfp4_ct writes the compressed-tensors layout instead (weight_packed, reciprocal global scale).
-    fold_into_norm mimics modelopt's AWQ export: q/k/v and gate/up store W/s and the norm before them s*g.
+    fold_into_norm mimics modelopt's AWQ export: q/k/v and gate/up store W/s and the norm before them s*g;
+    fold_mlp_rows moves down_proj's input scale into up_proj's rows (up rows * r, down columns / r).
     """
     path.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(base / "model.safetensors"))
@@ -115,6 +117,10 @@ def make_quantized_checkpoint(
         pqs = None
         if fold_into_norm and prefix.rsplit(".", 1)[-1] in FOLDED:
             w = w / FOLD_SCALE.float()
+        if fold_mlp_rows and prefix.endswith("up_proj"):
+            w = w * ROW_SCALE[:, None]
+        if fold_mlp_rows and prefix.endswith("down_proj"):
+            w = w / ROW_SCALE[None, :]
         if pre_quant_scale:
             pqs = torch.linspace(0.5, 2.0, w.shape[1])
             w = w / pqs  # what AWQ stores: the input is multiplied by pqs at run time

@@ -105,6 +105,11 @@ def test_budget_for_other_context_is_skipped_with_the_reason(kw, ctx, reason):
     assert v.skipped and v.passed and reason in v.message()
 
 
+def test_relative_budget_on_the_baseline_itself_is_skipped():
+    v = evaluate_budget(budget(max=1.5, relative_to_bf16=True), [1.0], [1.0], fmt="bf16")
+    assert v.skipped and "BF16 baseline itself" in v.reason
+
+
 def test_unmeasured_metric_is_skipped():
     v = evaluate_budget(budget(metric="gpu_memory_used_bytes", max="10 GiB"), [], None, hw_class="cpu")
     assert v.skipped and "not measured here" in v.reason

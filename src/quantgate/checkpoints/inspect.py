@@ -63,7 +63,7 @@ class LinearReport:
     mse: float | None = None
     relative_mse: float | None = None  # mse / mean(baseline^2)
     entropy_bits: float | None = None  # packed-byte entropy, 4-bit formats only
-    folded_norm: str | None = None  # norm whose change vs the baseline was folded into the error
+    folded: list[str] = field(default_factory=list)  # scales folded back before measuring the error
 
 
 @dataclass
@@ -351,8 +351,15 @@ def _compare_with_baseline(
         names = {prefix: f"{prefix}.weight" for prefix in report.unquantized_modules["linear"]}
 
     def load(prefix: str) -> np.ndarray:
-        return dequantize_linear(ck, linears[prefix]) if linears else ck.float32(names[prefix])
+        value = dequantize_linear(ck, linears[prefix]) if linears else ck.float32(names[prefix])
+        norm = _feeding_norm(prefix, changed)
+        if norm is not None and changed[norm].shape[0] == value.shape[1]:
+            value = value * changed[norm][None, :]
+            notes.setdefault(prefix, []).append(f"{norm} scale")
+        return value
 
+    notes: dict[str, list[str]] = {}
+    row_scale, col_scale = _row_folds(ck, base, linears, names, load)
     sse = energy = 0.0
     numel = 0
     worst: tuple[float, str | None] = (-1.0, None)
@@ -362,15 +369,19 @@ def _compare_with_baseline(
             continue
         ref_shape = tuple(base.tensors[ref_name].shape)
         ref = base.float32(ref_name).astype(np.float64)
+        notes.pop(prefix, None)
         value = load(prefix).astype(np.float64)
         if value.shape != ref_shape:
             report.warnings.append(f"{prefix}: shape {list(value.shape)} vs baseline {list(ref_shape)}")
             continue
-        norm = _feeding_norm(prefix, changed)
-        if norm is not None and changed[norm].shape[0] == value.shape[1]:
-            value = value * changed[norm][None, :]
-            if prefix in by_name:
-                by_name[prefix].folded_norm = norm
+        if prefix in row_scale:
+            value = value / row_scale[prefix][0][:, None]
+            notes.setdefault(prefix, []).append(f"output-row scale shared with {row_scale[prefix][1]} "
+                                                "(estimated against the baseline)")
+        if prefix in col_scale:
+            value = value * col_scale[prefix][0][None, :]
+            notes.setdefault(prefix, []).append(f"input scale folded into {col_scale[prefix][1]} "
+                                                "(estimated against the baseline)")
         diff = value - ref
         layer_sse = float(np.sum(diff * diff))
         layer_energy = float(np.sum(ref * ref))
@@ -378,6 +389,7 @@ def _compare_with_baseline(
         if prefix in by_name:
             by_name[prefix].mse = layer_sse / ref.size
             by_name[prefix].relative_mse = relative
+            by_name[prefix].folded = notes.get(prefix, [])
         if not math.isfinite(layer_sse):
             report.warnings.append(f"{prefix}: weight has NaN/inf")
         if relative > worst[0]:
@@ -389,3 +401,49 @@ def _compare_with_baseline(
         report.weight_mse = sse / numel
         report.weight_relative_mse = sse / energy if energy else None
         report.worst_layer = worst[1]
+
+
+# Consumer linear -> the linear whose output rows feed it elementwise. AWQ may fold the consumer's input
+# scale into those rows (up_proj rows * s, down_proj columns / s) and store no pre_quant_scale at all.
+_ROW_FOLD = {"down_proj": "up_proj", "o_proj": "v_proj", "fc2": "fc1", "w2": "w3",
+             "dense_4h_to_h": "dense_h_to_4h"}
+
+
+def _row_folds(ck: CheckpointTensors, base: CheckpointTensors, linears: dict[str, QuantizedLinear],
+               names: dict[str, str], load: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-channel scales moved between producer rows and consumer columns, estimated from the baseline.
+
+    The scale itself is not stored anywhere after such a fold, so it is recovered as the least-squares
+    gain of each producer row against the baseline's row. Only gains that clearly differ from 1 count
+    as a fold: those that remove most of the producer's error, where quantization noise alone would let
+    one parameter per row of hundreds of weights absorb only a small part of it.
+    """
+    rows: dict[str, Any] = {}
+    cols: dict[str, Any] = {}
+    for consumer in names:
+        parent, _, leaf = consumer.rpartition(".")
+        producer = f"{parent}.{_ROW_FOLD.get(leaf, '')}"
+        if leaf not in _ROW_FOLD or producer not in names or consumer in linears and (
+            "pre_quant_scale" in linears[consumer].parts
+        ):
+            continue
+        if names[producer] not in base or names[consumer] not in base:
+            continue
+        ref = base.float32(names[producer]).astype(np.float64)
+        if ref.shape[0] != base.tensors[names[consumer]].shape[1]:
+            continue  # e.g. GQA: v_proj has fewer rows than o_proj has inputs, so nothing was folded
+        value = load(producer).astype(np.float64)
+        if value.shape != ref.shape:
+            continue
+        gain = np.sum(value * ref, axis=1) / np.maximum(np.sum(ref * ref, axis=1), 1e-30)
+        if np.any(gain <= 0):
+            continue
+        # Fitting one gain per row always trims a little quantization noise; a real fold removes most of
+        # the error, so only a large reduction counts as one.
+        before = float(np.sum((value - ref) ** 2))
+        after = float(np.sum((value / gain[:, None] - ref) ** 2))
+        if not after < 0.25 * before:
+            continue
+        rows[producer] = (gain, consumer)
+        cols[consumer] = (gain, producer)
+    return rows, cols

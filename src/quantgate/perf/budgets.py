@@ -353,6 +353,8 @@ def evaluate_budget(
     median of `baseline_rounds`) with the budget's bounds. The keyword context, when given, skips a budget
     that is for other hardware, formats, models or concurrency levels."""
     why = budget.applies(hw_class=hw_class, fmt=fmt, model=model, concurrency=concurrency)
+    if why is None and budget.relative_to_bf16 and fmt == "bf16":
+        why = f"budget {budget.name} compares with BF16, and this is the BF16 baseline itself"
     if why is not None:
         return BudgetVerdict(budget, label, passed=True, skipped=True, reason=why)
     values = [float(v) for v in measured_rounds if v is not None]
