@@ -186,9 +186,9 @@ def _child_offline(args: argparse.Namespace) -> int:
 
     # The server's own engine flags (memory share, eager mode on the CPU, the variant's serve_args), so the
     # offline engine is configured as the server was.
-    engine_kwargs = _flags_to_kwargs([*default_engine_args(detect().hw_class), *spec["serve_args"]])
+    engine_kwargs = _flags_to_kwargs([*default_engine_args(detect()), *spec["serve_args"]])
     print(f"[suite_cost] offline engine arguments: {engine_kwargs}", flush=True)
-    llm = LLM(model=spec["model_dir"], dtype="bfloat16", max_model_len=spec["max_model_len"],
+    llm = LLM(model=spec["model_dir"], max_model_len=spec["max_model_len"],
               seed=spec["seed"], **engine_kwargs)
     params = []
     for _, kw in spec["requests"]:

@@ -52,13 +52,16 @@ def test_kernel_path(qg_run, qg_any_variant):
     assert engines == {vr.support.engine}, (
         f"results from engine {engines}, this hardware uses {vr.support.engine}"
     )
-    expected = vr.variant.expected_kernels.get(qg_run.hw.hw_class)
+    here = qg_run.hw.keys[0]
+    expected = qg_run.hw.lookup(vr.variant.expected_kernels)
     if expected == "emulated":
-        assert vr.support.engine == "emulated", f"expected emulation on {qg_run.hw.hw_class}, ran {kernel}"
+        assert vr.support.engine == "emulated", f"expected emulation on {here}, ran {kernel}"
+    elif expected and vr.support.engine == "emulated":
+        pytest.fail(f"{model}/{variant} on {here}: expected kernel {expected!r}, but it was emulated "
+                    f"({vr.support.reason}); declare `{here}: emulated` if that is intended")
     elif expected:
         assert expected.lower() in kernel.lower(), (
-            f"{model}/{variant} on {qg_run.hw.hw_class}: expected kernel {expected!r}, vLLM ran {kernel!r} "
-            f"(a silent fallback)"
+            f"{model}/{variant} on {here}: expected kernel {expected!r}, vLLM ran {kernel!r} (a silent fallback)"
         )
     else:
-        pytest.skip(f"no expected kernel declared for {qg_run.hw.hw_class}; observed {kernel!r}")
+        pytest.skip(f"no expected kernel declared for {' or '.join(qg_run.hw.keys)}; observed {kernel!r}")

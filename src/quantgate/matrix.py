@@ -7,12 +7,14 @@ before anything is built or served.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.errors import MatrixError
 
 Format = Literal["bf16", "fp8", "int8", "int4", "nvfp4", "mxfp4", "mxfp8"]
@@ -90,8 +92,8 @@ class Variant(_Strict):
     calibration: Calibration = Calibration()
     expected_kernels: dict[str, str] = Field(
         default_factory=dict,
-        description="hardware class (cpu, sm90, sm100) -> substring of the kernel vLLM must log; "
-        "'emulated' means this hardware evaluates the variant by emulation",
+        description="hardware class (cpu, sm90, sm100) or CPU tier (cpu-avx2, cpu-avx512, cpu-avx512bf16) -> "
+        "substring of the kernel vLLM must log; 'emulated' means this hardware evaluates the variant by emulation",
     )
     cadence: Cadence = "commit"
     emulate: bool = Field(False, description="evaluate by weight-only emulation even where a kernel exists")
@@ -99,6 +101,15 @@ class Variant(_Strict):
         None, description="another variant of the same recipe: test that the two agree within noise (FQ vs real)"
     )
     serve_args: list[str] = Field(default_factory=list)
+
+    @field_validator("expected_kernels")
+    @classmethod
+    def _hardware_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in value if not re.match(HARDWARE_KEY, k))
+        if bad:
+            raise ValueError(f"unknown hardware key(s) {bad}: use cpu, cpu-avx2, cpu-avx512, cpu-avx512bf16, "
+                             "cpu-other or smNN (sm80, sm89, sm90, sm100, ...)")
+        return value
 
     @model_validator(mode="after")
     def _builder_matches(self) -> Variant:

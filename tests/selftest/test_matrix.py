@@ -49,6 +49,7 @@ def test_valid_minimal(tmp_path):
         ("name: hellaswag", "name: helaswag", "did you mean ['hellaswag']"),
         ("{name: q,", "{name: bf16,", "duplicate variant name"),
         ("builder: llmcompressor", "builder: gptq", "models.0.variants.1.builder"),
+        ("group_size: 64}}", "group_size: 64}, expected_kernels: {h100: x}}", "unknown hardware key(s) ['h100']"),
     ],
 )
 def test_errors_name_file_key_and_allowed(tmp_path, old, new, expect):

