@@ -336,7 +336,11 @@ def model_memory(log_text: str) -> dict[str, Any]:
 
 def _main(argv: list[str]) -> None:
     from vllm.benchmarks.serve import add_cli_args, main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # older releases kept it in vllm.utils
+        from vllm.utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(prog=f"python -m {THIS_MODULE}",
                                     description="vllm bench serve, without the vllm console script")
