@@ -198,7 +198,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.write_line(ev.summary())
     s = ev.seconds
     terminalreporter.write_line(
-        f"time: build {s['build']:.1f}s, server start {s['server_start']:.1f}s, evaluation {s['evaluate']:.1f}s; "
+        f"time: build {s['build']:.1f}s, server start {s['server_start']:.1f}s, evaluation {s['evaluate']:.1f}s"
+        + (f", serving benchmarks {s['benchmark']:.1f}s" if s.get("benchmark") else "") + "; "
         f"results in {qs.results}"
     )
 

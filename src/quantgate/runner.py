@@ -90,7 +90,7 @@ class RunEvents:
     reused: list[str] = field(default_factory=list)
     built: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(
-        default_factory=lambda: {"build": 0.0, "server_start": 0.0, "evaluate": 0.0}
+        default_factory=lambda: {"build": 0.0, "server_start": 0.0, "evaluate": 0.0, "benchmark": 0.0}
     )
 
     def summary(self) -> str:

