@@ -4,7 +4,9 @@
 #   1. cold: build, serve, evaluate, accept, snapshot, and the perf budgets against the same servers
 #   2. warm: the accuracy suite again; it must start no server and evaluate nothing
 #   3. items/s through the server against vLLM's offline engine (benchmarks/suite_cost.py, part c)
-# usage: ci/gpu_run.sh OUTDIR   (env: QG_GGUF, QG_DATA)
+#   perf (only when asked for): the perf budgets alone, `pytest -m perf`
+# usage: ci/gpu_run.sh OUTDIR [STEP...]   (steps: cold warm ratio perf; default: cold warm ratio)
+#        env: QG_GGUF, QG_DATA
 set -uo pipefail
 OUT=${1:?usage: gpu_run.sh OUTDIR}
 source /tmp/site/env.sh
@@ -15,17 +17,25 @@ mkdir -p /tmp/qgcache/downloads /tmp/qgres "$OUT"
 PYTEST=(python3 -m pytest -p quantgate.plugin -p no:cacheprovider --qg-matrix fixtures/gpu.yaml tests
         --ignore tests/selftest -v -s -rA)
 note() { echo "$*" | tee -a /tmp/qgres/summary.txt; }
-t0=$(date +%s)
-"${PYTEST[@]}" -m "not slow or perf" --qg-accept --snapshot-update --benchmark-json /tmp/qgres/bench-sm.json \
-  --junitxml /tmp/qgres/junit-cold.xml > /tmp/qgres/pytest-cold.log 2>&1
-note "cold rc=$? wall=$(( $(date +%s) - t0 ))s"
-t1=$(date +%s)
-"${PYTEST[@]}" -m "not perf" --junitxml /tmp/qgres/junit-warm.xml > /tmp/qgres/pytest-warm.log 2>&1
-note "warm rc=$? wall=$(( $(date +%s) - t1 ))s"
-t2=$(date +%s)
-python3 benchmarks/suite_cost.py --matrix fixtures/gpu.yaml --skip-cold --skip-warm --task gsm8k --items 400 \
-  > /tmp/qgres/suite_cost.log 2>&1
-note "suite_cost rc=$? wall=$(( $(date +%s) - t2 ))s"
+cold() {
+  "${PYTEST[@]}" -m "not slow or perf" --qg-accept --snapshot-update --benchmark-json /tmp/qgres/bench-sm.json \
+    --junitxml /tmp/qgres/junit-cold.xml > /tmp/qgres/pytest-cold.log 2>&1
+}
+warm() { "${PYTEST[@]}" -m "not perf" --junitxml /tmp/qgres/junit-warm.xml > /tmp/qgres/pytest-warm.log 2>&1; }
+ratio() {
+  python3 benchmarks/suite_cost.py --matrix fixtures/gpu.yaml --skip-cold --skip-warm --task gsm8k --items 400 \
+    > /tmp/qgres/suite_cost.log 2>&1
+}
+perf() {
+  "${PYTEST[@]}" -m perf --benchmark-json /tmp/qgres/bench-perf.json > /tmp/qgres/pytest-perf.log 2>&1
+}
+steps=("${@:2}")
+[ ${#steps[@]} -gt 0 ] || steps=(cold warm ratio)
+for step in "${steps[@]}"; do
+  t=$(date +%s)
+  "$step"
+  note "$step rc=$? wall=$(( $(date +%s) - t ))s"
+done
 tar czf "$OUT/results.tgz" --exclude='*.safetensors' -C /tmp/qgres . -C "$PWD" tests/__snapshots__ thresholds/accepted 2>/dev/null
-cp /tmp/qgres/pytest-cold.log /tmp/qgres/pytest-warm.log /tmp/qgres/summary.txt /tmp/qgres/suite_cost.log "$OUT/" 2>/dev/null
+cp /tmp/qgres/*.log /tmp/qgres/summary.txt "$OUT/" 2>/dev/null
 note "done"
