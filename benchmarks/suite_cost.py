@@ -129,6 +129,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     generation = matrix.generation
     if args.max_gen_toks:
         generation = generation.model_copy(update={"max_gen_toks": args.max_gen_toks})
+    if args.concurrency:
+        generation = generation.model_copy(update={"concurrency": args.concurrency})
     vr = run.variant(model.name, model.baseline.name)
     try:
         server = vr.ensure_server()
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-fewshot", type=int, default=None, help="(c): override the task's few-shot count")
     ap.add_argument("--max-gen-toks", type=int, default=None,
                     help="(c): cap generated tokens per item (both paths), default the matrix's setting")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="(c): lm-eval's concurrent requests to the server, default the matrix's setting")
     ap.add_argument("--child-suite", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-offline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-json", help=argparse.SUPPRESS)
