@@ -400,14 +400,14 @@ class QuantConfig:
 
 
 def _scheme_summary(group: dict[str, Any]) -> str:
+    """W8A8, W4A16-g64, FP8-W8A8 (float weights), NVFP4: the names llm-compressor's presets use."""
     def part(args: dict[str, Any] | None, letter: str) -> str:
-        if not args:
-            return ""
-        kind = "FP" if args.get("type") == "float" else "INT"
-        return f"{letter}{args.get('num_bits')}{kind}" if kind == "FP" else f"{letter}{args.get('num_bits')}"
+        return f"{letter}{args.get('num_bits')}" if args else ""
 
     w, a = group.get("weights"), group.get("input_activations")
     name = part(w, "W") + (part(a, "A") or "A16")
+    if w and w.get("type") == "float":
+        name = f"FP{w.get('num_bits')}-{name}"
     if w and w.get("group_size"):
         name += f"-g{w['group_size']}"
     if w and w.get("type") == "float" and w.get("num_bits") == 4 and w.get("group_size") == 16:
