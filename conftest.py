@@ -3,10 +3,11 @@
 
 import pytest
 
-from quantgate.report.snapshot import MarkdownTableExtension
+from quantgate.report.snapshot import per_hardware
 
 
 @pytest.fixture
-def table_snapshot(snapshot):
-    """syrupy's snapshot, storing score tables as Markdown files under tests/__snapshots__/."""
-    return snapshot.use_extension(MarkdownTableExtension)
+def table_snapshot(snapshot, qg_run):
+    """syrupy's snapshot, storing score tables as Markdown files under tests/__snapshots__/, one folder per
+    hardware class or CPU tier (`sm90`, `cpu-avx2`)."""
+    return snapshot.use_extension(per_hardware(qg_run.hw.keys[0]))

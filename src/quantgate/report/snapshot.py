@@ -6,6 +6,7 @@ paths); comparison is syrupy's, so `--snapshot-update` keeps its usual meaning.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
@@ -23,3 +24,19 @@ class MarkdownTableExtension(SingleFileSnapshotExtension):
         if isinstance(data, str):
             return data
         raise TypeError(f"MarkdownTableExtension serializes ScoreTable or str, not {type(data).__name__}")
+
+
+def per_hardware(hw_key: str) -> type[MarkdownTableExtension]:
+    """The extension storing snapshots in a folder of their own per hardware class or CPU tier.
+
+    Other hardware gives other, equally valid numbers, so each keeps its own snapshot. The folder matters:
+    `--snapshot-update` deletes every snapshot in the scanned folder that the session did not use, and a CPU
+    session must not delete the H100's.
+    """
+
+    class PerHardwareTable(MarkdownTableExtension):
+        @classmethod
+        def dirname(cls, *, test_location: Any) -> str:
+            return str(Path(super().dirname(test_location=test_location)) / hw_key)
+
+    return PerHardwareTable
