@@ -95,12 +95,17 @@ def split(run: dict[str, Any]) -> dict[str, float]:
 
 # ---- (c): items/s through the server vs offline -----------------------------------------------------------
 
+def _one_per_item(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples of one filter, by doc id. lm-eval logs one sample per item *and filter* (gsm8k:
+    strict-match, flexible-extract), but sent one request per item."""
+    first_filter = samples[0].get("filter") if samples else None
+    return sorted((r for r in samples if r.get("filter") == first_filter), key=lambda r: int(r["doc_id"]))
+
+
 def _generation_requests(samples: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(prompt, lm-eval gen_kwargs) of each item, as lm-eval sent them."""
     out = []
-    first_filter = samples[0].get("filter") if samples else None
-    # lm-eval logs one sample per item *and filter* (gsm8k: strict-match, flexible-extract): one request each
-    for s in sorted((r for r in samples if r.get("filter") == first_filter), key=lambda r: int(r["doc_id"])):
+    for s in _one_per_item(samples):
         args = s["arguments"]
         if isinstance(args, dict):  # some lm-eval versions log {"gen_args_0": {"arg_0": ..., "arg_1": ...}}
             first = next(iter(args.values()))
@@ -143,9 +148,7 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         run.close()
     requests = _generation_requests(samples)
     tok = AutoTokenizer.from_pretrained(str(vr.served_checkpoint().path))
-    first_filter = samples[0].get("filter") if samples else None
-    answers = [str(s["resps"][0][0]) for s in sorted(samples, key=lambda r: int(r["doc_id"]))
-               if s.get("filter") == first_filter]
+    answers = [str(s["resps"][0][0]) for s in _one_per_item(samples)]
     out_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
     spec = {"model_dir": str(vr.served_checkpoint().path), "max_model_len": model.max_model_len,
             "serve_args": vr.variant.serve_args, "seed": matrix.generation.seed,

@@ -350,15 +350,21 @@ def _compare_with_baseline(
         report.mse_scope = "all linear weights (dense checkpoint)"
         names = {prefix: f"{prefix}.weight" for prefix in report.unquantized_modules["linear"]}
 
-    def load(prefix: str) -> np.ndarray:
-        value = dequantize_linear(ck, linears[prefix]) if linears else ck.float32(names[prefix])
-        norm = _feeding_norm(prefix, changed)
-        if norm is not None and changed[norm].shape[0] == value.shape[1]:
-            value = value * changed[norm][None, :]
-            notes.setdefault(prefix, []).append(f"{norm} scale")
-        return value
+    # Each weight is dequantized once: _row_folds reads the producers, the loop below every layer.
+    loaded: dict[str, tuple[np.ndarray, list[str]]] = {}
 
-    notes: dict[str, list[str]] = {}
+    def load(prefix: str) -> np.ndarray:
+        """The layer's weight with the norm scale folded back; what was folded is kept for its report."""
+        if prefix not in loaded:
+            value = dequantize_linear(ck, linears[prefix]) if linears else ck.float32(names[prefix])
+            folded: list[str] = []
+            norm = _feeding_norm(prefix, changed)
+            if norm is not None and changed[norm].shape[0] == value.shape[1]:
+                value = value * changed[norm][None, :]
+                folded.append(f"{norm} scale")
+            loaded[prefix] = (value, folded)
+        return loaded[prefix][0]
+
     row_scale, col_scale = _row_folds(ck, base, linears, names, load)
     sse = energy = 0.0
     numel = 0
@@ -369,19 +375,17 @@ def _compare_with_baseline(
             continue
         ref_shape = tuple(base.tensors[ref_name].shape)
         ref = base.float32(ref_name).astype(np.float64)
-        notes.pop(prefix, None)
         value = load(prefix).astype(np.float64)
+        notes = list(loaded.pop(prefix)[1])  # popped: each layer is compared once, so free its weight
         if value.shape != ref_shape:
             report.warnings.append(f"{prefix}: shape {list(value.shape)} vs baseline {list(ref_shape)}")
             continue
         if prefix in row_scale:
             value = value / row_scale[prefix][0][:, None]
-            notes.setdefault(prefix, []).append(f"output-row scale shared with {row_scale[prefix][1]} "
-                                                "(estimated against the baseline)")
+            notes.append(f"output-row scale shared with {row_scale[prefix][1]} (estimated against the baseline)")
         if prefix in col_scale:
             value = value * col_scale[prefix][0][None, :]
-            notes.setdefault(prefix, []).append(f"input scale folded into {col_scale[prefix][1]} "
-                                                "(estimated against the baseline)")
+            notes.append(f"input scale folded into {col_scale[prefix][1]} (estimated against the baseline)")
         diff = value - ref
         layer_sse = float(np.sum(diff * diff))
         layer_energy = float(np.sum(ref * ref))
@@ -389,7 +393,7 @@ def _compare_with_baseline(
         if prefix in by_name:
             by_name[prefix].mse = layer_sse / ref.size
             by_name[prefix].relative_mse = relative
-            by_name[prefix].folded = notes.get(prefix, [])
+            by_name[prefix].folded = notes
         if not math.isfinite(layer_sse):
             report.warnings.append(f"{prefix}: weight has NaN/inf")
         if relative > worst[0]:
