@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from quantgate.paths import data_dir
+
 pytest.importorskip("lm_eval")
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS_DIR = REPO / "src" / "quantgate" / "evaluation" / "tasks"
-DATA_DIR = Path(os.environ.get("QUANTGATE_DATA_DIR") or REPO.parent / "shared" / "data")
+DATA_DIR = data_dir(required=False) or REPO.parent / "shared" / "data"  # the lookup the suite itself uses
 
 pytestmark = pytest.mark.skipif(
     not (DATA_DIR / "gsm8k" / "test.jsonl").is_file(),
