@@ -5,6 +5,7 @@ flips) and, for regressions, the items that flipped with both answers."""
 import pytest
 
 from quantgate import verdicts
+from quantgate.engines.kernels import kernel_mismatch
 from tests._support import runnable
 
 
@@ -54,14 +55,9 @@ def test_kernel_path(qg_run, qg_any_variant):
     )
     here = qg_run.hw.keys[0]
     expected = qg_run.hw.lookup(vr.variant.expected_kernels)
-    if expected == "emulated":
-        assert vr.support.engine == "emulated", f"expected emulation on {here}, ran {kernel}"
-    elif expected and vr.support.engine == "emulated":
-        pytest.fail(f"{model}/{variant} on {here}: expected kernel {expected!r}, but it was emulated "
-                    f"({vr.support.reason}); declare `{here}: emulated` if that is intended")
-    elif expected:
-        assert expected.lower() in kernel.lower(), (
-            f"{model}/{variant} on {here}: expected kernel {expected!r}, vLLM ran {kernel!r} (a silent fallback)"
-        )
-    else:
+    if not expected:
         pytest.skip(f"no expected kernel declared for {' or '.join(qg_run.hw.keys)}; observed {kernel!r}")
+    problem = kernel_mismatch(expected, kernel, vr.support.engine)
+    if problem and vr.support.engine == "emulated":
+        problem += f" ({vr.support.reason}); declare `{here}: emulated` if that is intended"
+    assert problem is None, f"{model}/{variant} on {here}: {problem}"

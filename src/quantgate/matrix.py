@@ -277,6 +277,35 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(_format_errors(path, err)) from None
 
 
+def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
+    """The matrix with its tasks' limits overridden from the command line (`--qg-limit`).
+
+    `N` caps every task at its first N items (a task already smaller keeps its own limit); `task=N,...`
+    sets the named tasks. The limit is part of every result's key, so a smaller run never reuses, or
+    overwrites, the results of a larger one; regression gates compare the items both runs share.
+    """
+    known = [t.name for t in matrix.tasks]
+    caps: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise MatrixError(f"--qg-limit {spec!r}: {part!r} needs a positive item count (N or task=N)")
+        if not sep:
+            caps.update({t: min(n, lim or n) for t, lim in ((t.name, t.limit) for t in matrix.tasks)})
+        elif name not in known:
+            raise MatrixError(f"--qg-limit {spec!r}: the matrix has no task {name!r}; its tasks: {known}")
+        else:
+            caps[name] = n
+    tasks = [t.model_copy(update={"limit": caps[t.name]}) if t.name in caps else t for t in matrix.tasks]
+    return matrix.model_copy(update={"tasks": tasks})
+
+
 def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
     try:

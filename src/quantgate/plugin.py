@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from quantgate.errors import QuantgateError
-from quantgate.matrix import FORMATS, Matrix, Thresholds, load_matrix, load_thresholds
+from quantgate.matrix import (
+    FORMATS,
+    Matrix,
+    Thresholds,
+    load_matrix,
+    load_thresholds,
+    with_task_limits,
+)
 from quantgate.paths import results_dir
 from quantgate.runner import Run
 
@@ -64,6 +71,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="record this run's per-item outcomes as the accepted baseline for regression tests",
     )
+    group.addoption(
+        "--qg-limit",
+        default=None,
+        metavar="N|TASK=N,...",
+        help="evaluate only the first N items of every task (or of the named tasks): a quick run on "
+        "slow hardware; the limit is part of each result's key",
+    )
     parser.addini("quantgate_matrix", "matrix YAML", default="fixtures/demo.yaml")
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
 
@@ -83,6 +97,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return  # a project that installs the plugin but has no matrix: stay out of the way
     try:
         matrix = load_matrix(matrix_path)
+        if config.getoption("--qg-limit"):
+            matrix = with_task_limits(matrix, config.getoption("--qg-limit"))
         thresholds = load_thresholds(thresholds_path)
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None

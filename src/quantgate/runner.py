@@ -17,7 +17,7 @@ from typing import Any
 
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
-from quantgate.engines.kernels import attention_backend, check_expected, kernel_path
+from quantgate.engines.kernels import attention_backend, kernel_path
 from quantgate.engines.vllm_server import VllmServer, numerics_args
 from quantgate.errors import QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
@@ -114,7 +114,6 @@ class VariantRun:
         self._checkpoint: Checkpoint | None = None
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None
-        self.kernel_error: str | None = None
         # A failed build or server start is remembered: the variant's other tests fail at once with the same
         # cause instead of building or starting again, and the other variants go on.
         self.failure: QuantgateError | None = None
@@ -209,7 +208,7 @@ class VariantRun:
         if kernel is not None:
             missing = []
             for task in (t for t in tasks if t.name not in out):
-                hit = self.run.store.get(
+                hit = self.run.store.find(
                     self.model.name, self.variant.name, task.name, self.eval_key(task, kernel)
                 )
                 if hit is not None:
@@ -226,7 +225,7 @@ class VariantRun:
         for task in missing:
             key = self.eval_key(task, kernel)
             with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
-                hit = self.run.store.get(self.model.name, self.variant.name, task.name, key)
+                hit = self.run.store.find(self.model.name, self.variant.name, task.name, key)
                 out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
         return {t.name: out[t.name] for t in tasks}
 
@@ -308,8 +307,6 @@ class VariantRun:
                 "startup_seconds": server.startup_seconds,
             },
         )
-        expected = self.run.hw.lookup(self.variant.expected_kernels)
-        self.kernel_error = check_expected(expected, observed)
         return server
 
     def stop(self) -> None:

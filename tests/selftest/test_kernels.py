@@ -1,6 +1,6 @@
 """Kernel-path parsing from real vLLM log lines (copied from logs seen on CPU and on an H100)."""
 
-from quantgate.engines.kernels import UNQUANTIZED, check_expected, kernel_path, parse_kernels
+from quantgate.engines.kernels import UNQUANTIZED, kernel_mismatch, kernel_path, parse_kernels
 
 H100_FP8 = (
     "(EngineCore pid=1) INFO 11-22 [fp8.py:120] Selected CutlassFP8ScaledMMLinearKernel for ModelOptFp8LinearMethod"
@@ -25,9 +25,12 @@ def test_duplicates_from_workers_collapse_and_bf16_is_unquantized():
     assert kernel_path("INFO Starting vLLM server\nINFO Using FLASH_ATTN backend") == UNQUANTIZED
 
 
-def test_expected_kernel_detects_silent_fallback():
+def test_expected_kernel_detects_silent_fallback_and_unexpected_emulation():
     observed = kernel_path(H100_NVFP4)
-    assert check_expected("MarlinNvFp4", observed) is None
-    msg = check_expected("CutlassNvFp4", observed)
+    assert kernel_mismatch("MarlinNvFp4", observed, "vllm") is None
+    msg = kernel_mismatch("CutlassNvFp4", observed, "vllm")
     assert msg and "silent fallback" in msg and "MarlinNvFp4LinearKernel" in msg
-    assert check_expected(None, observed) is None
+    assert kernel_mismatch(None, observed, "vllm") is None
+    assert kernel_mismatch("emulated", UNQUANTIZED, "emulated") is None
+    assert "expected emulation" in kernel_mismatch("emulated", observed, "vllm")
+    assert "was emulated" in kernel_mismatch("MarlinNvFp4", UNQUANTIZED, "emulated")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from quantgate.errors import MatrixError
-from quantgate.matrix import load_matrix, load_thresholds
+from quantgate.matrix import load_matrix, load_thresholds, with_task_limits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,3 +103,23 @@ def test_unpinned_revision_refused(tmp_path):
     text = BASE.replace("{kind: local, path: /nonexistent}", "{kind: hub, id: org/model, revision: main}")
     with pytest.raises(MatrixError, match="not a commit hash"):
         load_matrix(write(tmp_path, text))
+
+
+def test_limit_override_caps_or_sets_tasks(tmp_path):
+    m = load_matrix(write(tmp_path, BASE + "  - {name: gsm8k, metric: 'exact_match,strict-match', limit: 40}\n"))
+    capped = with_task_limits(m, "100")
+    assert [t.limit for t in capped.tasks] == [100, 40]  # hellaswag had no limit; gsm8k keeps its 40
+    named = with_task_limits(m, "hellaswag=400, gsm8k=200")
+    assert [t.limit for t in named.tasks] == [400, 200]
+    assert [t.limit for t in m.tasks] == [None, 40]  # the loaded matrix is left as it was
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("0", "positive item count"), ("hellaswag=x", "positive item count"), ("mmlu=10", "has no task 'mmlu'")],
+)
+def test_limit_override_errors_name_the_cause(tmp_path, spec, message):
+    m = load_matrix(write(tmp_path, BASE))
+    with pytest.raises(MatrixError, match=message) as err:
+        with_task_limits(m, spec)
+    assert spec in str(err.value)

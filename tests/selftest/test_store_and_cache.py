@@ -27,6 +27,21 @@ def test_put_get_roundtrip_and_key_must_match_exactly(tmp_path):
         assert store.get("m", "v", "hellaswag", {**KEY, field: other}) is None, field
 
 
+def test_variants_serving_the_same_bytes_share_one_result(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("m", "nvfp4-modelopt", "hellaswag", KEY, {}, {"acc_norm,none": 0.5}, SAMPLES, None)
+    shared = store.find("m", "nvfp4-emulated", "hellaswag", KEY)
+    assert shared and shared.path.parent.parent.name == "nvfp4-modelopt"
+    assert store.get("m", "nvfp4-emulated", "hellaswag", KEY) is None  # found, not copied
+    # Another key, another task or another model finds nothing.
+    assert store.find("m", "nvfp4-emulated", "hellaswag", {**KEY, "checkpoint_sha256": "abd"}) is None
+    assert store.find("m", "nvfp4-emulated", "gsm8k", KEY) is None
+    assert store.find("other", "nvfp4-modelopt", "hellaswag", KEY) is None
+    # A variant's own entry wins over a twin's.
+    store.put("m", "nvfp4-emulated", "hellaswag", KEY, {}, {"acc_norm,none": 0.25}, SAMPLES, None)
+    assert store.find("m", "nvfp4-emulated", "hellaswag", KEY).aggregate["acc_norm,none"] == 0.25
+
+
 def test_crash_while_writing_leaves_no_entry(tmp_path):
     store = ResultStore(tmp_path)
 

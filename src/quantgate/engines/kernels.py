@@ -45,10 +45,18 @@ def attention_backend(log_text: str) -> str | None:
     return m.group("backend") if m else None
 
 
-def check_expected(expected: str | None, observed: str) -> str | None:
-    """None if the observed path contains the expected kernel; else a message naming both."""
-    if not expected or expected == "emulated":
+def kernel_mismatch(expected: str | None, observed: str, engine: str) -> str | None:
+    """Why what ran is not what the variant declares for this hardware; None when it is, or nothing is declared.
+
+    `expected` is a kernel name (matched as a substring of the logged path) or "emulated"; `engine` is how
+    the variant actually ran ("vllm" or "emulated").
+    """
+    if not expected:
         return None
+    if expected == "emulated":
+        return None if engine == "emulated" else f"expected emulation, but vLLM ran {observed!r}"
+    if engine == "emulated":
+        return f"expected kernel {expected!r}, but the variant was emulated"
     if expected.lower() in observed.lower():
         return None
     return f"expected kernel {expected!r}, but vLLM ran {observed!r}: a silent fallback"

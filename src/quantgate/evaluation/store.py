@@ -60,6 +60,24 @@ class ResultStore:
             return None  # a hash-prefix collision or a hand-edited entry: never trust it
         return StoredResult(d, provenance, json.loads((d / "aggregate.json").read_text()))
 
+    def find(self, model: str, variant: str, task: str, key: dict[str, Any]) -> StoredResult | None:
+        """The result for `key` under `variant`, else under any other variant of the model with the same key.
+
+        A key names the served checkpoint, engine, task and settings but not the variant, so two variants
+        that serve the same bytes the same way (a modelopt export emulated on a CPU, and its `emulate: true`
+        twin) share one evaluation instead of repeating it.
+        """
+        hit = self.get(model, variant, task, key)
+        if hit is not None:
+            return hit
+        digest = key_digest(key)[:16]
+        for other in sorted(self.root.glob(f"{model}/*/{task}/{digest}")):
+            if other.parent.parent.name != variant:
+                hit = self.get(model, other.parent.parent.name, task, key)
+                if hit is not None:
+                    return hit
+        return None
+
     def put(
         self,
         model: str,
