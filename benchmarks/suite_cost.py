@@ -136,6 +136,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         generation = generation.model_copy(update={"max_gen_toks": args.max_gen_toks})
     if args.concurrency:
         generation = generation.model_copy(update={"concurrency": args.concurrency})
+    if args.batch_size:
+        generation = generation.model_copy(update={"batch_size": args.batch_size})
     vr = run.variant(model.name, model.baseline.name)
     try:
         server = vr.ensure_server()
@@ -154,7 +156,7 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "serve_args": vr.variant.serve_args, "seed": matrix.generation.seed,
             "temperature": matrix.generation.temperature, "requests": requests}
     return {"items": len(requests), "seconds": seconds, "output_tokens": out_tokens, "spec": spec,
-            "concurrency": generation.concurrency, "num_fewshot": task.num_fewshot,
+            "concurrency": generation.concurrency, "batch_size": generation.batch_size, "num_fewshot": task.num_fewshot,
             "max_gen_toks": generation.max_gen_toks}
 
 
@@ -266,7 +268,8 @@ def throughput_table(server: dict[str, Any], off: dict[str, Any], task: str) -> 
     return "\n".join([
         f"| path ({setting}, BF16) | items | seconds | items/s | output tokens | output tok/s |",
         "|---|---:|---:|---:|---:|---:|",
-        row(f"server + lm-eval local-completions (concurrency {server['concurrency']})", server),
+        row(f"server + lm-eval local-completions (concurrency {server['concurrency']}, "
+            f"{server.get('batch_size', 1)} per request)", server),
         row("offline LLM.generate (upper bound)", off),
         f"\nserver path reaches {ratio:.0%} of the offline engine's items/s",
     ])
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="(c): cap generated tokens per item (both paths), default the matrix's setting")
     ap.add_argument("--concurrency", type=int, default=None,
                     help="(c): lm-eval's concurrent requests to the server, default the matrix's setting")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="(c): prompts per request to the server, default the matrix's setting")
     ap.add_argument("--child-suite", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-offline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-json", help=argparse.SUPPRESS)

@@ -5,8 +5,9 @@
 #   2. warm: the accuracy suite again; it must start no server and evaluate nothing
 #   3. items/s through the server against vLLM's offline engine (benchmarks/suite_cost.py, part c)
 #   perf (only when asked for): the perf budgets alone, `pytest -m perf`
-# usage: ci/gpu_run.sh OUTDIR [STEP...]   (steps: cold warm ratio perf; default: cold warm ratio)
-#        env: QG_GGUF, QG_DATA
+#   nvfp4, fp8 (only when asked for): the product card's `pytest -m nvfp4` / `pytest -m fp8`, as a user runs them
+# usage: ci/gpu_run.sh OUTDIR [STEP...]   (steps: cold warm ratio perf nvfp4 fp8; default: cold warm ratio)
+#        env: QG_GGUF, QG_DATA, QG_BATCH (prompts per request in the ratio step, default the matrix's)
 set -uo pipefail
 OUT=${1:?usage: gpu_run.sh OUTDIR}
 source /tmp/site/env.sh
@@ -24,11 +25,13 @@ cold() {
 warm() { "${PYTEST[@]}" -m "not perf" --junitxml /tmp/qgres/junit-warm.xml > /tmp/qgres/pytest-warm.log 2>&1; }
 ratio() {
   python3 benchmarks/suite_cost.py --matrix fixtures/gpu.yaml --skip-cold --skip-warm --task gsm8k --items 400 \
-    > /tmp/qgres/suite_cost.log 2>&1
+    ${QG_BATCH:+--batch-size $QG_BATCH} > /tmp/qgres/suite_cost${QG_BATCH:+-b$QG_BATCH}.log 2>&1
 }
 perf() {
   "${PYTEST[@]}" -m perf --benchmark-json /tmp/qgres/bench-perf.json > /tmp/qgres/pytest-perf.log 2>&1
 }
+nvfp4() { "${PYTEST[@]}" -m nvfp4 --junitxml /tmp/qgres/junit-nvfp4.xml > /tmp/qgres/pytest-nvfp4.log 2>&1; }
+fp8() { "${PYTEST[@]}" -m fp8 --junitxml /tmp/qgres/junit-fp8.xml > /tmp/qgres/pytest-fp8.log 2>&1; }
 steps=("${@:2}")
 [ ${#steps[@]} -gt 0 ] || steps=(cold warm ratio)
 for step in "${steps[@]}"; do

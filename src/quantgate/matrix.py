@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -184,6 +184,17 @@ class Generation(_Strict):
         None, gt=0, description="cap on generated tokens; None keeps the task's own"
     )
     concurrency: int = Field(8, gt=0, description="parallel requests lm-eval keeps in flight")
+    batch_size: int = Field(
+        1, gt=0, description="prompts per HTTP request (lm-eval local-completions batch_size)"
+    )
+
+    # How requests reach the server, not what is asked: left out of result keys, so changing them for
+    # speed reuses stored results.
+    TRANSPORT: ClassVar[frozenset[str]] = frozenset({"concurrency", "batch_size"})
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that can change an answer, as recorded in every result's key."""
+        return self.model_dump(exclude=set(self.TRANSPORT))
 
 
 class Matrix(_Strict):

@@ -172,7 +172,7 @@ class VariantRun:
         }
 
     def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
-        gen = self.run.matrix.generation.model_dump(exclude={"concurrency"})
+        gen = self.run.matrix.generation.result_settings()
         return {
             "checkpoint_sha256": self.checkpoint().sha256,
             "served_sha256": self.served_checkpoint().sha256,

@@ -208,7 +208,7 @@ def score_table(run: Run, model_name: str) -> ScoreTable:
         "gate": f"mode {th.mode} at level {th.level}; floors {dict(th.floors)}",
         "hardware class": run.hw.hw_class,
         "versions": ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if k != "quantgate"),
-        "generation": json.dumps(run.matrix.generation.model_dump(exclude={"concurrency"}), sort_keys=True),
+        "generation": json.dumps(run.matrix.generation.result_settings(), sort_keys=True),
         "engine args": " ".join(numerics_args(run.hw, [])),
     }
     volatile = {

@@ -123,3 +123,10 @@ def test_limit_override_errors_name_the_cause(tmp_path, spec, message):
     with pytest.raises(MatrixError, match=message) as err:
         with_task_limits(m, spec)
     assert spec in str(err.value)
+
+
+def test_transport_settings_stay_out_of_result_keys(tmp_path):
+    m = load_matrix(write(tmp_path, BASE + "generation: {concurrency: 64, batch_size: 16, max_gen_toks: 256}\n"))
+    settings = m.generation.result_settings()
+    assert "concurrency" not in settings and "batch_size" not in settings
+    assert settings["max_gen_toks"] == 256 and settings["temperature"] == 0.0

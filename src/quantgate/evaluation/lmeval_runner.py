@@ -24,17 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def model_args(
-    completions_url: str, served_name: str, tokenizer_dir: Path, concurrency: int, seed: int
+    completions_url: str, served_name: str, tokenizer_dir: Path, generation: Generation
 ) -> dict[str, Any]:
     return {
         "model": served_name,
         "base_url": completions_url,
         "tokenizer": str(tokenizer_dir),
         "tokenizer_backend": "huggingface",
-        "num_concurrent": concurrency,
+        "num_concurrent": generation.concurrency,
+        "batch_size": generation.batch_size,
         "max_retries": 3,
         "timeout": 600,
-        "seed": seed,
+        "seed": generation.seed,
     }
 
 
@@ -70,9 +71,7 @@ def run_task(
     try:
         out = simple_evaluate(
             model="local-completions",
-            model_args=model_args(
-                completions_url, served_name, tokenizer_dir, generation.concurrency, generation.seed
-            ),
+            model_args=model_args(completions_url, served_name, tokenizer_dir, generation),
             tasks=[name],
             num_fewshot=task.num_fewshot,
             limit=task.limit,
