@@ -24,6 +24,7 @@ from quantgate.perf.budgets import (
     load_perf,
 )
 from quantgate.perf.serve_bench import (
+    BenchRound,
     ServingMetrics,
     kv_cache_capacity,
     model_memory,
@@ -103,10 +104,10 @@ def _measure_serving(qg_session, vr: VariantRun, cfg: PerfConfig, concurrency: i
 
     def one_round() -> None:
         t0 = time.monotonic()
+        workload = BenchRound(concurrency, w.input_len, w.output_len, w.num_prompts, w.warmups,
+                              seed=1000 * concurrency + len(rounds))
         rounds.append(run_serving_benchmark(
-            server.base_url, server.served_name, vr.served_checkpoint().path,
-            concurrency=concurrency, input_len=w.input_len, output_len=w.output_len,
-            num_prompts=w.num_prompts, warmups=w.warmups, out_dir=out, seed=1000 * concurrency + len(rounds),
+            server.base_url, server.served_name, vr.served_checkpoint().path, workload, out_dir=out
         ))
         vr.run.events.seconds["benchmark"] += time.monotonic() - t0  # its own line in the suite-cost split
 

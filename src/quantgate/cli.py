@@ -64,21 +64,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
     collector = _VerdictCollector()
     t0 = time.monotonic()
-    code = pytest.main(
-        [
-            str(tests),
-            "--ignore",
-            str(tests / "selftest"),
-            "--qg-matrix",
-            str(matrix_path),
-            "--qg-thresholds",
-            str(thresholds_path),
-            "-p",
-            "no:cacheprovider",
-            *extra,
-        ],
-        plugins=[collector],
-    )
+    code = pytest.main(_suite_argv(tests, matrix_path, thresholds_path, *extra), plugins=[collector])
     wall = time.monotonic() - t0
     counts: dict[str, int] = {}
     for outcome, _ in collector.outcomes.values():
@@ -97,6 +83,15 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     return int(code)
 
 
+def _suite_argv(tests: Path, matrix_path: Path, thresholds_path: Path, *extra: str) -> list[str]:
+    """pytest's arguments for the regression suite (never the selftests) on this matrix."""
+    return [
+        str(tests), "--ignore", str(tests / "selftest"),
+        "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
+        "-p", "no:cacheprovider", *extra,
+    ]
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     _print_tables(*_paths(args))
     return 0
@@ -104,25 +99,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
     matrix_path, thresholds_path = _paths(args)
-    return int(
-        pytest.main(
-            [
-                args.tests,
-                "--ignore",
-                str(Path(args.tests) / "selftest"),
-                "--qg-accept",
-                "-k",
-                "regression",
-                "--qg-matrix",
-                str(matrix_path),
-                "--qg-thresholds",
-                str(thresholds_path),
-                "-p",
-                "no:cacheprovider",
-                *extra,
-            ]
-        )
-    )
+    argv = _suite_argv(Path(args.tests), matrix_path, thresholds_path, "--qg-accept", "-k", "regression", *extra)
+    return int(pytest.main(argv))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -258,16 +259,23 @@ class Thresholds(_Strict):
     regression: RegressionPolicy = RegressionPolicy()
 
 
-def _format_errors(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
+def format_validation_errors(
+    path: Path,
+    err: ValidationError,
+    what: str = "configuration",
+    locate: Callable[[list[Any]], list[Any]] | None = None,
+) -> str:
+    """One line per bad key, `file: invalid <what>` first; `locate` may rewrite a location to name its item."""
+    lines = [f"{path}: invalid {what}"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = locate(list(e["loc"])) if locate else list(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not allowed here)"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
@@ -285,7 +293,7 @@ def load_matrix(path: str | Path) -> Matrix:
     try:
         return Matrix.model_validate(_read_yaml(path))
     except ValidationError as err:
-        raise MatrixError(_format_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err)) from None
 
 
 def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
@@ -322,4 +330,4 @@ def load_thresholds(path: str | Path) -> Thresholds:
     try:
         return Thresholds.model_validate(_read_yaml(path))
     except ValidationError as err:
-        raise MatrixError(_format_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err)) from None

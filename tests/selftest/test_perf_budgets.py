@@ -14,6 +14,7 @@ from quantgate.perf.budgets import Budget, evaluate_budget, load_perf, parse_byt
 from quantgate.perf.serve_bench import (
     SERVING_METRICS,
     THIS_MODULE,
+    BenchRound,
     PerfError,
     bench_command,
     kv_cache_capacity,
@@ -272,8 +273,9 @@ def test_parse_result_names_missing_keys(tmp_path):
 
 
 def test_bench_command_is_the_module_entry_with_fixed_workload(tmp_path):
-    cmd = bench_command("http://127.0.0.1:1", "m/bf16", "/ckpt", concurrency=4, input_len=64, output_len=16,
-                        num_prompts=8, warmups=2, out_dir=tmp_path, filename="r.json", python="py", seed=3)
+    workload = BenchRound(concurrency=4, input_len=64, output_len=16, num_prompts=8, warmups=2, seed=3)
+    cmd = bench_command("http://127.0.0.1:1", "m/bf16", "/ckpt", workload, out_dir=tmp_path, filename="r.json",
+                        python="py")
     assert cmd[:3] == ["py", "-m", "quantgate.perf.serve_bench"]
     s = " ".join(cmd)
     for flag in ("--dataset-name random", "--random-input-len 64", "--random-output-len 16",

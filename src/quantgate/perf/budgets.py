@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantgate.errors import MatrixError
-from quantgate.matrix import Format
+from quantgate.matrix import Format, format_validation_errors
 
 SERVING_METRICS: tuple[str, ...] = (
     "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms",
@@ -231,24 +232,17 @@ class PerfFile(_Strict):
     perf: PerfConfig
 
 
-def _format_errors(path: Path, err: ValidationError, data: Any) -> str:
-    lines = [f"{path}: invalid perf budgets"]
-    for e in err.errors():
-        loc = list(e["loc"])
+def _budget_named(data: Any) -> Callable[[list[Any]], list[Any]]:
+    def locate(loc: list[Any]) -> list[Any]:
         # name the budget, not only its index, so the line can be found in the file
         if len(loc) >= 3 and loc[:2] == ["perf", "budgets"] and isinstance(loc[2], int):
             try:
                 loc[2] = f"{loc[2]}({data['perf']['budgets'][loc[2]]['name']})"
             except (KeyError, IndexError, TypeError):
                 pass
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not allowed here)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        return loc
+
+    return locate
 
 
 def load_perf(path: str | Path) -> PerfConfig:
@@ -263,7 +257,7 @@ def load_perf(path: str | Path) -> PerfConfig:
     try:
         return PerfFile.model_validate(data).perf
     except ValidationError as err:
-        raise MatrixError(_format_errors(path, err, data)) from None
+        raise MatrixError(format_validation_errors(path, err, "perf budgets", _budget_named(data))) from None
 
 
 @dataclass(frozen=True)

@@ -130,21 +130,35 @@ def parse_result(path: str | Path, command: list[str] | None = None) -> ServingM
     )
 
 
+@dataclass(frozen=True)
+class BenchRound:
+    """One round's workload: `num_prompts` random prompts of exactly `input_len` tokens, each generating
+    exactly `output_len` tokens, at most `concurrency` in flight, after `warmups` unmeasured requests."""
+
+    concurrency: int
+    input_len: int
+    output_len: int
+    num_prompts: int
+    warmups: int
+    seed: int = 0
+
+    @property
+    def stem(self) -> str:
+        return (f"serve_c{self.concurrency}_i{self.input_len}_o{self.output_len}_n{self.num_prompts}"
+                f"_s{self.seed}")
+
+
 def bench_command(
     base_url: str,
     served_name: str,
     tokenizer_dir: str | Path,
+    workload: BenchRound,
     *,
-    concurrency: int,
-    input_len: int,
-    output_len: int,
-    num_prompts: int,
-    warmups: int,
     out_dir: str | Path,
     filename: str,
     python: str = sys.executable,
-    seed: int = 0,
 ) -> list[str]:
+    w = workload
     return [
         python, "-m", THIS_MODULE,
         "--backend", "openai", "--endpoint", "/v1/completions",
@@ -152,21 +166,21 @@ def bench_command(
         "--model", served_name,
         "--tokenizer", str(tokenizer_dir),
         "--dataset-name", "random",
-        "--random-input-len", str(input_len),
-        "--random-output-len", str(output_len),
+        "--random-input-len", str(w.input_len),
+        "--random-output-len", str(w.output_len),
         # fixed lengths: a ratio of 0 gives every request exactly input_len / output_len tokens
         "--random-range-ratio", "0",
-        "--num-prompts", str(num_prompts),
-        "--max-concurrency", str(concurrency),
+        "--num-prompts", str(w.num_prompts),
+        "--max-concurrency", str(w.concurrency),
         "--request-rate", "inf",
-        "--num-warmups", str(warmups),
+        "--num-warmups", str(w.warmups),
         "--ignore-eos",
         "--temperature", "0",
-        "--seed", str(seed),
+        "--seed", str(w.seed),
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,99",
         # the lengths go into the JSON, so a result file says what workload it measured
-        "--metadata", f"random_input_len={input_len}", f"random_output_len={output_len}",
+        "--metadata", f"random_input_len={w.input_len}", f"random_output_len={w.output_len}",
         "--disable-tqdm",
         "--save-result",
         "--result-dir", str(out_dir),
@@ -178,33 +192,23 @@ def run_serving_benchmark(
     base_url: str,
     served_name: str,
     tokenizer_dir: str | Path,
+    workload: BenchRound,
     *,
-    concurrency: int,
-    input_len: int,
-    output_len: int,
-    num_prompts: int,
-    warmups: int,
     out_dir: str | Path,
     python: str = sys.executable,
-    seed: int = 0,
     timeout: float = 1800.0,
 ) -> ServingMetrics:
-    """One round of `vllm bench serve` against a running server: `warmups` requests first (not measured),
-    then `num_prompts` random prompts of exactly `input_len` tokens, each generating exactly `output_len`
-    tokens (EOS ignored, greedy), at most `concurrency` in flight.
+    """One round of `vllm bench serve` against a running server (EOS ignored, greedy).
 
     vLLM caches prefixes by default: a caller repeating rounds should vary `seed` per round (and use the
     same seeds for every variant), or later rounds measure cache hits instead of prefill.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"serve_c{concurrency}_i{input_len}_o{output_len}_n{num_prompts}_s{seed}"
+    stem = workload.stem
     filename = f"{stem}.json"
-    cmd = bench_command(
-        base_url, served_name, tokenizer_dir, concurrency=concurrency, input_len=input_len,
-        output_len=output_len, num_prompts=num_prompts, warmups=warmups, out_dir=out_dir,
-        filename=filename, python=python, seed=seed,
-    )
+    cmd = bench_command(base_url, served_name, tokenizer_dir, workload, out_dir=out_dir, filename=filename,
+                        python=python)
     result_path = out_dir / filename
     result_path.unlink(missing_ok=True)  # a stale file must never pass for this round's result
     log_path = out_dir / f"{stem}.log"
@@ -221,9 +225,9 @@ def run_serving_benchmark(
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise PerfError(f"vllm bench serve exited with code {proc.returncode}; log {log_path}:\n{tail}")
     metrics = parse_result(result_path, cmd)
-    if metrics.failed or metrics.completed != num_prompts:
+    if metrics.failed or metrics.completed != workload.num_prompts:
         raise PerfError(
-            f"vllm bench serve: {metrics.failed} of {num_prompts} requests failed "
+            f"vllm bench serve: {metrics.failed} of {workload.num_prompts} requests failed "
             f"({metrics.completed} completed); log {log_path}"
         )
     return metrics
