@@ -1,7 +1,7 @@
 """The `quantgate` console script, a front door over the same pytest suite and the same library.
 
 quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
-quantgate report [--matrix M]                                  print the score table from stored results
+quantgate report [--matrix M] [--qg-limit L]                  print the score table from stored results
 quantgate accept [--matrix M]                                  record current results as accepted baselines
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from quantgate.errors import QuantgateError
-from quantgate.matrix import load_matrix, load_thresholds
+from quantgate.matrix import load_matrix, load_thresholds, with_task_limits
 from quantgate.paths import results_dir
 
 
@@ -44,14 +44,17 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(args.matrix).resolve(), Path(args.thresholds).resolve()
 
 
-def _print_tables(matrix_path: Path, thresholds_path: Path) -> None:
+def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None) -> None:
     from quantgate import verdicts
     from quantgate.runner import Run
 
-    run = Run(load_matrix(matrix_path), load_thresholds(thresholds_path), results_dir(), reuse_only=True)
+    matrix = load_matrix(matrix_path)
+    if limit:
+        matrix = with_task_limits(matrix, limit)
+    run = Run(matrix, load_thresholds(thresholds_path), results_dir(), reuse_only=True)
     for model in run.matrix.models:
         try:
-            print(verdicts.score_table(run, model.name).render())
+            print(verdicts.score_table(run, model.name, partial=True).render())
         except QuantgateError as exc:
             print(f"(no complete table for {model.name}: {exc})")
 
@@ -79,8 +82,18 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         + f"  ({wall:.0f}s wall)"
     )
-    _print_tables(matrix_path, thresholds_path)
+    _print_tables(matrix_path, thresholds_path, _limit_of(extra))
     return int(code)
+
+
+def _limit_of(pytest_args: list[str]) -> str | None:
+    """The `--qg-limit` among the arguments passed through to pytest, so the table shows what just ran."""
+    for i, arg in enumerate(pytest_args):
+        if arg.startswith("--qg-limit="):
+            return arg.split("=", 1)[1]
+        if arg == "--qg-limit" and i + 1 < len(pytest_args):
+            return pytest_args[i + 1]
+    return None
 
 
 def _suite_argv(tests: Path, matrix_path: Path, thresholds_path: Path, *extra: str) -> list[str]:
@@ -92,8 +105,8 @@ def _suite_argv(tests: Path, matrix_path: Path, thresholds_path: Path, *extra: s
     ]
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    _print_tables(*_paths(args))
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    _print_tables(*_paths(args), _limit_of(extra))
     return 0
 
 
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "accept":
             return cmd_accept(args, extra)
         if args.cmd == "report":
-            return cmd_report(args)
+            return cmd_report(args, extra)
         return cmd_check(args)
     except QuantgateError as exc:
         print(f"quantgate: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantgate.checkpoints.cache import only_cached
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
@@ -137,6 +138,10 @@ class VariantRun:
         return self._remember(self._checkpoint_once)
 
     def _checkpoint_once(self) -> Checkpoint:
+        with only_cached(self.run.reuse_only):
+            return self._checkpoint_built()
+
+    def _checkpoint_built(self) -> Checkpoint:
         if self._checkpoint is None:
             t0 = time.monotonic()
             if self.variant.format == "bf16":
@@ -152,6 +157,10 @@ class VariantRun:
         return self._remember(self._served_once)
 
     def _served_once(self) -> Checkpoint:
+        with only_cached(self.run.reuse_only):
+            return self._served_built()
+
+    def _served_built(self) -> Checkpoint:
         if self._served is None:
             ckpt = self.checkpoint()
             if self.support.engine == "emulated":

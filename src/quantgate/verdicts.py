@@ -156,8 +156,11 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
 # ------------------------------------------------------------------------------------------ table
 
 
-def score_table(run: Run, model_name: str) -> ScoreTable:
+def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
+    """The model's table. `partial`: leave out (and name in the footer) quantized variants whose results are
+    not all available, as after `pytest -m nvfp4`; the baseline is always required."""
     model = run.model(model_name)
+    left_out: list[str] = []
     tasks = _selected_tasks(run)
     rows: list[Row] = []
     kernels: dict[str, str] = {}
@@ -167,7 +170,13 @@ def score_table(run: Run, model_name: str) -> ScoreTable:
         vr = run.variant(model.name, v.name)
         if vr.support.engine is None:
             continue
-        results = vr.results(tasks)
+        try:
+            results = vr.results(tasks)
+        except QuantgateError:
+            if not partial or v.format == "bf16":
+                raise
+            left_out.append(v.name)
+            continue
         cells: dict[str, Cell] = {}
         for t in tasks:
             o = results[t.name].outcomes(t.metric_key)
@@ -211,6 +220,8 @@ def score_table(run: Run, model_name: str) -> ScoreTable:
         "generation": json.dumps(run.matrix.generation.result_settings(), sort_keys=True),
         "engine args": " ".join(numerics_args(run.hw, [])),
     }
+    if left_out:
+        footer["left out (no stored results with these settings)"] = ", ".join(left_out)
     volatile = {
         "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),

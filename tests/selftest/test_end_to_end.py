@@ -114,3 +114,24 @@ def test_accept_then_regression_passes_with_no_flips(e2e):
     assert doc["n"] == 4 and doc["provenance"]["key"]["kernel_path"] and len(doc["answers"]) == 4
     verdict = verdicts.regression_verdict(run, "smollm2-135m", "w8a8-int8", "gsm8k")
     assert verdict is not None and verdict.n_flipped == 0, verdict.message()
+
+
+def test_a_twin_shares_results_and_a_report_never_builds(e2e):
+    """A variant serving the same bytes as another reuses its results; a report over stored results leaves out,
+    and names, a variant that was never built instead of building it."""
+    root, matrix, th, _, _ = e2e
+    model = matrix.models[0]
+    w8a8 = next(v for v in model.variants if v.name == "w8a8-int8")
+    twin = w8a8.model_copy(update={"name": "w8a8-twin"})
+    unbuilt = w8a8.model_copy(update={"name": "w8a8-sq07", "recipe": {**w8a8.recipe, "smoothquant": 0.7}})
+    grown = matrix.model_copy(
+        update={"models": [model.model_copy(update={"variants": [*model.variants, twin, unbuilt]})]}
+    )
+    report = Run(grown, th, root / "results", reuse_only=True)
+    try:
+        table = verdicts.score_table(report, model.name, partial=True).render()
+    finally:
+        report.close()
+    assert report.events.servers_started == [] and report.events.evaluated == []
+    assert "w8a8-twin (int8)" in table and "w8a8-sq07 (int8)" not in table
+    assert "left out (no stored results with these settings): w8a8-sq07" in table

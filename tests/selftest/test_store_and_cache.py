@@ -116,3 +116,20 @@ def test_validate_checkpoint_dir_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(BuildError, match="truncated|not a readable safetensors"):
         validate_checkpoint_dir(tmp_path, "m/v")
+
+
+def test_reading_stored_results_only_never_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path))
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(d)
+        (d / "config.json").write_text("{}")
+
+    with cache.only_cached(), pytest.raises(cache.NotCachedError, match="nothing is built"):
+        cache.cached_entry("built", {"k": 2}, build)
+    assert calls == [] and not [p for p in (tmp_path / "checkpoints" / "built").iterdir() if p.is_dir()]
+    built = cache.cached_entry("built", {"k": 2}, build)
+    with cache.only_cached():
+        assert cache.cached_entry("built", {"k": 2}, build) == built
+    assert len(calls) == 1

@@ -12,15 +12,34 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
+from quantgate.errors import QuantgateError
 from quantgate.paths import cache_dir
 
 MANIFEST = "quantgate_manifest.json"
+
+# Set while reading stored results only (`quantgate report`): a missing entry is an error, never a build.
+_ONLY_CACHED: ContextVar[bool] = ContextVar("quantgate_only_cached", default=False)
+
+
+class NotCachedError(QuantgateError):
+    """A checkpoint is not in the cache, and this caller may not build it."""
+
+
+@contextmanager
+def only_cached(enabled: bool = True) -> Iterator[None]:
+    token = _ONLY_CACHED.set(enabled)
+    try:
+        yield
+    finally:
+        _ONLY_CACHED.reset(token)
 
 
 def digest(obj: Any) -> str:
@@ -66,6 +85,8 @@ def cached_entry(kind: str, key: dict[str, Any], build: Callable[[Path], None]) 
     with FileLock(str(final) + ".lock"):
         if (final / MANIFEST).exists():
             return final
+        if _ONLY_CACHED.get():
+            raise NotCachedError(f"no cached {kind} checkpoint {name} (reading stored results only, nothing is built)")
         if final.exists():  # written by an older, interrupted layout: not trusted
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))

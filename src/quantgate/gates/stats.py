@@ -156,6 +156,13 @@ def _as_values(x: ArrayLike, name: str) -> np.ndarray:
     return a
 
 
+def _paired_values(a: ArrayLike, b: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _as_values(a, names[0]), _as_values(b, names[1])
+    if x.shape != y.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must score the same items: {x.size} vs {y.size} values")
+    return x, y
+
+
 def _is_binary(a: np.ndarray) -> bool:
     return bool(np.all((a == 0) | (a == 1)))
 
@@ -301,10 +308,7 @@ def paired_retention(
     for that, so that the gate can report "insufficient".
     """
     _check_level(level)
-    b = _as_values(base, "base")
-    v = _as_values(variant, "variant")
-    if b.shape != v.shape:
-        raise ValueError(f"base and variant must score the same items: {b.size} vs {v.size} values")
+    b, v = _paired_values(base, variant, ("base", "variant"))
     n = b.size
     if weights is None:
         w = np.ones(n)
@@ -566,10 +570,7 @@ def paired_change(
     differences (exact enumeration when 2^n <= n_resamples) and a paired bootstrap percentile interval.
     """
     _check_level(level)
-    x = _as_values(before, "before")
-    y = _as_values(after, "after")
-    if x.shape != y.shape:
-        raise ValueError(f"before and after must score the same items: {x.size} vs {y.size}")
+    x, y = _paired_values(before, after, ("before", "after"))
     n = x.size
     if n == 0:
         raise ValueError("no items to compare")
