@@ -30,11 +30,16 @@ class _VerdictCollector:
         if report.when == "call" or report.outcome in ("failed", "skipped") and report.when == "setup":
             detail = ""
             if report.failed:
-                detail = str(
+                lines = str(
                     report.longrepr.reprcrash.message
                     if hasattr(report.longrepr, "reprcrash")
                     else report.longrepr
-                ).splitlines()[0][:160]
+                ).splitlines() or [""]
+                detail = lines[0][:160]
+                # A gate's message says why on its `verdict` line (the n it needs, the bound it missed).
+                why = next((ln.strip() for ln in lines[1:] if ln.strip().startswith("verdict ")), None)
+                if why:
+                    detail += "\n          " + why[:200]
             elif report.skipped and isinstance(report.longrepr, tuple):
                 detail = str(report.longrepr[2])[:160]
             self.outcomes[report.nodeid] = (report.outcome, detail)
@@ -73,9 +78,16 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     for outcome, _ in collector.outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
     print("\n" + "=" * 30 + " quantgate verdict " + "=" * 30)
+    skips: dict[str, list[str]] = {}
     for nodeid, (outcome, detail) in collector.outcomes.items():
-        if outcome != "passed":
+        if outcome == "skipped":
+            skips.setdefault(detail.removeprefix("Skipped: "), []).append(nodeid)
+        elif outcome != "passed":
             print(f"  {outcome.upper():7} {nodeid}" + (f"\n          {detail}" if detail else ""))
+    # Skips carry a reason each; grouped, the ones that matter are not lost among the `-m perf` ones.
+    for reason, nodeids in skips.items():
+        where = nodeids[0] if len(nodeids) == 1 else f"{len(nodeids)} tests, e.g. {nodeids[0]}"
+        print(f"  SKIPPED {where}\n          {reason}")
     verdict = "PASS" if code == 0 else ("FAIL" if code == 1 else f"ERROR (pytest exit {int(code)})")
     print(
         f"VERDICT: {verdict}  "
