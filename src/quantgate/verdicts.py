@@ -5,6 +5,7 @@ Tests call these and assert on what they return; the CLI calls the same function
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -140,9 +141,10 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
             f"{path}: accepted metric {accepted.get('metric')!r} != matrix {task.metric_key!r}; "
             f"re-accept with --qg-accept"
         )
-    o = variant_results(run, model, variant)[task_name].outcomes(task.metric_key)
+    result = variant_results(run, model, variant)[task_name]
+    o = result.outcomes(task.metric_key)
     pol = run.thresholds.regression
-    return regression_gate(
+    verdict = regression_gate(
         accepted["items"],
         o.as_map(),
         level=pol.level,
@@ -150,6 +152,22 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
         accepted_answers=accepted.get("answers"),
         current_answers=o.answers,
         higher_is_better=task.higher_is_better,
+    )
+    changed = key_changes(accepted.get("provenance", {}).get("key", {}), result.provenance.get("key", {}))
+    return dataclasses.replace(verdict, changed=changed)
+
+
+def key_changes(before: dict[str, Any], after: dict[str, Any], width: int = 60) -> tuple[str, ...]:
+    """`field: old -> new` for every result-key field that differs, values shortened to `width` characters."""
+
+    def short(v: Any) -> str:
+        text = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    return tuple(
+        f"{k}: {short(before.get(k))} -> {short(after.get(k))}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k)
     )
 
 

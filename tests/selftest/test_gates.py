@@ -580,3 +580,22 @@ def test_resolution_table_prints(capsys):
     assert "hellaswag-like" in out and "GSM8K" in out
     rows = {r["task"]: r for r in qs.resolution_table()}
     assert rows["hellaswag-like"]["required_n"] == required_n(0.42, 0.10, 0.95)
+
+
+def test_regression_message_names_what_changed_since_the_accepted_run():
+    from dataclasses import replace
+
+    from quantgate.verdicts import key_changes
+
+    before = {"kernel_path": "MarlinNvFp4LinearKernel", "limit": 400, "generation": {"max_gen_toks": 256},
+              "served_sha256": "a" * 64}
+    after = {"kernel_path": "CutlassNvFp4LinearKernel", "limit": 400, "generation": {"max_gen_toks": None},
+             "served_sha256": "b" * 64}
+    changed = key_changes(before, after)
+    assert changed[0] == 'generation: {"max_gen_toks": 256} -> {"max_gen_toks": null}'
+    assert changed[1] == "kernel_path: MarlinNvFp4LinearKernel -> CutlassNvFp4LinearKernel"
+    assert changed[2].startswith("served_sha256: aaaa") and "..." in changed[2]
+    assert len(changed) == 3 and key_changes(before, dict(before)) == ()
+    verdict = regression_gate({str(i): 1.0 for i in range(20)}, {str(i): 1.0 for i in range(20)})
+    assert "changed" not in verdict.message()
+    assert "changed  since the accepted run: generation" in replace(verdict, changed=changed).message()

@@ -49,6 +49,9 @@ class RegressionVerdict:
     n_flipped: int
     label: str = ""
     reason: str = ""
+    # What differs between the accepted run's result key and this one's ("field: before -> after"): the
+    # checkpoint, kernel, versions or settings that a drop, or a pass, should be read against.
+    changed: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -78,6 +81,8 @@ class RegressionVerdict:
             f"  verdict  {self.reason}",
             f"  flips    {c.flips_down} items worse, {c.flips_up} better",
         ]
+        if self.changed:
+            lines.append(f"  changed  since the accepted run: {'; '.join(self.changed)}")
         if self.missing_in_current or self.new_in_current:
             lines.append(
                 f"  items    {self.missing_in_current} accepted items missing from the current run; "
