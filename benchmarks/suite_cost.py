@@ -131,13 +131,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raise SystemExit(f"task {args.task!r} is not in {args.matrix}")
     task = task.model_copy(update={"limit": args.items, **(
         {"num_fewshot": args.num_fewshot} if args.num_fewshot is not None else {})})
-    generation = matrix.generation
-    if args.max_gen_toks:
-        generation = generation.model_copy(update={"max_gen_toks": args.max_gen_toks})
-    if args.concurrency:
-        generation = generation.model_copy(update={"concurrency": args.concurrency})
-    if args.batch_size:
-        generation = generation.model_copy(update={"batch_size": args.batch_size})
+    overrides = {"max_gen_toks": args.max_gen_toks, "concurrency": args.concurrency, "batch_size": args.batch_size}
+    generation = matrix.generation.model_copy(update={k: v for k, v in overrides.items() if v})
     vr = run.variant(model.name, model.baseline.name)
     try:
         server = vr.ensure_server()

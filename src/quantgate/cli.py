@@ -1,9 +1,11 @@
 """The `quantgate` console script, a front door over the same pytest suite and the same library.
 
 quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
-quantgate report [--matrix M] [--qg-limit L]                  print the score table from stored results
+quantgate report [--matrix M]                                  print the score table from stored results
 quantgate accept [--matrix M]                                  record current results as accepted baselines
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
+
+Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
     collector = _VerdictCollector()
     t0 = time.monotonic()
-    code = pytest.main(_suite_argv(tests, matrix_path, thresholds_path, *extra), plugins=[collector])
+    code = pytest.main(_suite_argv(args, *extra), plugins=[collector])
     wall = time.monotonic() - t0
     counts: dict[str, int] = {}
     for outcome, _ in collector.outcomes.values():
@@ -94,43 +96,36 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         + f"  ({wall:.0f}s wall)"
     )
-    _print_tables(matrix_path, thresholds_path, _limit_of(extra))
+    _print_tables(matrix_path, thresholds_path, args.qg_limit)
     return int(code)
 
 
-def _limit_of(pytest_args: list[str]) -> str | None:
-    """The `--qg-limit` among the arguments passed through to pytest, so the table shows what just ran."""
-    for i, arg in enumerate(pytest_args):
-        if arg.startswith("--qg-limit="):
-            return arg.split("=", 1)[1]
-        if arg == "--qg-limit" and i + 1 < len(pytest_args):
-            return pytest_args[i + 1]
-    return None
-
-
-def _suite_argv(tests: Path, matrix_path: Path, thresholds_path: Path, *extra: str) -> list[str]:
+def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
     """pytest's arguments for the regression suite (never the selftests) on this matrix."""
+    matrix_path, thresholds_path = _paths(args)
+    tests = Path(args.tests)
+    limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
     return [
         str(tests), "--ignore", str(tests / "selftest"),
         "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
-        "-p", "no:cacheprovider", *extra,
+        "-p", "no:cacheprovider", *limit, *extra,
     ]
 
 
-def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    _print_tables(*_paths(args), _limit_of(extra))
+def cmd_report(args: argparse.Namespace) -> int:
+    _print_tables(*_paths(args), args.qg_limit)
     return 0
 
 
 def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
-    matrix_path, thresholds_path = _paths(args)
-    argv = _suite_argv(Path(args.tests), matrix_path, thresholds_path, "--qg-accept", "-k", "regression", *extra)
-    return int(pytest.main(argv))
+    return int(pytest.main(_suite_argv(args, "--qg-accept", "-k", "regression", *extra)))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     matrix_path, thresholds_path = _paths(args)
     m = load_matrix(matrix_path)
+    if args.qg_limit:
+        m = with_task_limits(m, args.qg_limit)
     load_thresholds(thresholds_path)
     n = sum(len(x.variants) for x in m.models)
     print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
@@ -147,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--matrix", default="fixtures/demo.yaml")
         p.add_argument("--thresholds", default="thresholds/retention.yaml")
         p.add_argument("--tests", default="tests")
+        p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
+                       help="only the first N items of each task (or the named ones); passed on to pytest")
     args, extra = ap.parse_known_args(argv)
     try:
         if args.cmd == "run":
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "accept":
             return cmd_accept(args, extra)
         if args.cmd == "report":
-            return cmd_report(args, extra)
+            return cmd_report(args)
         return cmd_check(args)
     except QuantgateError as exc:
         print(f"quantgate: error: {exc}", file=sys.stderr)

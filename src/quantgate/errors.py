@@ -9,6 +9,10 @@ class MatrixError(QuantgateError):
     """The matrix or thresholds files are invalid."""
 
 
+class NotStoredError(QuantgateError):
+    """Only stored results may be read (a report), and a result or checkpoint asked for was never stored."""
+
+
 class BuildError(QuantgateError):
     """A checkpoint could not be built, fetched or validated."""
 

@@ -20,7 +20,7 @@ from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
 from quantgate.engines.vllm_server import VllmServer, numerics_args
-from quantgate.errors import QuantgateError
+from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
 from quantgate.evaluation.provenance import (
     data_fingerprint,
@@ -128,7 +128,8 @@ class VariantRun:
         if self.failure is not None:
             raise self.failure
         try:
-            return fn()
+            with only_cached(self.run.reuse_only):  # a run that only reads results never builds
+                return fn()
         except QuantgateError as exc:
             self.failure = exc
             raise
@@ -138,10 +139,6 @@ class VariantRun:
         return self._remember(self._checkpoint_once)
 
     def _checkpoint_once(self) -> Checkpoint:
-        with only_cached(self.run.reuse_only):
-            return self._checkpoint_built()
-
-    def _checkpoint_built(self) -> Checkpoint:
         if self._checkpoint is None:
             t0 = time.monotonic()
             if self.variant.format == "bf16":
@@ -157,10 +154,6 @@ class VariantRun:
         return self._remember(self._served_once)
 
     def _served_once(self) -> Checkpoint:
-        with only_cached(self.run.reuse_only):
-            return self._served_built()
-
-    def _served_built(self) -> Checkpoint:
         if self._served is None:
             ckpt = self.checkpoint()
             if self.support.engine == "emulated":
@@ -228,7 +221,7 @@ class VariantRun:
         if not missing:
             return {t.name: out[t.name] for t in tasks}
         if self.run.reuse_only:
-            raise QuantgateError(f"{self.label}: no stored result for {[t.name for t in missing]}")
+            raise NotStoredError(f"{self.label}: no stored result for {[t.name for t in missing]}")
         server = self.ensure_server()
         kernel = kernel_path(server.log_text())
         for task in missing:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.engines.vllm_server import numerics_args
-from quantgate.errors import QuantgateError
+from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
 from quantgate.gates.regression import RegressionVerdict, regression_gate
 from quantgate.gates.retention import GateVerdict, retention_gate
@@ -190,7 +190,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
             continue
         try:
             results = vr.results(tasks)
-        except QuantgateError:
+        except NotStoredError:
             if not partial or v.format == "bf16":
                 raise
             left_out.append(v.name)

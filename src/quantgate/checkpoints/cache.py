@@ -20,7 +20,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from quantgate.errors import QuantgateError
+from quantgate.errors import NotStoredError
 from quantgate.paths import cache_dir
 
 MANIFEST = "quantgate_manifest.json"
@@ -29,7 +29,7 @@ MANIFEST = "quantgate_manifest.json"
 _ONLY_CACHED: ContextVar[bool] = ContextVar("quantgate_only_cached", default=False)
 
 
-class NotCachedError(QuantgateError):
+class NotCachedError(NotStoredError):
     """A checkpoint is not in the cache, and this caller may not build it."""
 
 
