@@ -293,6 +293,8 @@ class VariantRun:
             max_model_len=self.model.max_model_len,
             seed=self.run.matrix.generation.seed,
             extra_args=self.variant.serve_args,
+            # lm-eval keeps `concurrency` requests of `batch_size` prompts each in flight
+            sequences=self.run.matrix.generation.concurrency * self.run.matrix.generation.batch_size,
         )
         t0 = time.monotonic()
         server.__enter__()
@@ -307,6 +309,7 @@ class VariantRun:
                 "attention_backend": attention_backend(server.log_text()),
                 "log": str(log_path),
                 "startup_seconds": server.startup_seconds,
+                "memory": server.memory_note,
             },
         )
         return server
