@@ -18,9 +18,10 @@ git clone -q "$src" "$work/main"
 ln -sfn "$shared" "$work/shared"
 # The machine's own configuration stays (pip's find-links and constraints, certificates); every cache and
 # quantgate setting is dropped, and HOME is empty, so uv, pip, Hugging Face and quantgate start with nothing.
-run_env=(env HOME="$work/home" -u XDG_CACHE_HOME -u UV_CACHE_DIR -u PIP_CACHE_DIR -u HF_HOME -u HF_HUB_CACHE
+run_env=(env -u XDG_CACHE_HOME -u UV_CACHE_DIR -u PIP_CACHE_DIR -u HF_HOME -u HF_HUB_CACHE
          -u UV_FIND_LINKS -u QUANTGATE_CACHE -u QUANTGATE_RESULTS -u QUANTGATE_DATA_DIR -u QUANTGATE_PROJECT
-         -u QUANTGATE_KV_CACHE_BYTES -u QUANTGATE_DTYPE -u QUANTGATE_VLLM_ARGS -u NLTK_DATA -u VIRTUAL_ENV)
+         -u QUANTGATE_KV_CACHE_BYTES -u QUANTGATE_DTYPE -u QUANTGATE_VLLM_ARGS -u NLTK_DATA -u VIRTUAL_ENV
+         HOME="$work/home")
 cd "$work/main"
 t0=$(date +%s)
 "${run_env[@]}" bash ci/bootstrap.sh 2>&1 | tail -3
