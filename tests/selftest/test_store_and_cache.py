@@ -111,6 +111,12 @@ def test_validate_checkpoint_dir_errors(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros((64, 64), dtype=np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(BuildError, match="pickled"):  # refused even beside safetensors weights
+        validate_checkpoint_dir(tmp_path, "m/v")
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(BuildError, match="no tokenizer"):
+        validate_checkpoint_dir(tmp_path, "m/v")
+    (tmp_path / "tokenizer.json").write_text("{}")
     validate_checkpoint_dir(tmp_path, "m/v")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
