@@ -1,6 +1,7 @@
 """What a checkpoint directory holds: quantization scheme, tensor dtypes, scales, size and weight error.
 
-Pure safetensors-header/json/numpy, so it runs in the main environment without torch, modelopt or a GPU.
+Headers and tensors are read with the safetensors package (tensors through its torch backend, as numpy has
+no BF16/FP8), so it runs in the main environment without modelopt or a GPU.
 Weights are dequantized with the decoders the emulation engine uses (engines/emulation.py), so the weight
 error reported here is the error of the weights an emulated evaluation actually serves.
 
