@@ -54,9 +54,14 @@ class GgufWheelSource(_Strict):
         return v
 
 
+_ALLOW_PICKLE = ("load pickled weights (.bin, .pt, .pth) from this source; off by default because "
+                 "unpickling runs arbitrary code")
+
+
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     id: str
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
     revision: str = Field(description="a pinned commit; branch names are refused because they move")
 
     @field_validator("revision")
@@ -70,6 +75,7 @@ class HubSource(_Strict):
 class LocalSource(_Strict):
     kind: Literal["local"] = "local"
     path: str
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
 
 
 Source = Annotated[GgufWheelSource | HubSource | LocalSource, Field(discriminator="kind")]

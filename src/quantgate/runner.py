@@ -21,14 +21,20 @@ from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
 from quantgate.engines.vllm_server import VllmServer, numerics_args
 from quantgate.errors import NotStoredError, QuantgateError
-from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
+from quantgate.evaluation.lmeval_runner import (
+    ItemOutcomes,
+    client_settings,
+    item_outcomes,
+    run_task,
+    scoring_code_sha256,
+)
 from quantgate.evaluation.provenance import (
-    data_fingerprint,
     git_state,
     task_definition_hash,
     versions,
 )
 from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
+from quantgate.evaluation.task_data import task_data_fingerprint
 from quantgate.matrix import Matrix, Model, Task, Thresholds, Variant
 from quantgate.paths import data_dir
 
@@ -140,11 +146,14 @@ class VariantRun:
 
     def _checkpoint_once(self) -> Checkpoint:
         if self._checkpoint is None:
+            # The baseline is obtained (and its time counted) by its own VariantRun, before this one's clock.
+            base = None
+            if self.variant.format != "bf16":
+                base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
             t0 = time.monotonic()
-            if self.variant.format == "bf16":
+            if base is None:
                 self._checkpoint = baseline_checkpoint(self.model)
             else:
-                base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
                 self._checkpoint = built_checkpoint(self.model, self.variant, base)
             self.run.events.seconds["build"] += time.monotonic() - t0
         return self._checkpoint
@@ -182,7 +191,9 @@ class VariantRun:
             "task": task.name,
             "lm_eval_task": task.lm_eval_name,
             "task_definition_sha256": task_definition_hash(task.lm_eval_name),
-            "data": self.run.data_fingerprint,
+            "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name, task.num_fewshot),
+            "client": client_settings(self.run.matrix.generation),
+            "scoring_code_sha256": scoring_code_sha256(),
             "limit": task.limit,
             "num_fewshot": task.num_fewshot,
             "apply_chat_template": task.apply_chat_template,
@@ -333,7 +344,6 @@ class Run:
         self.logs_dir = store_root / "_server_logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir(required=False)
-        self.data_fingerprint = data_fingerprint(self.data_dir)
         self.events = RunEvents()
         self._variants: dict[tuple[str, str], VariantRun] = {}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate.atomic import atomic_write_json
 from quantgate.engines.vllm_server import numerics_args
 from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
@@ -122,11 +123,28 @@ def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
         "answers": {d: a[:300] for d, a in o.answers.items()},
     }
     path = accepted_path(run, model, variant, task_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, doc, indent=1, sort_keys=True)
     return path
+
+
+def read_accepted(path: Path) -> dict[str, Any]:
+    """An accepted baseline file; raises QuantgateError naming the file and the bad or missing key."""
+    try:
+        accepted = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantgateError(f"accepted baseline {path} is unreadable ({exc}); re-accept with --qg-accept") from None
+    if not isinstance(accepted, dict):
+        raise QuantgateError(f"accepted baseline {path} is not a JSON object; re-accept with --qg-accept")
+    for field_name, kind in (("metric", str), ("items", dict)):
+        if not isinstance(accepted.get(field_name), kind):
+            raise QuantgateError(
+                f"accepted baseline {path}: key {field_name!r} is missing or not a {kind.__name__}; "
+                "re-accept with --qg-accept"
+            )
+    bad = [d for d, v in accepted["items"].items() if not isinstance(v, (int, float))]
+    if bad:
+        raise QuantgateError(f"accepted baseline {path}: items[{bad[0]!r}] is not a number")
+    return accepted
 
 
 def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> RegressionVerdict | None:
@@ -134,7 +152,7 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
     path = accepted_path(run, model, variant, task_name)
     if not path.exists():
         return None
-    accepted = json.loads(path.read_text())
+    accepted = read_accepted(path)
     task = run.task(task_name)
     if accepted.get("metric") != task.metric_key:
         raise QuantgateError(
