@@ -207,11 +207,18 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         kernels[v.name] = any_result.kernel_path
         retention = None
         verdict = "baseline"
+        gates: dict[str, str] = {}
         if v.format != "bf16":
             est = average_retention(run, model.name, v.name)
             retention = (est.estimate, est.low, est.high)
             gate = average_retention_verdict(run, model.name, v.name)
-            verdict = gate.status
+            verdict = gate.outcome.label
+            gates = {
+                f"retention[{t.name}]": retention_verdict(run, model.name, v.name, t.name).outcome.value
+                for t in tasks
+                if t.gate
+            }
+            gates["retention[AVG]"] = gate.outcome.value
         rows.append(
             Row(
                 model.name,
@@ -223,6 +230,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
                 cells,
                 retention,
                 verdict,
+                gates,
             )
         )
     th = run.thresholds.retention
@@ -245,7 +253,20 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
         "git": json.dumps(prov.get("git", {})),
     }
-    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.name for t in tasks], rows, footer, volatile)
+    task_info: dict[str, dict[str, object]] = {
+        t.name: {"metric": t.metric_key, "n": n_items.get(t.name), "num_fewshot": t.num_fewshot, "gated": t.gate}
+        for t in tasks
+    }
+    return ScoreTable(
+        f"{model.name} on {run.hw.hw_class}",
+        [t.name for t in tasks],
+        rows,
+        footer,
+        volatile,
+        task_info=task_info,
+        level=th.level,
+        hardware_class=run.hw.hw_class,
+    )
 
 
 def _short_kernel(path: str) -> str:
