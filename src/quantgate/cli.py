@@ -88,9 +88,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         # pytest did not get to judge the suite (usage error, interrupted, nothing collected)
         print(f"VERDICT: ERROR (pytest exit {int(code)}), the run did not complete  ({wall:.0f}s wall)")
         return EXIT_ERROR
-    for line in collector.verdict.lines(collector.policy):
-        print(line)
-    print(f"({wall:.0f}s wall)")
+    # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
+    print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
     _print_tables(matrix_path, thresholds_path, args.qg_limit)
     return collector.verdict.exit_code
 
@@ -100,7 +99,8 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
     matrix_path, thresholds_path = _paths(args)
     tests = Path(args.tests)
     limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
-    policy = ["--qg-policy", str(Path(args.qg_policy).resolve())] if args.qg_policy else []
+    path = _policy_path(args)
+    policy = ["--qg-policy", str(path.resolve())] if path is not None else []
     return [
         str(tests), "--ignore", str(tests / "selftest"),
         "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
@@ -135,13 +135,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_path(args: argparse.Namespace) -> Path | None:
+    """--qg-policy, else policy.yaml beside the thresholds file, else None (the built-in default policy)."""
+    if args.qg_policy:
+        return Path(args.qg_policy)
+    beside = Path(args.thresholds).parent / "policy.yaml"
+    return beside if beside.exists() else None
+
+
 def _policy(args: argparse.Namespace) -> Policy:
     from quantgate.policy import DEFAULT_POLICY
 
-    path = Path(args.qg_policy) if args.qg_policy else Path(args.thresholds).parent / "policy.yaml"
-    if not path.exists() and not args.qg_policy:
-        return DEFAULT_POLICY
-    return load_policy(path)
+    path = _policy_path(args)
+    return DEFAULT_POLICY if path is None else load_policy(path)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

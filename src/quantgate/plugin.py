@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from quantgate.errors import QuantgateError
-from quantgate.gates.outcome import Gate, Judgement
+from quantgate.gates.outcome import Gate, Judgement, Outcome
 from quantgate.matrix import (
     FORMATS,
     Matrix,
@@ -262,6 +262,17 @@ class _GateCollector:
             self.qs.gates.extend(gates)
         if report.failed and not gates:
             (self.qs.other_failures if report.when == "call" else self.qs.errors).append(report.nodeid)
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+    """A test that the policy fails on an INCONCLUSIVE gate is counted and printed as `inconclusive` (letter I),
+    not `failed`: it found no evidence of loss. pytest's exit status still counts it as a failure."""
+    if report.when != "call" or not report.failed:
+        return None
+    outcomes = [Gate.from_json(v).outcome for k, v in report.user_properties if k == GATE_PROPERTY]
+    if outcomes and all(o is Outcome.INCONCLUSIVE for o in outcomes):
+        return "inconclusive", "I", "INCONCLUSIVE"
+    return None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
