@@ -314,3 +314,53 @@ class TestPlan:
         with pytest.raises(SystemExit) as info:
             cli.main(["check", "--bogus"])
         assert info.value.code == EXIT_ERROR
+
+
+# -------------------------------------------------------------------------------- clustered intervals
+
+
+class TestClustered:
+    def _data(self, rng, k=40, per=25, shared=0.0):
+        labels = np.repeat([f"s{i}" for i in range(k)], per)
+        # Per-subject difficulty shifts both runs alike; `shared` adds a per-subject shift of the variant only.
+        p_subject = rng.uniform(0.3, 0.8, k)
+        base = (rng.random(k * per) < np.repeat(p_subject, per)).astype(float)
+        flip = rng.random(k * per) < np.repeat(0.1 + shared * rng.random(k), per)
+        variant = np.where(flip, 1 - base, base)
+        return base, variant, labels
+
+    def test_one_item_per_cluster_is_the_paired_bootstrap(self):
+        rng = np.random.default_rng(2)
+        b, v, _ = self._data(rng, k=400, per=1)
+        ours = qs.paired_retention_clustered(b, v, [str(i) for i in range(b.size)], n_boot=4000)
+        ref = paired_retention(b, v, method="bootstrap", n_boot=4000)
+        assert ours.estimate == pytest.approx(ref.estimate)
+        assert (ours.low, ours.high) == pytest.approx((ref.low, ref.high), abs=0.2 * (ref.high - ref.low))
+
+    def test_clustered_flips_widen_the_interval_and_raise_required_n(self):
+        rng = np.random.default_rng(3)
+        b, v, labels = self._data(rng, shared=0.6)
+        clustered = qs.paired_retention_clustered(b, v, labels)
+        flat = paired_retention(b, v, method="bootstrap")
+        assert clustered.method == "cluster-bootstrap" and clustered.n == b.size
+        assert clustered.high - clustered.low > flat.high - flat.low
+        assert clustered.required_n(0.95) > flat.required_n(0.95)
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="label every item"):
+            qs.paired_retention_clustered([1, 0], [1, 0], ["a"])
+        few = qs.paired_retention_clustered([1, 0, 1], [1, 1, 1], ["a", "b", "c"])
+        assert not few.defined and "5" in few.note
+
+    def test_mmlu_doc_ids_map_to_subjects_round_robin(self):
+        from quantgate.evaluation.tasks import qg_utils
+        from quantgate.paths import data_dir
+
+        root = data_dir(required=False)
+        if root is None or not (root / "mmlu").is_dir():
+            pytest.skip("offline MMLU data not found (set QUANTGATE_DATA_DIR)")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(qg_utils.DATA_ENV, str(root))
+            subjects = qg_utils.mmlu_subject_by_doc_id()
+        assert len(subjects) == 14042 and len(set(subjects.values())) == 57
+        assert subjects["0"] == "abstract_algebra" and subjects["1"] == "anatomy"  # round robin, name order

@@ -80,6 +80,7 @@ class PairedEstimate:
             "score": "Tang score interval for a paired ratio (0/1 items)",
             "bootstrap": "paired bootstrap over documents, percentile interval",
             "stratified-bootstrap": f"paired bootstrap within {self.n_tasks} tasks, percentile interval",
+            "cluster-bootstrap": "paired bootstrap over subjects (clusters), percentile interval",
         }.get(self.method, self.method)
 
     def log_item_var(self) -> float:
@@ -523,6 +524,69 @@ def paired_retention_average(
         low, high = _widen(est, low, high, item_var, n, level)
     return PairedEstimate(
         estimate=est, low=low, high=high, base_mean=a_b, variant_mean=a_v, item_var=item_var, **common
+    )
+
+
+def paired_retention_clustered(
+    base: ArrayLike,
+    variant: ArrayLike,
+    clusters: Sequence[Any],
+    *,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> PairedEstimate:
+    """Retention of mean scores on items grouped in clusters (MMLU: its subjects), with a cluster bootstrap.
+
+    Items of one subject are not independent draws (one subject can be hard for a variant as a whole), so the
+    interval resamples whole clusters with replacement, keeping each cluster's items paired (Field & Welsh,
+    "Bootstrapping clustered data", JRSS-B 2007), the clustered interval NeMo Evaluator reports for
+    subject-structured tasks. ``item_var`` is the cluster-robust (sandwich) delta-method variance of log R,
+    ``n * sum_c (sum_{i in c} psi_i)^2 / n^2`` with ``psi_i = v_i / mean(v) - b_i / mean(b)``, floored for 0/1
+    items at the no-flip variance, so ``required_n`` and ``mdd`` account for the clustering. With one item per
+    cluster this is the paired bootstrap. Undefined retention returns NaNs with ``note``, as ``paired_retention``.
+    """
+    _check_level(level)
+    b, v = _paired_values(base, variant, ("base", "variant"))
+    labels = np.asarray(list(clusters), dtype=object)
+    if labels.shape != b.shape:
+        raise ValueError(f"clusters must label every item: {labels.size} labels for {b.size} items")
+    if n_boot < 100:
+        raise ValueError(f"n_boot={n_boot} is too few resamples for a percentile interval (use >= 100)")
+    n = b.size
+    worse, better = int(np.sum(v < b)), int(np.sum(v > b))
+    binary = _is_binary(b) and _is_binary(v)
+    _, inverse = np.unique(labels.astype(str), return_inverse=True)
+    k = int(inverse.max()) + 1 if n else 0
+    common: dict[str, Any] = dict(
+        level=level, n=n, flips_down=worse, flips_up=better, mcnemar_p=_sign_test_p(worse, better),
+        method="cluster-bootstrap", discordance=(worse + better) / n if n else 0.0, binary=binary, n_tasks=1,
+    )
+    if n == 0:
+        return _undefined(common, math.nan, math.nan, "no items were evaluated")
+    base_m, var_m = float(b.mean()), float(v.mean())
+    why = _ratio_problem(base_m, var_m, True, f"score over n = {n} items")
+    if why:
+        return _undefined(common, base_m, var_m, why)
+    if k < 5:
+        return _undefined(common, base_m, var_m, f"only {k} cluster(s): a cluster bootstrap needs at least 5")
+    sb = np.bincount(inverse, weights=b, minlength=k)
+    sv = np.bincount(inverse, weights=v, minlength=k)
+    sn = np.bincount(inverse, minlength=k).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)  # clusters drawn with replacement
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (draws @ sv) / (draws @ sn) / ((draws @ sb) / (draws @ sn))
+    low, high = _percentile_bounds(np.asarray(ratios), level)
+    est = var_m / base_m
+    psi = v / var_m - b / base_m if var_m > 0 else -b / base_m
+    per_cluster = np.bincount(inverse, weights=psi, minlength=k)
+    item_var = float(n * np.sum(per_cluster**2) / n**2) * k / max(k - 1, 1)
+    if binary:
+        item_var = max(item_var, _no_flip_discordance(n, _z(level)) / min(base_m, var_m or base_m) ** 2)
+        low, high = _widen(est, low, high, item_var, n, level)
+    return PairedEstimate(
+        estimate=est, low=low, high=high, base_mean=base_m, variant_mean=var_m, item_var=item_var, **common
     )
 
 
