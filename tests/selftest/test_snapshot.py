@@ -19,6 +19,8 @@ from quantgate.report.snapshot import (
 )
 from quantgate.report.table import Cell, Row, ScoreTable
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = ROOT / "tests" / "__snapshots__" / "test_score_table"
 
@@ -126,3 +128,37 @@ def test_candidate_for_hardware_without_a_snapshot(tmp_path):
     cand = record_candidate(where, make_table())
     assert cand == candidate_path(where) and cand.name.endswith(".json.candidate") and not where.exists()
     assert json.loads(cand.read_text()) == STORED
+
+
+SYRUPY_TEST = """
+import os
+from quantgate.report.snapshot import per_hardware
+from quantgate.report.table import Cell, Row, ScoreTable
+
+def make(ifeval, kernel):
+    cells = {"ifeval": Cell(ifeval, 7.2, 80)}
+    rows = [Row("m", "w8a8-int8", "int8", "vllm", kernel, 0.163, cells, (1.0, 0.9, 1.1), "PASS",
+                {"retention[AVG]": "PASS"})]
+    return ScoreTable("m on cpu", ["ifeval"], rows, task_info={"ifeval": {"n": 80}}, hardware_class="cpu")
+
+def test_table(snapshot):
+    table = make(float(os.environ["IFEVAL"]), os.environ["KERNEL"])
+    assert table == snapshot.use_extension(per_hardware("cpu-test"))(name="demo")
+"""
+
+
+def test_syrupy_round_trip_within_noise_and_on_change(pytester, monkeypatch):
+    pytester.makepyfile(test_table=SYRUPY_TEST)
+    monkeypatch.setenv("KERNEL", "CPUInt8ScaledMMLinearKernel")
+    monkeypatch.setenv("IFEVAL", "28.9")
+    pytester.runpytest("-p", "no:cacheprovider", "--snapshot-update").assert_outcomes(passed=1)
+    stored = pytester.path / "__snapshots__" / "test_table" / "cpu-test" / "test_table[demo].json"
+    assert json.loads(stored.read_text())["variants"]["w8a8-int8"]["scores"]["ifeval"]["score"] == 28.9
+    monkeypatch.setenv("IFEVAL", "28.1")  # within noise: passes, and --snapshot-update would not rewrite it
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    monkeypatch.setenv("KERNEL", "SomethingElse")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*variant w8a8-int8, kernel: stored 'CPUInt8ScaledMMLinearKernel', new 'SomethingElse'*"]
+    )
