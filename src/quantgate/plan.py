@@ -155,7 +155,7 @@ def render_plan(rows: list[PlanRow], level: float, power: float) -> str:
         lines.append(
             f"{r.subject:34}{r.gate:22}{floor:>7}{_num(r.base):>6}{_num(r.discordance):>6}"
             f"{r.n if r.n is not None else 'all':>7}{r.n_needed if r.n_needed is not None else '—':>9}{mdd:>9}"
-            f"  {state}{'; ' + r.note if r.note else ''}"
+            f"  {'; '.join(x for x in (state, r.note) if x)}"
         )
     lines.append("base and disc are assumptions (--base, --discordance); measure them with a run and re-plan.")
     return "\n".join(lines)
