@@ -7,18 +7,22 @@ Fixtures a suite uses:
   qg_any_variant  every variant including the BF16 baselines
   qg_task       each gated task (param); qg_regression_task each task with `regression: true`
   qg_model      each model (param)
+  qg_judge      judge(gate_name, subject, judgement): the policy's tier and disposition applied to the test
 Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from quantgate.errors import QuantgateError
+from quantgate.gates.outcome import Gate, Judgement, Outcome
 from quantgate.matrix import (
     FORMATS,
     Matrix,
@@ -28,7 +32,15 @@ from quantgate.matrix import (
     with_task_limits,
 )
 from quantgate.paths import results_dir
+from quantgate.policy import CADENCES, DEFAULT_POLICY, Policy, load_policy
+from quantgate.run_verdict import RunVerdict, summarize
 from quantgate.runner import Run
+
+GATE_PROPERTY = "quantgate.gate"
+
+
+class QuantgateNote(UserWarning):
+    """A gate that passed with a note (an INCONCLUSIVE outcome the policy lets pass)."""
 
 FORMAT_MARKERS = {f: f"{f} variants (and the BF16 baselines they are compared against)" for f in FORMATS}
 OTHER_MARKERS = {
@@ -49,12 +61,23 @@ class QuantgateSession:
     thresholds_path: Path
     results: Path
     accept: bool
+    policy: Policy = DEFAULT_POLICY
+    policy_path: Path | None = None
+    cadence: str = "commit"
     run: Run | None = None
+    gates: list[Gate] = field(default_factory=list)
+    other_failures: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def get_run(self) -> Run:
         if self.run is None:
             self.run = Run(self.matrix, self.thresholds, self.results)
         return self.run
+
+    def verdict(self) -> RunVerdict:
+        return summarize(
+            self.gates, self.policy, self.cadence, other_failures=self.other_failures, errors=self.errors
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -78,7 +101,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="evaluate only the first N items of every task (or of the named tasks): a quick run on "
         "slow hardware; the limit is part of each result's key",
     )
+    group.addoption(
+        "--qg-cadence",
+        default="commit",
+        choices=CADENCES,
+        help="which cadence's policy applies (what INCONCLUSIVE does per tier): commit (default), nightly, weekly",
+    )
+    group.addoption("--qg-policy", default=None, help="policy YAML (default: ini quantgate_policy)")
     parser.addini("quantgate_matrix", "matrix YAML", default="fixtures/demo.yaml")
+    parser.addini("quantgate_policy", "gating policy YAML", default="thresholds/policy.yaml")
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
 
 
@@ -100,6 +131,10 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.getoption("--qg-limit"):
             matrix = with_task_limits(matrix, config.getoption("--qg-limit"))
         thresholds = load_thresholds(thresholds_path)
+        policy_path: Path | None = _resolve(config, "--qg-policy", "quantgate_policy")
+        if policy_path is not None and not policy_path.exists() and not config.getoption("--qg-policy"):
+            policy_path = None  # no policy file in this project: the built-in default
+        policy = load_policy(policy_path) if policy_path is not None else DEFAULT_POLICY
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None
     results = (
@@ -109,8 +144,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     _pin_gpu_for_xdist_worker()
     config.stash[STASH] = QuantgateSession(
-        matrix, thresholds, matrix_path, thresholds_path, results, config.getoption("--qg-accept")
+        matrix,
+        thresholds,
+        matrix_path,
+        thresholds_path,
+        results,
+        config.getoption("--qg-accept"),
+        policy=policy,
+        policy_path=policy_path,
+        cadence=config.getoption("--qg-cadence"),
     )
+    config.pluginmanager.register(_GateCollector(config.stash[STASH]), "quantgate-gates")
 
 
 def _pin_gpu_for_xdist_worker() -> None:
@@ -205,9 +249,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.config.workeroutput["quantgate_events"] = qs.run.events.summary()
 
 
+class _GateCollector:
+    """Collects each judged gate (from the test's user properties, so xdist workers' gates arrive too) and
+    each failure that is not a gate's, for the run's verdict."""
+
+    def __init__(self, qs: QuantgateSession) -> None:
+        self.qs = qs
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        gates = [Gate.from_json(v) for k, v in report.user_properties if k == GATE_PROPERTY]
+        if report.when == "call":
+            self.qs.gates.extend(gates)
+        if report.failed and not gates:
+            (self.qs.other_failures if report.when == "call" else self.qs.errors).append(report.nodeid)
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+    """A test that the policy fails on an INCONCLUSIVE gate is counted and printed as `inconclusive` (letter I),
+    not `failed`: it found no evidence of loss. pytest's exit status still counts it as a failure."""
+    if report.when != "call" or not report.failed:
+        return None
+    outcomes = [Gate.from_json(v).outcome for k, v in report.user_properties if k == GATE_PROPERTY]
+    if outcomes and all(o is Outcome.INCONCLUSIVE for o in outcomes):
+        return "inconclusive", "I", "INCONCLUSIVE"
+    return None
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     qs = _session(config)
-    if qs is None or qs.run is None:
+    if qs is None:
+        return
+    if qs.gates:
+        terminalreporter.write_sep("-", "quantgate gates")
+        for line in qs.verdict().lines(qs.policy):
+            terminalreporter.write_line(line)
+    if qs.run is None:
         return
     ev = qs.run.events
     terminalreporter.write_sep("-", "quantgate")
@@ -231,3 +307,47 @@ def qg_session(request: pytest.FixtureRequest) -> QuantgateSession:
 @pytest.fixture(scope="session")
 def qg_run(qg_session: QuantgateSession) -> Run:
     return qg_session.get_run()
+
+
+@pytest.fixture
+def qg_judge(qg_session: QuantgateSession, request: pytest.FixtureRequest) -> Callable[[str, str, Judgement], Gate]:
+    """``judge(gate_name, subject, judgement)``: give the gate its tier from the policy, record it (JUnit
+    properties: outcome, tier, level, floor, n, mdd, n_needed, disposition), print its message with the
+    policy, and end the test as the policy says: FAIL fails it, INCONCLUSIVE fails it, xfails it (warn) or
+    passes it with a QuantgateNote warning, NOT_GATED skips it (neither pass nor fail)."""
+
+    def judge(name: str, subject: str, judgement: Judgement) -> Gate:
+        tier = qg_session.policy.tier(name)
+        gate = Gate(name, subject, tier, judgement.outcome, judgement.parameters, judgement.message())
+        disposition = qg_session.policy.disposition(gate.outcome, tier, qg_session.cadence)
+        # What `record_property` does, without its warning under junit_family xunit2: JUnit XML writes
+        # user properties in every family.
+        props = request.node.user_properties
+        props.append((GATE_PROPERTY, gate.as_json()))
+        for key, value in {
+            "outcome": gate.outcome.value, "tier": tier, "cadence": qg_session.cadence,
+            "disposition": disposition, **gate.parameters.as_dict(),
+        }.items():
+            props.append((f"quantgate.{key}", value))
+        policy_line = (
+            f"policy   {name} is {tier}; at cadence {qg_session.cadence} {gate.outcome.label} -> {disposition}"
+        )
+        text = f"{gate.message}\n  {policy_line}"
+        print(text)
+        apply_disposition(disposition, text)
+        return gate
+
+    return judge
+
+
+def apply_disposition(disposition: str, text: str) -> None:
+    """End the test as the policy says; the test's own word (failed, xfailed, skipped) follows the gate's."""
+    first = text.splitlines()[0]
+    if disposition == "fail":
+        pytest.fail(text, pytrace=False)
+    if disposition == "warn":
+        pytest.xfail(f"{first} (policy: warn)")
+    if disposition == "not-gated":
+        pytest.skip(f"{first}")
+    if disposition == "note":
+        warnings.warn(QuantgateNote(f"{first} (policy: pass with note)"), stacklevel=2)

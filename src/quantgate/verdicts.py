@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,14 @@ from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
 from quantgate.gates.regression import RegressionVerdict, regression_gate
 from quantgate.gates.retention import GateVerdict, retention_gate
-from quantgate.gates.stats import PairedEstimate, paired_retention, paired_retention_average
+from quantgate.gates.stats import (
+    PairedEstimate,
+    paired_retention,
+    paired_retention_average,
+    paired_retention_clustered,
+)
 from quantgate.matrix import Task
-from quantgate.paths import project_root
+from quantgate.paths import data_dir, project_root
 from quantgate.report.table import Cell, Row, ScoreTable, mean_halfwidth
 from quantgate.runner import EvalResult, Run
 
@@ -44,9 +50,25 @@ def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[Ite
     return base.aligned(common), var.aligned(common)
 
 
+def subject_clusters(task: Task) -> dict[str, str] | None:
+    """Doc id -> subject for tasks whose items are grouped by subject (MMLU), else None."""
+    if task.name == "mmlu":
+        from quantgate.evaluation.tasks.qg_utils import DATA_ENV, mmlu_subject_by_doc_id
+
+        # The task loaders read their data folder from the environment, as lm-eval runs them (lmeval_runner).
+        os.environ.setdefault(DATA_ENV, str(data_dir()))
+        return mmlu_subject_by_doc_id()
+    return None
+
+
 def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEstimate:
     base, var = paired_outcomes(run, model, variant, task)
     level = run.thresholds.retention.level
+    clusters = subject_clusters(task) if base.weights is None and base.kind != "perplexity" else None
+    if clusters is not None and task.higher_is_better:
+        # Items of one subject are not independent: resample subjects, not items.
+        labels = [clusters.get(d, f"unknown:{d}") for d in base.ids]
+        return paired_retention_clustered(base.values, var.values, labels, level=level)
     if base.kind == "perplexity":
         return paired_retention(
             base.values,
@@ -225,11 +247,18 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         kernels[v.name] = any_result.kernel_path
         retention = None
         verdict = "baseline"
+        gates: dict[str, str] = {}
         if v.format != "bf16":
             est = average_retention(run, model.name, v.name)
             retention = (est.estimate, est.low, est.high)
             gate = average_retention_verdict(run, model.name, v.name)
-            verdict = gate.status
+            verdict = gate.outcome.label
+            gates = {
+                f"retention[{t.name}]": retention_verdict(run, model.name, v.name, t.name).outcome.value
+                for t in tasks
+                if t.gate
+            }
+            gates["retention[AVG]"] = gate.outcome.value
         rows.append(
             Row(
                 model.name,
@@ -241,6 +270,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
                 cells,
                 retention,
                 verdict,
+                gates,
             )
         )
     th = run.thresholds.retention
@@ -263,7 +293,20 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
         "git": json.dumps(prov.get("git", {})),
     }
-    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.name for t in tasks], rows, footer, volatile)
+    task_info: dict[str, dict[str, object]] = {
+        t.name: {"metric": t.metric_key, "n": n_items.get(t.name), "num_fewshot": t.num_fewshot, "gated": t.gate}
+        for t in tasks
+    }
+    return ScoreTable(
+        f"{model.name} on {run.hw.hw_class}",
+        [t.name for t in tasks],
+        rows,
+        footer,
+        volatile,
+        task_info=task_info,
+        level=th.level,
+        hardware_class=run.hw.hw_class,
+    )
 
 
 def _short_kernel(path: str) -> str:

@@ -256,6 +256,12 @@ def _interleave_subjects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def mmlu_subject_by_doc_id() -> dict[str, str]:
+    """lm-eval doc id (the row index in qg_mmlu's test split, as ``--log_samples`` writes it) -> subject, for
+    subject-clustered intervals (quantgate.gates.stats.paired_retention_clustered)."""
+    return {str(i): r["subject"] for i, r in enumerate(_interleave_subjects(_mmlu_rows("qg_mmlu", "test")))}
+
+
 def load_mmlu(**_: Any) -> datasets.DatasetDict:
     rows = _interleave_subjects(_mmlu_rows("qg_mmlu", "test"))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
