@@ -4,6 +4,7 @@ quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regressio
 quantgate report [--matrix M]                                  print the score table from stored results
 quantgate accept [--matrix M]                                  record current results as accepted baselines
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
+quantgate merge SRC... --into DST                              merge shards' results directories (refuses conflicts)
 
 Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit).
 """
@@ -132,6 +133,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from quantgate.merge import merge_results
+
+    report = merge_results([Path(s) for s in args.sources], Path(args.into))
+    print(f"{report.summary()} into {args.into}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,8 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tests", default="tests")
         p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
                        help="only the first N items of each task (or the named ones); passed on to pytest")
+    merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
+    merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
+    merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
     args, extra = ap.parse_known_args(argv)
     try:
+        if args.cmd == "merge":
+            if extra:
+                ap.error(f"merge: unrecognized arguments: {' '.join(extra)}")
+            return cmd_merge(args)
         if args.cmd == "run":
             return cmd_run(args, extra)
         if args.cmd == "accept":

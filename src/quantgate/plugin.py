@@ -12,12 +12,12 @@ Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from quantgate.devices import DeviceError, pin_xdist_worker
 from quantgate.errors import QuantgateError
 from quantgate.matrix import (
     FORMATS,
@@ -82,6 +82,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config):  # noqa: ANN201 - a hook wrapper's result is pytest's
+    """`-n N` without a `--dist` of the user's: schedule by xdist_group (`--dist loadgroup`), so each variant's
+    tests, marked with one group per variant, run on one worker and its server starts once.
+
+    A wrapper runs before every plain implementation, xdist's included, which turns dist "no" into "load"."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no" \
+            and not getattr(config.option, "distload", False):
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
     value = config.getoption(option) or config.getini(ini)
     path = Path(value)
@@ -107,27 +119,14 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.getoption("--qg-results")
         else results_dir()
     )
-    _pin_gpu_for_xdist_worker()
+    try:
+        # each xdist worker its own device(s), before anything in it can touch CUDA (docs/multi-gpu.md)
+        pin_xdist_worker(per_worker=max(m.gpus for m in matrix.models))
+    except DeviceError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[STASH] = QuantgateSession(
         matrix, thresholds, matrix_path, thresholds_path, results, config.getoption("--qg-accept")
     )
-
-
-def _pin_gpu_for_xdist_worker() -> None:
-    """Give each xdist worker its own GPU, so two servers never share a card by accident."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-        pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no GPU: nothing to pin
-        return
-    if count:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % count)
 
 
 def _session(config: pytest.Config) -> QuantgateSession | None:
