@@ -83,15 +83,16 @@ def _check_entry(entry: Path) -> dict[str, Any]:
     return key
 
 
-def _same_result(a: Path, b: Path) -> str | None:
-    """None when the two entries hold the same result, else what differs."""
+def _same_result(a: Path, b: Path) -> list[str]:
+    """What differs between two entries' results (the key, aggregate.json, samples.jsonl); empty if nothing."""
+    diff = []
     if _read_json(a / "provenance.json")["key"] != _read_json(b / "provenance.json")["key"]:
-        return "provenance key"
+        diff.append("provenance key")
     if _read_json(a / "aggregate.json") != _read_json(b / "aggregate.json"):
-        return "aggregate.json"
+        diff.append("aggregate.json")
     if not filecmp.cmp(a / "samples.jsonl", b / "samples.jsonl", shallow=False):
-        return "samples.jsonl"
-    return None
+        diff.append("samples.jsonl")
+    return diff
 
 
 def _check_server_record(path: Path) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def merge_results(sources: Sequence[Path], into: Path) -> MergeReport:
             if rel in chosen:
                 diff = _same_result(chosen[rel], entry)
                 if diff:
-                    conflicts.append(f"{rel}: {diff} differs between {chosen[rel]} and {entry}")
+                    conflicts.append(f"{rel}: {', '.join(diff)} differ between {chosen[rel]} and {entry}")
                 else:
                     report.identical.append(str(rel))
                 continue
@@ -170,7 +171,7 @@ def merge_results(sources: Sequence[Path], into: Path) -> MergeReport:
                 other = _read_json(records[rel])
                 diff = [f for f in SERVER_RECORD_FIELDS if other.get(f) != record.get(f)]
                 if diff:
-                    conflicts.append(f"{rel}: {', '.join(diff)} differs between {records[rel]} and {rec}")
+                    conflicts.append(f"{rel}: {', '.join(diff)} differ between {records[rel]} and {rec}")
                 else:
                     report.identical.append(str(rel))
                 continue

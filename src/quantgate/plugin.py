@@ -29,6 +29,7 @@ from quantgate.matrix import (
 )
 from quantgate.paths import results_dir
 from quantgate.runner import Run
+from quantgate.scheduling import make_variant_scheduler
 
 FORMAT_MARKERS = {f: f"{f} variants (and the BF16 baselines they are compared against)" for f in FORMATS}
 OTHER_MARKERS = {
@@ -94,6 +95,24 @@ def pytest_cmdline_main(config: pytest.Config):  # noqa: ANN201 - a hook wrapper
     return (yield)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # noqa: ANN001 - xdist's WorkerController
+    """Hand the controller's --dist to each worker: a worker re-reads the command line, which lacks the
+    loadgroup chosen above, and xdist's workers add the group to each test id only under loadgroup."""
+    node.workerinput["quantgate_dist"] = node.config.option.dist
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - xdist's types
+    """Under loadgroup, schedule by variant from the test ids (scheduling.py: xdist's own groups are lost
+    with pytest 9.2)."""
+    qs = _session(config)
+    if qs is None or config.getvalue("dist") != "loadgroup":
+        return None
+    labels = [f"{m.name}/{v.name}" for m in qs.matrix.models for v in m.variants]
+    return make_variant_scheduler(config, log, labels)
+
+
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
     value = config.getoption(option) or config.getini(ini)
     path = Path(value)
@@ -101,6 +120,8 @@ def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", {}).get("quantgate_dist") == "loadgroup":
+        config.option.loadgroup = True  # read by xdist's worker when it collects (xdist/remote.py)
     for name, doc in {**FORMAT_MARKERS, **OTHER_MARKERS}.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     matrix_path = _resolve(config, "--qg-matrix", "quantgate_matrix")
