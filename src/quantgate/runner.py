@@ -2,8 +2,10 @@
 
 A variant's server is started only when one of its results is missing from the store, and it evaluates every
 missing task of that variant in one lifetime. At most one server is alive per process (per xdist worker, hence
-per GPU): starting one stops the previous, whose results are stored by then. A rerun with nothing changed
-starts no server and evaluates nothing; the run log says so.
+per GPU): starting one stops the previous, whose results are stored by then, and so does obtaining a checkpoint,
+since a build may calibrate on the device. Processes sharing a results directory (xdist workers) serve a variant
+one at a time (ResultStore.variant_lock), so its server starts once. A rerun with nothing changed starts no
+server and evaluates nothing; the run log says so.
 """
 
 from __future__ import annotations
