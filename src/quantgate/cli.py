@@ -5,6 +5,7 @@ quantgate report [--matrix M]                                  print the score t
 quantgate accept [--matrix M]                                  record current results as accepted baselines
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix, thresholds and policy only
 quantgate plan   [--matrix M] [--discordance D] [--base S]     n each gate needs, and its mdd at the matrix's n
+quantgate merge SRC... --into DST                              merge shards' results directories (refuses conflicts)
 
 Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit), and
 --qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit).
@@ -164,6 +165,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from quantgate.merge import merge_results
+
+    report = merge_results([Path(s) for s in args.sources], Path(args.into))
+    print(f"{report.summary()} into {args.into}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -185,12 +194,19 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
                            help="assumed BF16 score (0..1) per task")
             p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+    merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
+    merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
+    merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
     args, extra = ap.parse_known_args(argv)
     if extra and args.cmd not in ("run", "accept"):
         ap.error(f"quantgate {args.cmd}: unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "matrix_arg", None):
         args.matrix = args.matrix_arg
     try:
+        if args.cmd == "merge":
+            if extra:
+                ap.error(f"merge: unrecognized arguments: {' '.join(extra)}")
+            return cmd_merge(args)
         if args.cmd == "run":
             return cmd_run(args, extra)
         if args.cmd == "accept":

@@ -13,7 +13,6 @@ Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from quantgate.devices import DeviceError, pin_xdist_worker
 from quantgate.errors import QuantgateError
 from quantgate.gates.outcome import Gate, Judgement, Outcome
 from quantgate.matrix import (
@@ -35,6 +35,7 @@ from quantgate.paths import results_dir
 from quantgate.policy import CADENCES, DEFAULT_POLICY, Policy, load_policy
 from quantgate.run_verdict import RunVerdict, summarize
 from quantgate.runner import Run
+from quantgate.scheduling import make_variant_scheduler
 
 GATE_PROPERTY = "quantgate.gate"
 
@@ -113,6 +114,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config):  # noqa: ANN201 - a hook wrapper's result is pytest's
+    """`-n N` without a `--dist` of the user's: schedule by xdist_group (`--dist loadgroup`), so each variant's
+    tests, marked with one group per variant, run on one worker and its server starts once.
+
+    A wrapper runs before every plain implementation, xdist's included, which turns dist "no" into "load"."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no" \
+            and not getattr(config.option, "distload", False):
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # noqa: ANN001 - xdist's WorkerController
+    """Hand the controller's --dist to each worker: a worker re-reads the command line, which lacks the
+    loadgroup chosen above, and xdist's workers add the group to each test id only under loadgroup."""
+    node.workerinput["quantgate_dist"] = node.config.option.dist
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - xdist's types
+    """Under loadgroup, schedule by variant from the test ids (scheduling.py: xdist's own groups are lost
+    with pytest 9.2)."""
+    qs = _session(config)
+    if qs is None or config.getvalue("dist") != "loadgroup":
+        return None
+    labels = [f"{m.name}/{v.name}" for m in qs.matrix.models for v in m.variants]
+    return make_variant_scheduler(config, log, labels)
+
+
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
     value = config.getoption(option) or config.getini(ini)
     path = Path(value)
@@ -120,6 +151,8 @@ def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", {}).get("quantgate_dist") == "loadgroup":
+        config.option.loadgroup = True  # read by xdist's worker when it collects (xdist/remote.py)
     for name, doc in {**FORMAT_MARKERS, **OTHER_MARKERS}.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     matrix_path = _resolve(config, "--qg-matrix", "quantgate_matrix")
@@ -142,7 +175,11 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.getoption("--qg-results")
         else results_dir()
     )
-    _pin_gpu_for_xdist_worker()
+    try:
+        # each xdist worker its own device(s), before anything in it can touch CUDA (docs/multi-gpu.md)
+        pin_xdist_worker(per_worker=max(m.gpus for m in matrix.models))
+    except DeviceError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[STASH] = QuantgateSession(
         matrix,
         thresholds,
@@ -155,23 +192,6 @@ def pytest_configure(config: pytest.Config) -> None:
         cadence=config.getoption("--qg-cadence"),
     )
     config.pluginmanager.register(_GateCollector(config.stash[STASH]), "quantgate-gates")
-
-
-def _pin_gpu_for_xdist_worker() -> None:
-    """Give each xdist worker its own GPU, so two servers never share a card by accident."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-        pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no GPU: nothing to pin
-        return
-    if count:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % count)
 
 
 def _session(config: pytest.Config) -> QuantgateSession | None:

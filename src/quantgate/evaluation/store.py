@@ -68,6 +68,13 @@ class ResultStore:
         d.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(d) + ".lock")
 
+    def variant_lock(self, model: str, variant: str) -> FileLock:
+        """Held while one process serves and evaluates a variant, so processes sharing this store (xdist
+        workers) start its server once. Blocks without a timeout: the holder is evaluating."""
+        d = self.root / model / variant
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / ".serving.lock"))
+
     def get(self, model: str, variant: str, task: str, key: dict[str, Any]) -> StoredResult | None:
         """The stored result for `key`, or None when there is none or the entry is corrupt (logged by name)."""
         d = self.entry_dir(model, variant, task, key)
