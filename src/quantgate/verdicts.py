@@ -35,11 +35,11 @@ def variant_results(run: Run, model: str, variant: str) -> dict[str, EvalResult]
 
 def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[ItemOutcomes, ItemOutcomes]:
     base_name = run.model(model).baseline.name
-    base = variant_results(run, model, base_name)[task.name].outcomes(task.metric_key)
-    var = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
+    base = variant_results(run, model, base_name)[task.key].outcomes(task.metric_key)
+    var = variant_results(run, model, variant)[task.key].outcomes(task.metric_key)
     common = tuple(d for d in base.ids if d in set(var.ids))
     if not common:
-        raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.name}")
+        raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.key}")
     return base.aligned(common), var.aligned(common)
 
 
@@ -66,7 +66,7 @@ def retention_verdict(run: Run, model: str, variant: str, task_name: str) -> Gat
     fmt = next(v.format for v in run.model(model).variants if v.name == variant)
     est = task_retention(run, model, variant, task)
     th = run.thresholds.retention
-    return retention_gate(est, th.floor(fmt, task.name), th.mode)
+    return retention_gate(est, th.floor(fmt, task.key), th.mode)
 
 
 def _per_item_score(o: ItemOutcomes) -> np.ndarray:
@@ -197,11 +197,11 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
             continue
         cells: dict[str, Cell] = {}
         for t in tasks:
-            o = results[t.name].outcomes(t.metric_key)
-            n_items[t.name] = len(o.ids)
+            o = results[t.key].outcomes(t.metric_key)
+            n_items[t.key] = len(o.ids)
             ppl = o.kind == "perplexity"
             score = o.score() if ppl else 100 * o.score()
-            cells[t.name] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
+            cells[t.key] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
         any_result = next(iter(results.values()))
         prov = any_result.provenance
         kernels[v.name] = any_result.kernel_path
@@ -228,7 +228,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
     th = run.thresholds.retention
     footer = {
         "metrics": ", ".join(
-            f"{t.name}={t.metric_key} (n={n_items.get(t.name)}, {t.num_fewshot}-shot)" for t in tasks
+            f"{t.key}={t.metric_key} (n={n_items.get(t.key)}, {t.num_fewshot}-shot)" for t in tasks
         ),
         "cells": "score ± 95% interval half-width, in points; Retention = paired ratio of the AVG over "
         "gated tasks, [95% interval]",
@@ -245,7 +245,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
         "git": json.dumps(prov.get("git", {})),
     }
-    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.name for t in tasks], rows, footer, volatile)
+    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.key for t in tasks], rows, footer, volatile)
 
 
 def _short_kernel(path: str) -> str:
@@ -268,11 +268,11 @@ def emulation_agreement(run: Run, model: str, variant: str) -> dict[str, PairedE
     for task in run.matrix.tasks:
         if not task.gate:
             continue
-        emu = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
-        real = variant_results(run, model, v.compare_to)[task.name].outcomes(task.metric_key)
+        emu = variant_results(run, model, variant)[task.key].outcomes(task.metric_key)
+        real = variant_results(run, model, v.compare_to)[task.key].outcomes(task.metric_key)
         common = tuple(d for d in real.ids if d in set(emu.ids))
         real, emu = real.aligned(common), emu.aligned(common)
-        out[task.name] = paired_retention(
+        out[task.key] = paired_retention(
             real.values, emu.values, weights=real.weights, level=run.thresholds.retention.level
         )
     return out

@@ -55,7 +55,9 @@ def compute_dtype(hw: Hardware) -> str:
 
 def default_engine_args(hw: Hardware) -> list[str]:
     """What quantgate adds to every server's command line on this hardware, before the variant's serve_args."""
-    args = ["--dtype", compute_dtype(hw)]
+    # `--generation-config vllm`: sampling fields a request leaves out take vLLM's defaults, not the
+    # checkpoint's generation_config.json, so a variant whose config differs from the baseline's decodes the same.
+    args = ["--dtype", compute_dtype(hw), "--generation-config", "vllm"]
     if hw.hw_class == "cpu":
         # On the CPU backend this fraction is of host memory and is reserved up front (vLLM refuses to start
         # when less is free): 0.1 of a 24 GiB machine holds ~80k tokens of a small model's KV cache.

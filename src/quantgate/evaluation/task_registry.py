@@ -1,0 +1,153 @@
+"""lm-eval's own task index: which task and group names exist, and which metrics each declares.
+
+Task names in a matrix are lm-eval's registered names (tasks, groups and tags of the installed lm-eval), so
+any task lm-eval ships can be gated. Building lm-eval's `TaskManager` indexes every YAML file it ships (about
+14,700 in lm-eval 0.4.13, ~6-7 s), so the index is built once per process and shared.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class UnknownTaskError(ValueError):
+    """A task name that lm-eval's index does not hold; the message suggests close names."""
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager() -> Any:
+    """lm-eval's TaskManager over its built-in tasks, built once per process (takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def known_names() -> list[str]:
+    """Every registered task, group and tag name of the installed lm-eval."""
+    return task_manager().all_tasks
+
+
+def check_task_name(name: str) -> str:
+    """`name` if lm-eval registers it; else UnknownTaskError naming up to 3 close matches (difflib)."""
+    index = task_manager().task_index
+    if name in index:
+        return name
+    close = difflib.get_close_matches(name, index.keys(), n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownTaskError(
+        f"lm-eval {_lm_eval_version()} has no task, group or tag named {name!r}{hint} "
+        "(`lm-eval ls tasks` lists them)"
+    )
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+@dataclass(frozen=True)
+class LeafConfig:
+    """One leaf task of a name (a task is its own leaf; a group or tag has many)."""
+
+    name: str
+    config: dict[str, Any]  # lm-eval's index config: includes merged, !function left as dotted paths
+    yaml_path: str | None
+
+
+def leaves(name: str) -> Iterator[LeafConfig]:
+    """The leaf tasks under a registered task, group or tag, walking lm-eval's own group definitions."""
+    from lm_eval.tasks._index import Kind
+
+    index = task_manager().task_index
+    seen: set[str] = set()
+
+    def walk(item: Any) -> Iterator[LeafConfig]:
+        if isinstance(item, dict):
+            child = item.get("group") if "group" in item else item.get("task")
+            if "group" in item and child not in index:  # an inline group: its own task list
+                for sub in _as_list(item.get("task")):
+                    yield from walk(sub)
+                return
+            if "task" in item and child not in index:  # an inline task config
+                yield LeafConfig(str(child), item, None)
+                return
+            item = child
+        entry = index.get(item)
+        if entry is None or entry.name in seen:
+            return
+        seen.add(entry.name)
+        if entry.kind == Kind.GROUP:
+            for sub in _as_list((entry.cfg or {}).get("task")):
+                yield from walk(sub)
+        elif entry.kind == Kind.TAG:
+            for sub in sorted(entry.tags):
+                yield from walk(sub)
+        else:
+            yield LeafConfig(entry.name, dict(entry.cfg or {}), str(entry.yaml_path) if entry.yaml_path else None)
+
+    yield from walk(name)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def declared_metrics(name: str) -> set[str]:
+    """The `metric,filter` keys lm-eval reports for a task or group, from its config alone (nothing is loaded).
+
+    A leaf reports each metric of its `metric_list` under every filter of its `filter_list` ("none" when it
+    has none: lm-eval's default). A group reports the metrics of its `aggregate_metric_list`. Tasks written
+    in Python (no metric_list) return an empty set: their metrics are only known when they run.
+    """
+    index = task_manager().task_index
+    entry = index[check_task_name(name)]
+    keys: set[str] = set()
+    for agg in _as_list((entry.cfg or {}).get("aggregate_metric_list")):
+        for flt in _as_list(agg.get("filter_list")) or ["none"]:
+            keys.add(f"{agg['metric']},{flt}")
+    for leaf in leaves(name):
+        metrics = [m["metric"] for m in _as_list(leaf.config.get("metric_list")) if isinstance(m, dict)]
+        filters = [f["name"] for f in _as_list(leaf.config.get("filter_list")) if isinstance(f, dict)] or ["none"]
+        keys.update(f"{m},{f}" for m in metrics for f in filters)
+    return keys
+
+
+def output_types(name: str) -> set[str]:
+    """lm-eval output types of a task's leaves (generate_until, loglikelihood, multiple_choice, ...)."""
+    return {str(leaf.config.get("output_type", "generate_until")) for leaf in leaves(name)}
+
+
+def dataset_paths(name: str) -> set[str]:
+    """The Hub dataset ids a task's leaves read (`dataset_path` of each leaf config)."""
+    return {str(leaf.config["dataset_path"]) for leaf in leaves(name) if leaf.config.get("dataset_path")}
+
+
+@functools.cache
+def task_config_digest(name: str) -> str:
+    """sha256 over the leaf configs lm-eval would run (includes merged) and the Python files they call.
+
+    Part of every result's key, so an lm-eval upgrade that changes a prompt, filter or metric is a new
+    experiment and never reuses a stored result.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for leaf in sorted(leaves(name), key=lambda x: x.name):
+        h.update(json.dumps(leaf.config, sort_keys=True, default=str).encode())
+        if leaf.yaml_path:
+            for py in sorted(Path(leaf.yaml_path).parent.glob("*.py")):
+                h.update(py.name.encode())
+                h.update(py.read_bytes())
+    return h.hexdigest()
