@@ -46,13 +46,33 @@ def modelopt_fixed_blocks() -> dict[str, int]:
     return _builder_constant("modelopt_build.py", "_FIXED_BLOCK")
 
 
+@functools.cache
 def compressed_tensors_schemes() -> tuple[str, ...] | None:
-    """compressed-tensors preset scheme names, where compressed-tensors is importable here; else None."""
-    try:
-        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
-    except Exception:  # noqa: BLE001 - absent in a slim install: the builder checks it in its own env
+    """compressed-tensors preset scheme names (the keys of its PRESET_SCHEMES), where it is installed here.
+
+    Read from its source with ast rather than imported: importing compressed_tensors pulls in torch and
+    transformers (seconds), and loading a matrix must stay fast. None when it is not installed (the builder
+    checks the scheme in its own environment).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("compressed_tensors")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return tuple(sorted(PRESET_SCHEMES))
+    src = Path(next(iter(spec.submodule_search_locations))) / "quantization" / "quant_scheme.py"
+    try:
+        tree = ast.parse(src.read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == "PRESET_SCHEMES"
+            and isinstance(node.value, ast.Dict)
+        ):
+            return tuple(sorted(k.value for k in node.value.keys if isinstance(k, ast.Constant)))
+    return None
 
 
 class RecipeBase(BaseModel):

@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,54 @@ def task_manager() -> Any:
     return TaskManager()
 
 
-def known_names() -> list[str]:
-    """Every registered task, group and tag name of the installed lm-eval."""
-    return task_manager().all_tasks
+@functools.lru_cache(maxsize=1)
+def known_names() -> frozenset[str]:
+    """Every registered task, group and tag name of the installed lm-eval.
+
+    Read from a small file in quantgate's cache, keyed by lm-eval's version and the list of its task files
+    (names, sizes, mtimes: a walk, not a parse), so checking a name does not build the whole index; written
+    from the TaskManager on a miss.
+    """
+    import hashlib
+    import importlib.util
+    import json
+    import os
+
+    from quantgate.paths import cache_dir
+
+    # Located, not imported: importing lm_eval.tasks pulls in datasets and torch (seconds).
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownTaskError("lm-eval is not installed here: pip install lm-eval")
+    root = Path(next(iter(spec.submodule_search_locations))) / "tasks"
+    h = hashlib.sha256(_lm_eval_version().encode())
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith((".yaml", ".yml", ".py")):
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{dirpath}/{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    path = cache_dir() / "lm-eval-index" / f"names-{h.hexdigest()[:16]}.json"
+    try:
+        return frozenset(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    names = task_manager().all_tasks
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(names)))
+        tmp.replace(path)
+    except OSError as err:  # a read-only cache only costs the next process the index build
+        log.warning("quantgate: cannot cache lm-eval's task names at %s: %s", path, err)
+    return frozenset(names)
 
 
 def check_task_name(name: str) -> str:
     """`name` if lm-eval registers it; else UnknownTaskError naming up to 3 close matches (difflib)."""
-    index = task_manager().task_index
-    if name in index:
+    names = known_names()
+    if name in names:
         return name
-    close = difflib.get_close_matches(name, index.keys(), n=3, cutoff=0.75)
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownTaskError(
         f"lm-eval {_lm_eval_version()} has no task, group or tag named {name!r}{hint} "
