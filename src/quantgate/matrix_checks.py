@@ -7,9 +7,10 @@ checkpoints already on this machine:
 errors   a metric lm-eval does not produce for the task; a code-executing task without allow_code_execution;
          max_gen_toks >= max_model_len; a local source path that does not exist; a group size that does not
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
-         a task_floors entry naming no task of the matrix.
+         a log-probability task sent to a chat endpoint.
 warnings what could not be checked here (the baseline's config.json is not local; a Python task declares no
-         metrics); a variant whose generation_config.json sampling defaults differ from the baseline's.
+         metrics); a variant whose generation_config.json sampling defaults differ from the baseline's; a
+         task_floors entry naming no task of the matrix.
 notes    which tasks read offline data here and which need the Hub.
 """
 
@@ -50,16 +51,17 @@ def check_matrix(
         keys = {t.key for t in matrix.tasks} | {t.name for t in matrix.tasks}
         for task in thresholds.retention.task_floors:
             if task not in keys:
-                report.errors.append(
-                    f"thresholds: retention.task_floors.{task}: no task of {path.name} has that id or name; "
-                    f"its tasks: {sorted(t.key for t in matrix.tasks)}"
+                # A thresholds file is shared by matrices, so a floor for another matrix's task is no error.
+                report.warnings.append(
+                    f"thresholds: retention.task_floors.{task}: no task of {path.name} has that id or name "
+                    f"(unused here); its tasks: {sorted(t.key for t in matrix.tasks)}"
                 )
     return report
 
 
 def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: CheckReport) -> None:
     from quantgate.evaluation.lmeval_runner import has_offline_data
-    from quantgate.evaluation.task_registry import declared_metrics, leaves
+    from quantgate.evaluation.task_registry import declared_metrics, leaves, output_types
 
     offline, hub = [], []
     for i, task in enumerate(matrix.tasks):
@@ -80,6 +82,15 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
                 "set allow_code_execution: true on the task to run it (in a sandbox)"
             )
         (offline if has_offline_data(task.name, data_dir) else hub).append(task.key)
+        scored_by_logprobs = output_types(task.name) - {"generate_until"}
+        for model in matrix.models:
+            if matrix.chat(model, task).is_chat and scored_by_logprobs:
+                report.errors.append(
+                    f"{where}: {task.name} is scored from log-probabilities ({', '.join(sorted(scored_by_logprobs))}), "
+                    f"which lm-eval's local-chat-completions cannot request; model {model.name} sends it to the "
+                    "chat endpoint: give the task `chat: {endpoint: completions}` (with apply_chat_template: true "
+                    "to keep the chat format)"
+                )
         for model in matrix.models:
             toks = matrix.sampling(model, task).get("max_gen_toks")
             if toks is not None and toks >= model.max_model_len:

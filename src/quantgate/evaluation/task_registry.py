@@ -154,7 +154,12 @@ def declared_metrics(name: str) -> set[str]:
         for flt in _as_list(agg.get("filter_list")) or ["none"]:
             keys.add(f"{agg['metric']},{flt}")
     for leaf in leaves(name):
-        metrics = [m["metric"] for m in _as_list(leaf.config.get("metric_list")) if isinstance(m, dict)]
+        # A `!function` metric is indexed as its dotted path; lm-eval reports it under the function's __name__.
+        metrics = [
+            str(m["metric"]).rsplit(".", 1)[-1] if "/" in str(m["metric"]) else str(m["metric"])
+            for m in _as_list(leaf.config.get("metric_list"))
+            if isinstance(m, dict)
+        ]
         filters = [f["name"] for f in _as_list(leaf.config.get("filter_list")) if isinstance(f, dict)] or ["none"]
         keys.update(f"{m},{f}" for m in metrics for f in filters)
     return keys
