@@ -266,7 +266,14 @@ class Variant(_Strict):
     def _recipe_kind(cls, data: Any) -> Any:
         # The recipe's type follows the variant's builder, so users never write the discriminator themselves.
         if isinstance(data, dict) and isinstance(data.get("recipe"), dict) and "builder" not in data["recipe"]:
-            data = {**data, "recipe": {"builder": data.get("builder", "none"), **data["recipe"]}}
+            builder = data.get("builder", "none")
+            if builder == "none" and data["recipe"]:
+                raise ValueError(
+                    f"variant {data.get('name')!r} has a recipe {data['recipe']} but no builder: set builder "
+                    "(llmcompressor or modelopt), or give a source for a prebuilt checkpoint; "
+                    f"a {data.get('format')} variant needs a builder or a source"
+                )
+            data = {**data, "recipe": {"builder": builder, **data["recipe"]}}
         return data
 
     @property
