@@ -9,8 +9,9 @@ errors   a metric lm-eval does not produce for the task; a code-executing task w
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
          a log-probability task sent to a chat endpoint.
 warnings what could not be checked here (the baseline's config.json is not local; a Python task declares no
-         metrics); a variant whose generation_config.json sampling defaults differ from the baseline's; a
-         task_floors entry naming no task of the matrix.
+         metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
+         a variant whose generation_config.json sampling defaults differ from the baseline's; a task_floors
+         entry naming no task of the matrix.
 notes    which tasks read offline data here and which need the Hub.
 """
 
@@ -60,7 +61,7 @@ def check_matrix(
 
 
 def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: CheckReport) -> None:
-    from quantgate.evaluation.lmeval_runner import has_offline_data
+    from quantgate.evaluation.lmeval_runner import has_offline_data, task_load_error
     from quantgate.evaluation.task_registry import declared_metrics, leaves, output_types
 
     offline, hub = [], []
@@ -82,6 +83,9 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
                 "set allow_code_execution: true on the task to run it (in a sandbox)"
             )
         (offline if has_offline_data(task.name, data_dir) else hub).append(task.key)
+        problem = task_load_error(task.name)
+        if problem:  # the environment, not the matrix: where the suite runs may have what this machine lacks
+            report.warnings.append(f"{where}: lm-eval cannot load {task.name} in this environment ({problem})")
         scored_by_logprobs = output_types(task.name) - {"generate_until"}
         for model in matrix.models:
             if matrix.chat(model, task).is_chat and scored_by_logprobs:

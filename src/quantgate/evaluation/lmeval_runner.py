@@ -104,6 +104,29 @@ def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
     return {**load_yaml(entry.yaml_path, resolve_func=True), **overrides[0]}
 
 
+def task_load_error(name: str) -> str | None:
+    """Why lm-eval's config of `name` cannot be loaded here (its Python helpers fail to import, e.g. a missing
+    extra such as lm-eval[math] for minerva_math), or None. Loads each leaf's YAML with its functions resolved,
+    as lm-eval does when it builds the task; nothing is downloaded (IFEval's NLTK model is set up first)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from quantgate.evaluation.task_registry import leaves
+    from quantgate.evaluation.tasks.offline_data import ifeval_checkers, needs_ifeval_checkers
+
+    seen: set[str] = set()
+    for leaf in leaves(name):
+        if leaf.yaml_path is None or leaf.yaml_path in seen:
+            continue
+        seen.add(leaf.yaml_path)
+        try:
+            if needs_ifeval_checkers(leaf.config):
+                ifeval_checkers()
+            load_yaml(leaf.yaml_path, resolve_func=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the user with the task named
+            return f"{leaf.name}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def has_offline_data(name: str, data_dir: Path | None) -> bool:
     """True when every leaf of `name` reads a dataset the data folder mirrors (so it runs without the Hub)."""
     from quantgate.evaluation.task_registry import leaves
