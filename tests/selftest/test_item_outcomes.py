@@ -48,3 +48,29 @@ def test_group_items_are_subtask_and_doc_id():
     o = item_outcomes(samples, "acc,none")
     assert o.ids == ("mmlu_a/0", "mmlu_a/1", "mmlu_b/0")  # doc 0 of two subtasks are different items
     assert o.values.tolist() == [1.0, 0.0, 1.0] and o.answers["mmlu_b/0"] == "A"
+
+
+def test_lm_evals_request_payloads_carry_sampling_and_chat_template_kwargs():
+    """What reaches vLLM: lm-eval's own payload builders, fed quantgate's gen_kwargs (no server needed)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+
+    from quantgate.evaluation.lmeval_runner import gen_kwargs
+    from quantgate.matrix import Chat
+
+    sampling = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": None, "presence_penalty": 1.5,
+                "repetition_penalty": None, "max_gen_toks": 64, "seed": 5}
+    chat = LocalChatCompletion(base_url="http://127.0.0.1:1/v1/chat/completions", model="m", tokenizer_backend=None)
+    payload = chat._create_payload(
+        [{"role": "user", "content": "hi"}], generate=True,
+        gen_kwargs=gen_kwargs(sampling, Chat(endpoint="chat-completions",
+                                             chat_template_kwargs={"enable_thinking": False})) | {"until": ["X"]},
+        seed=5,
+    )
+    assert payload["chat_template_kwargs"] == {"enable_thinking": False}
+    assert (payload["temperature"], payload["top_p"], payload["top_k"], payload["presence_penalty"]) == (
+        0.7, 0.8, 20, 1.5)
+    assert payload["max_tokens"] == 64 and payload["seed"] == 5 and "do_sample" not in payload
+    plain = LocalCompletionsAPI(base_url="http://127.0.0.1:1/v1/completions", model="m", tokenizer_backend=None)
+    payload = plain._create_payload("Q:", generate=True, gen_kwargs=gen_kwargs(sampling) | {"until": ["Q:"]}, seed=5)
+    assert payload["top_k"] == 20 and payload["stop"] == ["Q:"] and "chat_template_kwargs" not in payload

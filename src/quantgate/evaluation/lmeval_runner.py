@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +162,6 @@ def run_task(
 
     sampling = generation.resolved() if sampling is None else sampling
     chat = chat or Chat()
-    if data_dir is not None:  # datasets' offline mode: the Hub is never asked when a mirror is read
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     name = task.lm_eval_name
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
