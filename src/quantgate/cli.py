@@ -123,8 +123,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     m = load_matrix(matrix_path)
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
-    load_thresholds(thresholds_path)
+    th = load_thresholds(thresholds_path)
     policy = _policy(args)
+    from quantgate.matrix_checks import check_matrix
+    from quantgate.paths import data_dir
+
+    report = check_matrix(m, matrix_path, data_dir(required=False), th)
+    for line in report.notes:
+        print(f"note: {line}")
+    for line in report.warnings:
+        print(f"warning: {line}")
+    if report.errors:
+        raise QuantgateError("\n".join([f"{matrix_path}: {len(report.errors)} error(s)", *report.errors]))
     n = sum(len(x.variants) for x in m.models)
     print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
     print(policy.describe(args.qg_cadence))

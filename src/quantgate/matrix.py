@@ -6,7 +6,6 @@ before anything is built or served.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,22 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.errors import MatrixError
+from quantgate.recipes import Recipe
 
 Format = Literal["bf16", "fp8", "int8", "int4", "nvfp4", "mxfp4", "mxfp8"]
 FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
 Builder = Literal["none", "llmcompressor", "modelopt"]
 Cadence = Literal["commit", "nightly", "weekly"]
 GateMode = Literal["point", "confident", "no-evidence-of-loss"]
-
-# Offline task definitions shipped in quantgate/evaluation/tasks, by the lm-eval name they mirror.
-KNOWN_TASKS: dict[str, str] = {
-    "gsm8k": "qg_gsm8k",
-    "hellaswag": "qg_hellaswag",
-    "mmlu": "qg_mmlu",
-    "ifeval": "qg_ifeval",
-    "wikitext": "qg_wikitext",
-}
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,12 +78,171 @@ class Calibration(_Strict):
     seed: int = 0
 
 
+class DerivedMetric(_Strict):
+    """A metric made from others of the same task, e.g. seed 000's IFEval = (prompt strict + inst strict) / 2.
+
+    Its per-item value is the mean of the parts' per-item values, each part scaled so that the mean over items
+    equals the part's score (a ratio-of-sums part such as inst_level_strict_acc contributes value / mean weight);
+    so the derived score is exactly the mean of the parts' scores, and paired intervals use every item.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    mean_of: list[str] = Field(min_length=2, description="lm-eval metric keys of this task, 'metric[,filter]'")
+
+    @property
+    def key(self) -> str:
+        return "mean:" + "+".join(_metric_key(m) for m in self.mean_of)
+
+
+def _metric_key(metric: str) -> str:
+    return metric if "," in metric else f"{metric},none"
+
+
+class Sampling(_Strict):
+    """Sampling fields, each optional: set here, they override the level above (matrix < model < task).
+
+    Names are vLLM's SamplingParams fields (lm-eval passes gen_kwargs through to the request), except
+    max_gen_toks, which is lm-eval's name for the completion cap (sent as max_tokens).
+    """
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="-1 (or 0) disables, as in vLLM")
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    max_gen_toks: int | None = Field(None, gt=0, description="cap on generated tokens; None keeps the task's own")
+    seed: int | None = None
+
+    SAMPLING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "max_gen_toks", "seed",
+    )
+
+    def set_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.SAMPLING_FIELDS if getattr(self, k) is not None}
+
+
+class Generation(Sampling):
+    """The matrix-wide sampling defaults (greedy, as the seeds do), overridden per model and per task."""
+
+    temperature: float | None = Field(0.0, ge=0)
+    seed: int | None = 1234
+    concurrency: int = Field(8, gt=0, description="parallel requests lm-eval keeps in flight")
+    batch_size: int = Field(
+        1, gt=0, description="prompts per HTTP request (lm-eval local-completions batch_size)"
+    )
+
+    # How requests reach the server, not what is asked: left out of result keys, so changing them for
+    # speed reuses stored results.
+    TRANSPORT: ClassVar[frozenset[str]] = frozenset({"concurrency", "batch_size"})
+
+    def result_settings(self) -> dict[str, Any]:
+        """The matrix-wide settings that can change an answer."""
+        return self.model_dump(exclude=set(self.TRANSPORT))
+
+    def resolved(self, *overrides: Sampling | None) -> dict[str, Any]:
+        """Every sampling field (None = not sent), later overrides winning; what each result's key records."""
+        out = {k: getattr(self, k) for k in self.SAMPLING_FIELDS}
+        for level in overrides:
+            if level is not None:
+                out.update(level.set_fields())
+        return out
+
+
+class Chat(_Strict):
+    """How requests reach the model: lm-eval's `local-completions` or `local-chat-completions`.
+
+    With `chat-completions` the server applies the model's chat template (lm-eval sends messages), and
+    `chat_template_kwargs` go with every request (vLLM's chat_template_kwargs, e.g. enable_thinking: false for
+    Qwen3). With `completions`, a task's `apply_chat_template` renders the template on the client instead.
+    """
+
+    endpoint: Literal["completions", "chat-completions"] = "completions"
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint == "chat-completions"
+
+
+class Task(_Strict):
+    name: str = Field(description="an lm-eval task, group or tag, by its registered name (lm-eval ls tasks)")
+    id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the key of this entry when a task is listed more than once (default: name)",
+    )
+    metric: str | None = Field(
+        None, description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'"
+    )
+    metrics: list[str | DerivedMetric] = Field(
+        default_factory=list, description="several metrics; the first is the one gated, all are reported"
+    )
+    limit: int | None = Field(None, gt=0, description="first N items; None = all")
+    num_fewshot: int | None = Field(0, ge=0, description="None keeps the task's own few-shot count")
+    gate: bool = Field(True, description="gate retention on this task (false: run it to exercise the path)")
+    regression: bool = Field(False, description="compare item by item with the last accepted run")
+    apply_chat_template: bool = False
+    higher_is_better: bool = True
+    generation: Sampling | None = Field(None, description="sampling for this task, over the model's and matrix's")
+    chat: Chat | None = Field(None, description="request path for this task, over the model's")
+    allow_code_execution: bool = Field(
+        False, description="let lm-eval run model-written code (HumanEval, MBPP): required by such tasks"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from quantgate.evaluation.task_registry import check_task_name
+
+        return check_task_name(v)
+
+    @model_validator(mode="after")
+    def _one_metric_list(self) -> Task:
+        if self.metric is not None and self.metrics:
+            raise ValueError("give `metric` or `metrics`, not both")
+        if self.metric is None and not self.metrics:
+            raise ValueError(f"task {self.name!r} needs `metric` (or a `metrics` list)")
+        keys = self.metric_keys
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"task {self.key!r} lists metric(s) {dupes} twice")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The task's key in results, tables and test ids: `id`, else `name`."""
+        return self.id or self.name
+
+    @property
+    def lm_eval_name(self) -> str:
+        return self.name
+
+    @property
+    def metric_keys(self) -> list[str]:
+        """Every metric as lm-eval's 'metric,filter' (a derived metric as 'mean:a,f+b,f'); the first is gated."""
+        if self.metric is not None:
+            return [_metric_key(self.metric)]
+        return [m.key if isinstance(m, DerivedMetric) else _metric_key(m) for m in self.metrics]
+
+    @property
+    def metric_key(self) -> str:
+        """The gated metric (the first one)."""
+        return self.metric_keys[0]
+
+    def lm_eval_metric_keys(self) -> set[str]:
+        """The metric keys lm-eval must produce for this task (the parts of derived metrics included)."""
+        out: set[str] = set()
+        for key in self.metric_keys:
+            out.update(key.removeprefix("mean:").split("+") if key.startswith("mean:") else [key])
+        return out
+
+
 class Variant(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     format: Format
     builder: Builder = "none"
-    recipe: dict[str, Any] = Field(
-        default_factory=dict, description="builder-specific recipe (scheme, group size)"
+    recipe: Recipe | None = Field(
+        None, description="builder-specific recipe, typed per builder (quantgate.recipes); a misspelt key is an error"
     )
     source: Source | None = Field(None, description="a prebuilt checkpoint instead of a build")
     calibration: Calibration = Calibration()
@@ -118,8 +267,30 @@ class Variant(_Strict):
                              "cpu-other or smNN (sm80, sm89, sm90, sm100, ...)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_kind(cls, data: Any) -> Any:
+        # The recipe's type follows the variant's builder, so users never write the discriminator themselves.
+        if isinstance(data, dict) and isinstance(data.get("recipe"), dict) and "builder" not in data["recipe"]:
+            builder = data.get("builder", "none")
+            if builder == "none" and data["recipe"]:
+                raise ValueError(
+                    f"variant {data.get('name')!r} has a recipe {data['recipe']} but no builder: set builder "
+                    "(llmcompressor or modelopt), or give a source for a prebuilt checkpoint; "
+                    f"a {data.get('format')} variant needs a builder or a source"
+                )
+            data = {**data, "recipe": {"builder": builder, **data["recipe"]}}
+        return data
+
+    @property
+    def recipe_spec(self) -> dict[str, Any]:
+        """The recipe as written (the builders' JSON and the build cache key); {} when there is none."""
+        return self.recipe.as_written() if self.recipe is not None else {}
+
     @model_validator(mode="after")
     def _builder_matches(self) -> Variant:
+        if self.recipe is not None and self.recipe.builder != self.builder:
+            raise ValueError(f"recipe.builder {self.recipe.builder!r} does not match builder {self.builder!r}")
         if self.format == "bf16" and self.builder != "none":
             raise ValueError("a bf16 variant is the baseline itself; it takes builder: none")
         if self.format != "bf16" and self.builder == "none" and self.source is None:
@@ -136,6 +307,8 @@ class Model(_Strict):
         1, ge=1, description="GPUs each server of this model uses: --tensor-parallel-size, and the devices "
         "each xdist worker reserves (docs/multi-gpu.md)"
     )
+    generation: Sampling | None = Field(None, description="sampling for this model, over the matrix-wide block")
+    chat: Chat | None = Field(None, description="how requests reach this model (endpoint, chat template kwargs)")
     variants: list[Variant]
 
     @model_validator(mode="after")
@@ -161,58 +334,6 @@ class Model(_Strict):
         return next(v for v in self.variants if v.format == "bf16")
 
 
-class Task(_Strict):
-    name: str
-    metric: str = Field(
-        description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'"
-    )
-    limit: int | None = Field(None, gt=0, description="first N items; None = all")
-    num_fewshot: int = Field(0, ge=0)
-    gate: bool = Field(True, description="gate retention on this task (false: run it to exercise the path)")
-    regression: bool = Field(False, description="compare item by item with the last accepted run")
-    apply_chat_template: bool = False
-    higher_is_better: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in KNOWN_TASKS:
-            close = difflib.get_close_matches(v, KNOWN_TASKS, n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"unknown task {v!r}; known: {sorted(KNOWN_TASKS)}{hint}")
-        return v
-
-    @property
-    def lm_eval_name(self) -> str:
-        return KNOWN_TASKS[self.name]
-
-    @property
-    def metric_key(self) -> str:
-        return self.metric if "," in self.metric else f"{self.metric},none"
-
-
-class Generation(_Strict):
-    """Sampling settings shared by every generative task (greedy by default, as the seeds do)."""
-
-    temperature: float = Field(0.0, ge=0)
-    seed: int = 1234
-    max_gen_toks: int | None = Field(
-        None, gt=0, description="cap on generated tokens; None keeps the task's own"
-    )
-    concurrency: int = Field(8, gt=0, description="parallel requests lm-eval keeps in flight")
-    batch_size: int = Field(
-        1, gt=0, description="prompts per HTTP request (lm-eval local-completions batch_size)"
-    )
-
-    # How requests reach the server, not what is asked: left out of result keys, so changing them for
-    # speed reuses stored results.
-    TRANSPORT: ClassVar[frozenset[str]] = frozenset({"concurrency", "batch_size"})
-
-    def result_settings(self) -> dict[str, Any]:
-        """The settings that can change an answer, as recorded in every result's key."""
-        return self.model_dump(exclude=set(self.TRANSPORT))
-
-
 class Matrix(_Strict):
     models: list[Model]
     tasks: list[Task]
@@ -222,12 +343,25 @@ class Matrix(_Strict):
     def _unique(self) -> Matrix:
         for label, names in (
             ("model", [m.name for m in self.models]),
-            ("task", [t.name for t in self.tasks]),
+            ("task", [t.key for t in self.tasks]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"duplicate {label} name(s) {dupes}")
+                hint = "; give each repeat of a task its own `id`" if label == "task" else ""
+                raise ValueError(f"duplicate {label} name(s) {dupes}{hint}")
         return self
+
+    def task(self, key: str) -> Task:
+        """The task whose key (`id`, else `name`) is `key`."""
+        return next(t for t in self.tasks if t.key == key)
+
+    def sampling(self, model: Model, task: Task) -> dict[str, Any]:
+        """Resolved sampling for one (model, task): matrix defaults < model's `generation` < task's `generation`."""
+        return self.generation.resolved(model.generation, task.generation)
+
+    def chat(self, model: Model, task: Task) -> Chat:
+        """The request path for one (model, task): the task's `chat`, else the model's, else completions."""
+        return task.chat or model.chat or Chat()
 
 
 class RetentionFloors(_Strict):
@@ -248,8 +382,6 @@ class RetentionFloors(_Strict):
     @classmethod
     def _task_in_range(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         for task, floors in v.items():
-            if task not in KNOWN_TASKS:
-                raise ValueError(f"task_floors names unknown task {task!r}; known: {sorted(KNOWN_TASKS)}")
             for fmt, floor in floors.items():
                 if not 0 < floor <= 1:
                     raise ValueError(f"task_floors.{task}.{fmt} is {floor}; must be in (0, 1]")
@@ -318,7 +450,7 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
     sets the named tasks. The limit is part of every result's key, so a smaller run never reuses, or
     overwrites, the results of a larger one; regression gates compare the items both runs share.
     """
-    known = [t.name for t in matrix.tasks]
+    known = [t.key for t in matrix.tasks]
     caps: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -331,12 +463,12 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
         if n <= 0:
             raise MatrixError(f"--qg-limit {spec!r}: {part!r} needs a positive item count (N or task=N)")
         if not sep:
-            caps.update({t: min(n, lim or n) for t, lim in ((t.name, t.limit) for t in matrix.tasks)})
+            caps.update({t: min(n, lim or n) for t, lim in ((t.key, t.limit) for t in matrix.tasks)})
         elif name not in known:
             raise MatrixError(f"--qg-limit {spec!r}: the matrix has no task {name!r}; its tasks: {known}")
         else:
             caps[name] = n
-    tasks = [t.model_copy(update={"limit": caps[t.name]}) if t.name in caps else t for t in matrix.tasks]
+    tasks = [t.model_copy(update={"limit": caps[t.key]}) if t.key in caps else t for t in matrix.tasks]
     return matrix.model_copy(update={"tasks": tasks})
 
 

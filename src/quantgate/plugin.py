@@ -222,9 +222,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ]
         metafunc.parametrize(name, params)
     if "qg_task" in metafunc.fixturenames:
-        metafunc.parametrize("qg_task", [t.name for t in m.tasks if t.gate])
+        metafunc.parametrize("qg_task", [t.key for t in m.tasks if t.gate])
     if "qg_regression_task" in metafunc.fixturenames:
-        metafunc.parametrize("qg_regression_task", [t.name for t in m.tasks if t.regression])
+        metafunc.parametrize("qg_regression_task", [t.key for t in m.tasks if t.regression])
     if "qg_model" in metafunc.fixturenames:
         metafunc.parametrize("qg_model", [model.name for model in m.models])
 

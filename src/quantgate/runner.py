@@ -33,11 +33,11 @@ from quantgate.evaluation.lmeval_runner import (
 )
 from quantgate.evaluation.provenance import (
     git_state,
-    task_definition_hash,
     versions,
 )
 from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
 from quantgate.evaluation.task_data import task_data_fingerprint
+from quantgate.evaluation.task_registry import task_config_digest
 from quantgate.matrix import Matrix, Model, Task, Thresholds, Variant
 from quantgate.paths import data_dir
 
@@ -66,7 +66,7 @@ def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
                                  f"({','.join(held) or 'none'}): make more visible or use fewer xdist workers")
     if variant.emulate:
         return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
-    missing = missing_kernel(variant.format, variant.builder, variant.recipe, hw)
+    missing = missing_kernel(variant.format, variant.builder, variant.recipe_spec, hw)
     if missing is None:
         return Support("vllm", f"real vLLM kernels on {hw.keys[0]}")
     if variant.format in EMULATABLE.get(variant.builder, ()):
@@ -204,21 +204,25 @@ class VariantRun:
         }
 
     def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
-        gen = self.run.matrix.generation.result_settings()
+        gen = self.run.matrix.sampling(self.model, task)
+        chat = self.run.matrix.chat(self.model, task)
         return {
             "checkpoint_sha256": self.checkpoint().sha256,
             "served_sha256": self.served_checkpoint().sha256,
             "engine": self.support.engine,
-            "task": task.name,
+            "task": task.key,
             "lm_eval_task": task.lm_eval_name,
-            "task_definition_sha256": task_definition_hash(task.lm_eval_name),
-            "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name, task.num_fewshot),
-            "client": client_settings(self.run.matrix.generation),
+            "task_definition_sha256": task_config_digest(task.lm_eval_name),
+            "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name),
+            "client": client_settings(self.run.matrix.generation, chat=chat, max_length=self.model.max_model_len,
+                                      seed=gen.get("seed")),
             "scoring_code_sha256": scoring_code_sha256(),
             "limit": task.limit,
             "num_fewshot": task.num_fewshot,
-            "apply_chat_template": task.apply_chat_template,
+            "apply_chat_template": task.apply_chat_template or chat.is_chat,
             "generation": gen,
+            "chat": chat.model_dump(),
+            "max_length": self.model.max_model_len,
             "lm_eval": versions()["lm_eval"],
             "vllm": versions()["vllm"],
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
@@ -234,28 +238,28 @@ class VariantRun:
         """Every task's result, from the store where its key matches, else evaluated now (one server)."""
         if self.support.engine is None:
             raise QuantgateError(f"{self.label}: {self.support.reason}")
-        if all(t.name in self._results for t in tasks):
-            return {t.name: self._results[t.name] for t in tasks}
+        if all(t.key in self._results for t in tasks):
+            return {t.key: self._results[t.key] for t in tasks}
         out = self._results
         missing = self._from_store(tasks)
         if not missing:
-            return {t.name: out[t.name] for t in tasks}
+            return {t.key: out[t.key] for t in tasks}
         if self.run.reuse_only:
-            raise NotStoredError(f"{self.label}: no stored result for {[t.name for t in missing]}")
+            raise NotStoredError(f"{self.label}: no stored result for {[t.key for t in missing]}")
         # One server per variant across xdist workers: a worker that needs this variant while another one
         # serves it (the BF16 baseline, which every variant's retention needs) waits, then reads the results.
         with self.run.store.variant_lock(self.model.name, self.variant.name):
             missing = self._from_store(missing)
             if not missing:
-                return {t.name: out[t.name] for t in tasks}
+                return {t.key: out[t.key] for t in tasks}
             server = self.ensure_server()
             kernel = kernel_path(server.log_text())
             for task in missing:
                 key = self.eval_key(task, kernel)
-                with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
-                    hit = self.run.store.find(self.model.name, self.variant.name, task.name, key)
-                    out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
-        return {t.name: out[t.name] for t in tasks}
+                with self.run.store.lock(self.model.name, self.variant.name, task.key, key):
+                    hit = self.run.store.find(self.model.name, self.variant.name, task.key, key)
+                    out[task.key] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
+        return {t.key: out[t.key] for t in tasks}
 
     def _from_store(self, tasks: Sequence[Task]) -> list[Task]:
         """Fill in the stored results of `tasks` whose key is known (the kernel from a server record); return
@@ -263,22 +267,22 @@ class VariantRun:
         out = self._results
         kernel = self._known_kernel()
         missing = []
-        for task in (t for t in tasks if t.name not in out):
+        for task in (t for t in tasks if t.key not in out):
             hit = None if kernel is None else self.run.store.find(
-                self.model.name, self.variant.name, task.name, self.eval_key(task, kernel))
+                self.model.name, self.variant.name, task.key, self.eval_key(task, kernel))
             if hit is not None:
-                out[task.name] = self._reused(task, hit)
+                out[task.key] = self._reused(task, hit)
             else:
                 missing.append(task)
         return missing
 
     def _reused(self, task: Task, hit: StoredResult) -> EvalResult:
-        self.run.events.reused.append(f"{self.label}:{task.name}")
-        return EvalResult(self.model.name, self.variant.name, task.name, hit, reused=True)
+        self.run.events.reused.append(f"{self.label}:{task.key}")
+        return EvalResult(self.model.name, self.variant.name, task.key, hit, reused=True)
 
     def _evaluate(self, task: Task, key: dict[str, Any], server: VllmServer) -> EvalResult:
         t0 = time.monotonic()
-        log.warning("quantgate: evaluating %s on %s (limit=%s)", task.name, self.label, task.limit)
+        log.warning("quantgate: evaluating %s on %s (limit=%s)", task.key, self.label, task.limit)
         aggregate, samples, config = run_task(
             completions_url=server.completions_url,
             served_name=self.label,
@@ -286,16 +290,19 @@ class VariantRun:
             task=task,
             generation=self.run.matrix.generation,
             data_dir=self.run.data_dir,
+            sampling=self.run.matrix.sampling(self.model, task),
+            chat=self.run.matrix.chat(self.model, task),
+            max_length=self.model.max_model_len,
         )
         seconds = time.monotonic() - t0
         self.run.events.seconds["evaluate"] += seconds
-        self.run.events.evaluated.append(f"{self.label}:{task.name}")
+        self.run.events.evaluated.append(f"{self.label}:{task.key}")
         context = {
             "model": self.model.name,
             "variant": self.variant.name,
             "format": self.variant.format,
             "builder": self.variant.builder,
-            "recipe": self.variant.recipe,
+            "recipe": self.variant.recipe_spec,
             "checkpoint": {
                 "path": str(self.checkpoint().path),
                 "origin": self.checkpoint().origin,
@@ -314,9 +321,9 @@ class VariantRun:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         stored = self.run.store.put(
-            self.model.name, self.variant.name, task.name, key, context, aggregate, samples, server.log_path
+            self.model.name, self.variant.name, task.key, key, context, aggregate, samples, server.log_path
         )
-        return EvalResult(self.model.name, self.variant.name, task.name, stored, reused=False)
+        return EvalResult(self.model.name, self.variant.name, task.key, stored, reused=False)
 
     def ensure_server(self) -> VllmServer:
         return self._remember(self._ensure_server_once)
@@ -389,7 +396,7 @@ class Run:
         return next(m for m in self.matrix.models if m.name == name)
 
     def task(self, name: str) -> Task:
-        return next(t for t in self.matrix.tasks if t.name == name)
+        return next(t for t in self.matrix.tasks if t.key == name)
 
     def variant(self, model: str, variant: str) -> VariantRun:
         key = (model, variant)

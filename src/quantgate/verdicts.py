@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from quantgate.gates.stats import (
     paired_retention_clustered,
 )
 from quantgate.matrix import Task
-from quantgate.paths import data_dir, project_root
+from quantgate.paths import project_root
 from quantgate.report.table import Cell, Row, ScoreTable, mean_halfwidth
 from quantgate.runner import EvalResult, Run
 
@@ -42,29 +41,29 @@ def variant_results(run: Run, model: str, variant: str) -> dict[str, EvalResult]
 
 def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[ItemOutcomes, ItemOutcomes]:
     base_name = run.model(model).baseline.name
-    base = variant_results(run, model, base_name)[task.name].outcomes(task.metric_key)
-    var = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
+    base = variant_results(run, model, base_name)[task.key].outcomes(task.metric_key)
+    var = variant_results(run, model, variant)[task.key].outcomes(task.metric_key)
     common = tuple(d for d in base.ids if d in set(var.ids))
     if not common:
-        raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.name}")
+        raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.key}")
     return base.aligned(common), var.aligned(common)
 
 
-def subject_clusters(task: Task) -> dict[str, str] | None:
-    """Doc id -> subject for tasks whose items are grouped by subject (MMLU), else None."""
-    if task.name == "mmlu":
-        from quantgate.evaluation.tasks.qg_utils import DATA_ENV, mmlu_subject_by_doc_id
+def subject_clusters(task: Task, ids: tuple[str, ...]) -> dict[str, str] | None:
+    """Item id -> subject for tasks whose items are grouped by subject, else None.
 
-        # The task loaders read their data folder from the environment, as lm-eval runs them (lmeval_runner).
-        os.environ.setdefault(DATA_ENV, str(data_dir()))
-        return mmlu_subject_by_doc_id()
+    lm-eval groups (mmlu and its kin: mmlu_redux, mmlu_pro, ...) run one subtask per subject, and a group's item
+    ids are 'subtask/doc id' (evaluation/lmeval_runner.py), so the subject is the part before the slash.
+    """
+    if ids and all("/" in d for d in ids):
+        return {d: d.split("/", 1)[0] for d in ids}
     return None
 
 
 def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEstimate:
     base, var = paired_outcomes(run, model, variant, task)
     level = run.thresholds.retention.level
-    clusters = subject_clusters(task) if base.weights is None and base.kind != "perplexity" else None
+    clusters = subject_clusters(task, base.ids) if base.weights is None and base.kind != "perplexity" else None
     if clusters is not None and task.higher_is_better:
         # Items of one subject are not independent: resample subjects, not items.
         labels = [clusters.get(d, f"unknown:{d}") for d in base.ids]
@@ -89,7 +88,7 @@ def retention_verdict(run: Run, model: str, variant: str, task_name: str) -> Gat
     fmt = next(v.format for v in run.model(model).variants if v.name == variant)
     est = task_retention(run, model, variant, task)
     th = run.thresholds.retention
-    return retention_gate(est, th.floor(fmt, task.name), th.mode)
+    return retention_gate(est, th.floor(fmt, task.key), th.mode)
 
 
 def _per_item_score(o: ItemOutcomes) -> np.ndarray:
@@ -237,11 +236,11 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
             continue
         cells: dict[str, Cell] = {}
         for t in tasks:
-            o = results[t.name].outcomes(t.metric_key)
-            n_items[t.name] = len(o.ids)
+            o = results[t.key].outcomes(t.metric_key)
+            n_items[t.key] = len(o.ids)
             ppl = o.kind == "perplexity"
             score = o.score() if ppl else 100 * o.score()
-            cells[t.name] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
+            cells[t.key] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
         any_result = next(iter(results.values()))
         prov = any_result.provenance
         kernels[v.name] = any_result.kernel_path
@@ -254,7 +253,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
             gate = average_retention_verdict(run, model.name, v.name)
             verdict = gate.outcome.label
             gates = {
-                f"retention[{t.name}]": retention_verdict(run, model.name, v.name, t.name).outcome.value
+                f"retention[{t.key}]": retention_verdict(run, model.name, v.name, t.key).outcome.value
                 for t in tasks
                 if t.gate
             }
@@ -276,7 +275,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
     th = run.thresholds.retention
     footer = {
         "metrics": ", ".join(
-            f"{t.name}={t.metric_key} (n={n_items.get(t.name)}, {t.num_fewshot}-shot)" for t in tasks
+            f"{t.key}={t.metric_key} (n={n_items.get(t.key)}, {t.num_fewshot}-shot)" for t in tasks
         ),
         "cells": "score ± 95% interval half-width, in points; Retention = paired ratio of the AVG over "
         "gated tasks, [95% interval]",
@@ -294,12 +293,12 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         "git": json.dumps(prov.get("git", {})),
     }
     task_info: dict[str, dict[str, object]] = {
-        t.name: {"metric": t.metric_key, "n": n_items.get(t.name), "num_fewshot": t.num_fewshot, "gated": t.gate}
+        t.key: {"metric": t.metric_key, "n": n_items.get(t.key), "num_fewshot": t.num_fewshot, "gated": t.gate}
         for t in tasks
     }
     return ScoreTable(
         f"{model.name} on {run.hw.hw_class}",
-        [t.name for t in tasks],
+        [t.key for t in tasks],
         rows,
         footer,
         volatile,
@@ -329,11 +328,11 @@ def emulation_agreement(run: Run, model: str, variant: str) -> dict[str, PairedE
     for task in run.matrix.tasks:
         if not task.gate:
             continue
-        emu = variant_results(run, model, variant)[task.name].outcomes(task.metric_key)
-        real = variant_results(run, model, v.compare_to)[task.name].outcomes(task.metric_key)
+        emu = variant_results(run, model, variant)[task.key].outcomes(task.metric_key)
+        real = variant_results(run, model, v.compare_to)[task.key].outcomes(task.metric_key)
         common = tuple(d for d in real.ids if d in set(emu.ids))
         real, emu = real.aligned(common), emu.aligned(common)
-        out[task.name] = paired_retention(
+        out[task.key] = paired_retention(
             real.values, emu.values, weights=real.weights, level=run.thresholds.retention.level
         )
     return out

@@ -77,6 +77,6 @@ def test_cpus_without_bf16_arithmetic_serve_in_float32_and_results_key_on_it(mon
     # the memory share changes capacity, not numbers: it stays out of the result key; the rest goes in
     monkeypatch.setenv("QUANTGATE_KV_CACHE_BYTES", "123456789")
     assert numerics_args(AVX2, ["--kv-cache-dtype", "fp8"]) == [
-        "--dtype", "float32", "--enforce-eager", "--kv-cache-dtype", "fp8"]
+        "--dtype", "float32", "--generation-config", "vllm", "--enforce-eager", "--kv-cache-dtype", "fp8"]
     monkeypatch.setenv("QUANTGATE_DTYPE", "bfloat16")
     assert numerics_args(AVX2, [])[:2] == ["--dtype", "bfloat16"]

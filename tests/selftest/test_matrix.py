@@ -1,5 +1,7 @@
 """Matrix and thresholds validation: every mistake is one error naming the file, the key and what is allowed."""
 
+import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def test_valid_minimal(tmp_path):
     [
         ("format: int4", "format: int3", "models.0.variants.1.format"),
         ("metric: acc_norm}", "metric: acc_norm, limt: 5}", "limt: unknown key"),
-        ("name: hellaswag", "name: helaswag", "did you mean ['hellaswag']"),
+        ("name: hellaswag", "name: helaswag", "did you mean hellaswag,"),
         ("{name: q,", "{name: bf16,", "duplicate variant name"),
         ("builder: llmcompressor", "builder: gptq", "models.0.variants.1.builder"),
         ("group_size: 64}}", "group_size: 64}, expected_kernels: {h100: x}}", "unknown hardware key(s) ['h100']"),
@@ -130,3 +132,221 @@ def test_transport_settings_stay_out_of_result_keys(tmp_path):
     settings = m.generation.result_settings()
     assert "concurrency" not in settings and "batch_size" not in settings
     assert settings["max_gen_toks"] == 256 and settings["temperature"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Users' own matrices: any lm-eval task, several metrics, sampling and chat per model and task, typed recipes
+
+
+@pytest.mark.parametrize(
+    "name", ["mmlu_redux_generative", "minerva_math500", "leaderboard_musr", "humaneval_plus", "gpqa_diamond_zeroshot"]
+)
+def test_any_lm_eval_task_by_its_registered_name(tmp_path, name):
+    m = load_matrix(write(tmp_path, BASE.replace("name: hellaswag", f"name: {name}")))
+    assert m.tasks[0].lm_eval_name == name
+
+
+def test_task_typo_suggests_lm_evals_close_names(tmp_path):
+    with pytest.raises(MatrixError, match=r"tasks\.0\.name.*no task, group or tag named 'minerva_math50'.*"
+                                          r"did you mean minerva_math500"):
+        load_matrix(write(tmp_path, BASE.replace("name: hellaswag", "name: minerva_math50")))
+
+
+REPEATED = BASE.replace("  - {name: hellaswag, metric: acc_norm}\n", """\
+  - {name: hellaswag, metrics: [acc, acc_norm]}
+  - name: ifeval
+    id: ifeval-strict
+    metrics:
+      - {name: ifeval_avg, mean_of: [prompt_level_strict_acc, inst_level_strict_acc]}
+      - prompt_level_strict_acc
+  - {name: ifeval, id: ifeval-loose, metric: prompt_level_loose_acc}
+""")
+
+
+def test_several_metrics_and_repeated_tasks_with_ids(tmp_path):
+    m = load_matrix(write(tmp_path, REPEATED))
+    assert [t.key for t in m.tasks] == ["hellaswag", "ifeval-strict", "ifeval-loose"]
+    assert m.tasks[0].metric_keys == ["acc,none", "acc_norm,none"] and m.tasks[0].metric_key == "acc,none"
+    strict = m.task("ifeval-strict")
+    assert strict.metric_key == "mean:prompt_level_strict_acc,none+inst_level_strict_acc,none"
+    assert strict.lm_eval_metric_keys() == {"prompt_level_strict_acc,none", "inst_level_strict_acc,none"}
+    assert with_task_limits(m, "ifeval-loose=7").task("ifeval-loose").limit == 7
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expect"),
+    [
+        ("id: ifeval-loose", "id: ifeval-strict", "duplicate task name(s) ['ifeval-strict']; give each repeat"),
+        ("metric: prompt_level_loose_acc", "metric: a, metrics: [b]", "give `metric` or `metrics`, not both"),
+        ("metrics: [acc, acc_norm]", "metrics: [acc, 'acc,none']", "lists metric(s) ['acc,none'] twice"),
+        ("metric: prompt_level_loose_acc", "limit: 3", "needs `metric`"),
+    ],
+)
+def test_metric_and_id_errors(tmp_path, old, new, expect):
+    with pytest.raises(MatrixError, match=re.escape(expect)):
+        load_matrix(write(tmp_path, REPEATED.replace(old, new)))
+
+
+SEED_002_SAMPLING = BASE.replace("    source: {kind: local, path: /nonexistent}\n", """\
+    source: {kind: local, path: /nonexistent}
+    generation: {top_k: 20, max_gen_toks: 512}
+    chat: {endpoint: chat-completions}
+""").replace("  - {name: hellaswag, metric: acc_norm}\n", """\
+  - name: minerva_math500
+    id: thinking
+    metric: math_verify
+    chat: {endpoint: chat-completions, chat_template_kwargs: {enable_thinking: true}}
+    generation: {temperature: 0.6, top_p: 0.95}
+  - name: minerva_math500
+    id: non-thinking
+    metric: math_verify
+    chat: {endpoint: chat-completions, chat_template_kwargs: {enable_thinking: false}}
+    generation: {temperature: 0.7, top_p: 0.8, presence_penalty: 1.5}
+  - {name: gsm8k, metric: 'exact_match,strict-match', chat: {endpoint: completions}}
+generation: {seed: 7, repetition_penalty: 1.0}
+""")
+
+
+def test_sampling_resolves_matrix_then_model_then_task(tmp_path):
+    m = load_matrix(write(tmp_path, SEED_002_SAMPLING))
+    model = m.models[0]
+    thinking, plain, gsm8k = (m.task(k) for k in ("thinking", "non-thinking", "gsm8k"))
+    assert m.sampling(model, thinking) == {
+        "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": None, "presence_penalty": None,
+        "repetition_penalty": 1.0, "max_gen_toks": 512, "seed": 7,
+    }
+    assert m.sampling(model, plain) | {} == m.sampling(model, thinking) | {
+        "temperature": 0.7, "top_p": 0.8, "presence_penalty": 1.5}
+    assert m.sampling(model, gsm8k)["temperature"] == 0.0  # the matrix default (greedy)
+    assert m.chat(model, gsm8k).endpoint == "completions"  # the task's own request path wins
+    assert m.chat(model, plain).chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_gen_kwargs_carry_every_sampling_field_to_every_generative_task(tmp_path):
+    from quantgate.evaluation.lmeval_runner import gen_kwargs
+
+    m = load_matrix(write(tmp_path, SEED_002_SAMPLING))
+    model, plain = m.models[0], m.task("non-thinking")
+    kwargs = gen_kwargs(m.sampling(model, plain), m.chat(model, plain))
+    assert kwargs == {
+        "temperature": 0.7, "do_sample": True, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5,
+        "repetition_penalty": 1.0, "max_gen_toks": 512, "chat_template_kwargs": {"enable_thinking": False},
+    }
+    greedy = gen_kwargs(m.sampling(model, m.task("gsm8k")), m.chat(model, m.task("gsm8k")))
+    assert greedy["do_sample"] is False and "chat_template_kwargs" not in greedy and "seed" not in greedy
+
+
+def test_model_args_pick_the_endpoint_and_pass_max_length(tmp_path):
+    from quantgate.evaluation.lmeval_runner import model_args
+    from quantgate.matrix import Chat
+
+    m = load_matrix(write(tmp_path, SEED_002_SAMPLING))
+    url = "http://127.0.0.1:8000/v1/completions"
+    chat = model_args(url, "m/bf16", Path("/tok"), m.generation, chat=Chat(endpoint="chat-completions"),
+                      max_length=4096, seed=3)
+    assert chat["base_url"] == "http://127.0.0.1:8000/v1/chat/completions" and "tokenizer" not in chat
+    assert chat["max_length"] == 4096 and chat["seed"] == 3
+    plain = model_args(url, "m/bf16", Path("/tok"), m.generation, max_length=2048)
+    assert plain["base_url"] == url and plain["tokenizer"] == "/tok" and plain["max_length"] == 2048
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expect"),
+    [
+        ("group_size: 64}", "group_sise: 64}", "recipe.llmcompressor.group_sise: unknown key"),
+        ("scheme: W4A16", "scheme: W4A17", "scheme 'W4A17' is not a compressed-tensors preset; allowed:"),
+        ("format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}",
+         "format: nvfp4, builder: modelopt, recipe: {format: nvfp5}",
+         "modelopt format 'nvfp5' is unknown; allowed: fp8, nvfp4"),
+        ("group_size: 64}", "group_size: 64, algorithm: awq}", "recipe.llmcompressor.algorithm"),
+        (", builder: llmcompressor", "", "has a recipe"),
+    ],
+)
+def test_typed_recipes_refuse_bad_keys_and_values(tmp_path, old, new, expect):
+    with pytest.raises(MatrixError, match=re.escape(expect)):
+        load_matrix(write(tmp_path, BASE.replace(old, new)))
+
+
+def test_recipes_reach_builders_and_cache_keys_as_written():
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "fixtures" / "demo.yaml").read_text())
+    m = load_matrix(ROOT / "fixtures" / "demo.yaml")
+    for written, variant in zip(raw["models"][0]["variants"], m.models[0].variants, strict=True):
+        assert variant.recipe_spec == written.get("recipe", {})  # so existing build cache keys are unchanged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantgate check: what the schema cannot know
+
+
+def _check(tmp_path, text, data_dir=None):
+    from quantgate.matrix_checks import check_matrix
+
+    path = write(tmp_path, text)
+    return check_matrix(load_matrix(path), path, data_dir)
+
+
+def _local_model(tmp_path, name, hidden=576, gen=None):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(f'{{"hidden_size": {hidden}, "intermediate_size": 1536}}')
+    if gen is not None:
+        (d / "generation_config.json").write_text(json.dumps(gen))
+    return d
+
+
+def test_check_refuses_what_would_fail_at_run_time(tmp_path):
+    base = _local_model(tmp_path, "base")
+    text = BASE.replace("/nonexistent", str(base)).replace("group_size: 64", "group_size: 128") + """\
+  - {name: hellaswag, id: typo, metric: acc_nrom}
+  - {name: humaneval_plus, metric: 'pass_at_k,create_test'}
+  - {name: gsm8k, metric: 'exact_match,strict-match', generation: {max_gen_toks: 4096}}
+  - {name: leaderboard_musr, metric: acc_norm, chat: {endpoint: chat-completions}}
+"""
+    text = text.replace("{name: bf16, format: bf16}", "{name: bf16, format: bf16}\n      - name: l\n"
+                        "        format: int8\n        source: {kind: local, path: /no/such/ckpt}")
+    report = _check(tmp_path, text)
+    errors = "\n".join(report.errors)
+    assert "group_size: 128 does not divide {'hidden_size': 576}" in errors
+    assert "metric 'acc_nrom,none' is not produced by lm-eval's hellaswag; allowed: ['acc,none', 'acc_norm,none']" \
+        in errors
+    assert "humaneval_plus executes model-written code" in errors and "allow_code_execution: true" in errors
+    assert "max_gen_toks 4096 >= max_model_len 2048" in errors
+    assert "leaderboard_musr is scored from log-probabilities" in errors
+    assert "variants.l.source.path: '/no/such/ckpt' does not exist" in errors
+    assert len(report.errors) == 6
+
+
+def test_check_passes_a_good_matrix_and_notes_offline_data(tmp_path):
+    base = _local_model(tmp_path, "base")
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    for split in ("test", "train"):
+        (data / f"{split}.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    text = BASE.replace("/nonexistent", str(base)) + "  - {name: gsm8k, metric: 'exact_match,flexible-extract'}\n"
+    report = _check(tmp_path, text, tmp_path / "data")
+    assert report.errors == []
+    assert report.notes == [f"offline data ({tmp_path / 'data'}): gsm8k",
+                            "need the Hugging Face Hub (no offline data here): hellaswag"]
+
+
+def test_check_warns_when_a_variants_generation_config_differs(tmp_path):
+    base = _local_model(tmp_path, "base", gen={"temperature": 0.6, "top_k": 20})
+    other = _local_model(tmp_path, "other", gen={"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.3})
+    text = BASE.replace("/nonexistent", str(base)).replace(
+        "{name: q, format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}}",
+        f"{{name: q, format: int4, source: {{kind: local, path: {other}}}}}")
+    report = _check(tmp_path, text)
+    assert report.errors == []
+    assert any("generation_config.json differs" in w and "'repetition_penalty': (None, 1.3)" in w
+               for w in report.warnings)
+
+
+@pytest.mark.parametrize("name", ["qwen3-nvfp4-baseten.yaml", "qwen3-math500.yaml", "demo.yaml"])
+def test_shipped_seed_matrices_pass_check_without_network(name):
+    from quantgate.matrix_checks import check_matrix
+
+    path = ROOT / "fixtures" / name
+    report = check_matrix(load_matrix(path), path, None)
+    assert report.errors == []

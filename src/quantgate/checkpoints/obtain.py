@@ -219,7 +219,7 @@ def calibration_spec(cal: Calibration) -> dict[str, Any]:
 
 def check_group_size(base: Path, variant: Variant) -> None:
     """Fail before any calibration when a grouped scheme's group size does not divide the layer widths."""
-    gs = variant.recipe.get("group_size")
+    gs = variant.recipe_spec.get("group_size")
     if not gs:
         return
     cfg = json.loads((base / "config.json").read_text())
@@ -245,7 +245,7 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
         "builder": BUILDER_VERSIONS[variant.builder],
         "builder_script_sha256": hash_file(script),
         "format": variant.format,
-        "recipe": variant.recipe,
+        "recipe": variant.recipe_spec,
         "calibration": {k: v for k, v in cal.items() if k not in ("text_file", "jsonl_file")},
     }
 
@@ -254,8 +254,8 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
         spec = {
             "base": str(base.path),
             "out": str(tmp),
-            "format": variant.recipe.get("format", variant.format),
-            "recipe": variant.recipe,
+            "format": variant.recipe_spec.get("format", variant.format),
+            "recipe": variant.recipe_spec,
             "calibration": cal,
         }
         spec_file = tmp.parent / f"{tmp.name}.spec.json"

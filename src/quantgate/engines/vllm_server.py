@@ -70,7 +70,9 @@ def default_engine_args(hw: Hardware) -> list[str]:
 
     Memory is not here: it depends on the model and the run, and `memory_args` sizes it per server.
     """
-    args = ["--dtype", compute_dtype(hw)]
+    # `--generation-config vllm`: sampling fields a request leaves out take vLLM's defaults, not the
+    # checkpoint's generation_config.json, so a variant whose config differs from the baseline's decodes the same.
+    args = ["--dtype", compute_dtype(hw), "--generation-config", "vllm"]
     if hw.hw_class == "cpu":
         # Eager mode: torch.compile on the CPU backend took minutes per variant at start (and recompiles per
         # checkpoint), far more than it saves on a small model's evaluation.

@@ -1,8 +1,10 @@
-"""Run one lm-eval task against an OpenAI-compatible completions endpoint (lm-eval's `local-completions`).
+"""Run one lm-eval task against an OpenAI-compatible endpoint (lm-eval's `local-completions`, or
+`local-chat-completions` for chat models).
 
-lm-eval's own entry point (`simple_evaluate`) does the work; quantgate only chooses the arguments, keeps every
-per-item sample, and turns them into per-item outcomes that the paired gates consume. lm-eval's `use_cache`
-keys on request text alone and would hand one checkpoint's answers to another, so it is never enabled.
+lm-eval's own entry point (`simple_evaluate`) does the work with lm-eval's own task definitions; quantgate only
+chooses the arguments (sampling, request path, context length, where the data is), keeps every per-item
+sample, and turns them into per-item outcomes that the paired gates consume. lm-eval's `use_cache` keys on
+request text alone and would hand one checkpoint's answers to another, so it is never enabled.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 import inspect
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,72 +21,171 @@ from typing import Any
 import numpy as np
 
 from quantgate.errors import EvaluationError
-from quantgate.evaluation.provenance import TASKS_DIR
-from quantgate.matrix import Generation, Task
+from quantgate.matrix import Chat, Generation, Task
 
 log = logging.getLogger(__name__)
 
 
 # lm-eval `local-completions` (TemplateAPI) arguments that change what is asked or how it is scored: the
 # tokenizer that counts and splits loglikelihood contexts, whether a BOS token is prepended, whether requests
-# go as token ids or text, the context window lm-eval truncates to, and the default generation length.
+# go as token ids or text, whether over-long prompts are truncated, and the default generation length.
 # Pinned explicitly (at lm-eval 0.4.13's defaults, except the tokenizer backend, which lm-eval would
 # auto-detect) and recorded in every result's key, so a change to any of them is a different experiment.
+# A chat endpoint renders the template in the server and takes none of them.
 MEASURED_CLIENT_ARGS: dict[str, Any] = {
     "tokenizer_backend": "huggingface",  # the served checkpoint's own tokenizer (its sha256 is in the key)
     "add_bos_token": False,
     "tokenized_requests": True,
-    "max_length": 2048,
     "truncate": False,
     "max_gen_toks": 256,
 }
 
 
-def client_settings(generation: Generation) -> dict[str, Any]:
-    """The lm-eval client settings that can change a result, for its key; transport settings are left out."""
-    return {"model": "local-completions", **MEASURED_CLIENT_ARGS, "seed": generation.seed}
+def client_settings(
+    generation: Generation, *, chat: Chat | None = None, max_length: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """The lm-eval client settings that can change a result, for its key; transport settings are left out.
+
+    `max_length` is the model's max_model_len (lm-eval's context window), `seed` the resolved sampling seed.
+    """
+    chat = chat or Chat()
+    out: dict[str, Any] = {
+        "model": "local-chat-completions" if chat.is_chat else "local-completions",
+        "max_length": max_length,
+        "seed": generation.seed if seed is None else seed,
+    }
+    if not chat.is_chat:
+        out |= MEASURED_CLIENT_ARGS
+    return out
 
 
 def model_args(
-    completions_url: str, served_name: str, tokenizer_dir: Path, generation: Generation
+    completions_url: str,
+    served_name: str,
+    tokenizer_dir: Path,
+    generation: Generation,
+    *,
+    chat: Chat | None = None,
+    max_length: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    """lm-eval model_args for the served model: `client_settings` plus where and how fast to send.
+
+    `max_length` is the server's max_model_len: lm-eval otherwise left-truncates prompts to its own default
+    window (2048 tokens, lm_eval/models/api_models.py). With a chat endpoint the server renders the chat
+    template, so no client-side tokenizer is used.
+    """
+    chat = chat or Chat()
+    measured = client_settings(generation, chat=chat, max_length=max_length, seed=seed)
+    args: dict[str, Any] = {
         "model": served_name,
-        "base_url": completions_url,
-        "tokenizer": str(tokenizer_dir),
-        **MEASURED_CLIENT_ARGS,
+        "base_url": chat_url(completions_url) if chat.is_chat else completions_url,
+        **{k: v for k, v in measured.items() if k != "model" and v is not None},
         # transport: how requests reach the server, not what is asked
         "num_concurrent": generation.concurrency,
-        "batch_size": generation.batch_size,
+        "batch_size": 1 if chat.is_chat else generation.batch_size,  # chat requests carry one conversation
         "max_retries": 3,
         "timeout": 600,
-        "seed": generation.seed,
     }
+    if not chat.is_chat:
+        args["tokenizer"] = str(tokenizer_dir)
+    return args
 
 
 @functools.cache
 def scoring_code_sha256() -> str:
     """sha256 of quantgate's code that turns lm-eval samples into per-item outcomes and scores:
-    ItemOutcomes, item_outcomes and _answer here, and the tasks' Python (tasks/qg_utils.py: loaders,
-    process_results, the IFEval and wikitext scoring). A change to any of it is a different measurement."""
+    ItemOutcomes, item_outcomes and _answer here, and the tasks' Python (tasks/offline_data.py: the offline
+    mirrors and the IFEval checkers' set-up). A change to any of it is a different measurement."""
     h = hashlib.sha256()
     for obj in (ItemOutcomes, item_outcomes, _answer):
         h.update(inspect.getsource(obj).encode())
-    for f in sorted(TASKS_DIR.glob("*.py")):
+    for f in sorted((Path(__file__).parent / "tasks").glob("*.py")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
-def gen_kwargs(task: Task, generation: Generation) -> dict[str, Any] | None:
-    if task.name not in ("gsm8k", "ifeval"):
-        return None
-    kwargs: dict[str, Any] = {"temperature": generation.temperature}
-    if generation.max_gen_toks:
-        kwargs["max_gen_toks"] = generation.max_gen_toks
-    if generation.temperature == 0:
-        kwargs["do_sample"] = False
-    return kwargs
+def chat_url(completions_url: str) -> str:
+    """The chat-completions URL beside a completions URL (…/v1/completions -> …/v1/chat/completions)."""
+    base, sep, _ = completions_url.rpartition("/completions")
+    if not sep:
+        raise EvaluationError(f"{completions_url!r} is not a /completions URL")
+    return f"{base}/chat/completions"
+
+
+def gen_kwargs(sampling: dict[str, Any], chat: Chat | None = None) -> dict[str, Any]:
+    """lm-eval gen_kwargs for every generative task from resolved sampling (Matrix.sampling).
+
+    lm-eval applies them to generate_until tasks only and sends every key it does not consume itself to the
+    server as a request field (openai_completions.py `_create_payload`: `**gen_kwargs`), so top_p, top_k,
+    min_p, presence_penalty and repetition_penalty reach vLLM's SamplingParams, and chat_template_kwargs
+    reach vLLM's chat template. `seed` travels as lm-eval's per-request seed (model_args), not here.
+    """
+    out = {k: v for k, v in sampling.items() if v is not None and k != "seed"}
+    if "temperature" in out:
+        out["do_sample"] = out["temperature"] > 0
+    if chat is not None and chat.is_chat and chat.chat_template_kwargs:
+        out["chat_template_kwargs"] = dict(chat.chat_template_kwargs)
+    return out
+
+
+def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
+    """What to hand lm-eval for task `name`: the name itself (lm-eval reads its dataset from the Hub), or, where
+    the data folder holds the dataset, lm-eval's own config with the dataset location pointed at the local
+    mirror (quantgate.evaluation.tasks.offline_data). Groups stay groups: the override reaches every subtask.
+    """
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from quantgate.evaluation.task_registry import leaves, task_manager
+    from quantgate.evaluation.tasks.offline_data import ifeval_checkers, needs_ifeval_checkers, offline_overrides
+
+    entry = task_manager().task_index[name]
+    leaf_list = list(leaves(name))
+    if any(needs_ifeval_checkers(leaf.config) for leaf in leaf_list):
+        ifeval_checkers()  # importing lm-eval's IFEval utils downloads NLTK data unless punkt_tab is in place
+    overrides = [offline_overrides(leaf.config, data_dir) for leaf in leaf_list]
+    if not overrides or any(o is None for o in overrides) or entry.yaml_path is None or entry.kind == Kind.TAG:
+        return name
+    if any(o != overrides[0] for o in overrides):  # one override must fit every subtask of a group
+        return name
+    return {**load_yaml(entry.yaml_path, resolve_func=True), **overrides[0]}
+
+
+def task_load_error(name: str) -> str | None:
+    """Why lm-eval's config of `name` cannot be loaded here (its Python helpers fail to import, e.g. a missing
+    extra such as lm-eval[math] for minerva_math), or None. Loads each leaf's YAML with its functions resolved,
+    as lm-eval does when it builds the task; nothing is downloaded (IFEval's NLTK model is set up first)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from quantgate.evaluation.task_registry import leaves
+    from quantgate.evaluation.tasks.offline_data import ifeval_checkers, needs_ifeval_checkers
+
+    seen: set[str] = set()
+    for leaf in leaves(name):
+        if leaf.yaml_path is None or leaf.yaml_path in seen:
+            continue
+        seen.add(leaf.yaml_path)
+        try:
+            if needs_ifeval_checkers(leaf.config):
+                ifeval_checkers()
+            load_yaml(leaf.yaml_path, resolve_func=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the user with the task named
+            return f"{leaf.name}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def has_offline_data(name: str, data_dir: Path | None) -> bool:
+    """True when every leaf of `name` reads a dataset the data folder mirrors (so it runs without the Hub)."""
+    from quantgate.evaluation.task_registry import leaves
+    from quantgate.evaluation.tasks.offline_data import MIRRORS
+
+    leaf_list = list(leaves(name))
+    return bool(leaf_list) and all(
+        (m := MIRRORS.get(str(leaf.config.get("dataset_path")))) is not None and m.available(data_dir)
+        for leaf in leaf_list
+    )
 
 
 def run_task(
@@ -96,52 +196,71 @@ def run_task(
     task: Task,
     generation: Generation,
     data_dir: Path | None,
+    sampling: dict[str, Any] | None = None,
+    chat: Chat | None = None,
+    max_length: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
 
-    if data_dir is not None:
-        os.environ["QUANTGATE_DATA_DIR"] = str(data_dir)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    `sampling` is Matrix.sampling(model, task) (default: the matrix-wide block), `chat` Matrix.chat(model,
+    task), `max_length` the model's max_model_len. For a group, aggregate holds the group's metrics and
+    samples every subtask's items, each tagged with its subtask (`task`), so items are (subtask, doc id).
+    """
+    from lm_eval import simple_evaluate
+
+    from quantgate.evaluation.task_registry import task_manager
+
+    sampling = generation.resolved() if sampling is None else sampling
+    chat = chat or Chat()
     name = task.lm_eval_name
+    seed = sampling.get("seed")
+    seed = generation.seed if seed is None else seed
     try:
+        spec = lm_eval_task_spec(name, data_dir)
         out = simple_evaluate(
-            model="local-completions",
-            model_args=model_args(completions_url, served_name, tokenizer_dir, generation),
-            tasks=[name],
+            model="local-chat-completions" if chat.is_chat else "local-completions",
+            model_args=model_args(
+                completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length, seed=seed
+            ),
+            tasks=[spec],
             num_fewshot=task.num_fewshot,
             limit=task.limit,
             log_samples=True,
             bootstrap_iters=0,  # quantgate computes its own paired intervals
-            apply_chat_template=task.apply_chat_template,
-            gen_kwargs=gen_kwargs(task, generation),
-            task_manager=TaskManager(include_path=str(TASKS_DIR)),
-            random_seed=generation.seed,
-            numpy_random_seed=generation.seed,
-            torch_random_seed=generation.seed,
-            fewshot_random_seed=generation.seed,
+            apply_chat_template=task.apply_chat_template or chat.is_chat,
+            gen_kwargs=gen_kwargs(sampling, chat) or None,
+            task_manager=task_manager(),
+            confirm_run_unsafe_code=task.allow_code_execution,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
-        raise EvaluationError(
-            f"lm-eval failed on task {task.name} ({name}): {type(exc).__name__}: {exc}"
-        ) from exc
+        raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {type(exc).__name__}: {exc}") from exc
     if not out or name not in out.get("results", {}):
-        raise EvaluationError(f"lm-eval returned no results for task {task.name} ({name})")
+        raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
     aggregate = out["results"][name]
-    samples = out.get("samples", {}).get(name) or []
+    # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
+    logged = out.get("samples", {})
+    subtasks = sorted(logged)
+    samples = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
     if not samples:
-        raise EvaluationError(f"lm-eval logged no per-item samples for task {task.name}")
-    if task.metric_key not in aggregate:
+        raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
+    missing = sorted(task.lm_eval_metric_keys() - set(aggregate))
+    if missing:
         raise EvaluationError(
-            f"task {task.name}: metric {task.metric_key!r} not in lm-eval's output; "
+            f"task {task.key}: metric(s) {missing} not in lm-eval's output; "
             f"available: {sorted(k for k in aggregate if not k.endswith('_stderr') and k != 'alias')}"
         )
     config = {
-        "configs": out.get("configs", {}).get(name),
+        "configs": {sub: out.get("configs", {}).get(sub) for sub in subtasks if sub in out.get("configs", {})},
         "n-samples": out.get("n-samples", {}).get(name),
-        "versions": out.get("versions", {}).get(name),
+        "versions": {sub: out.get("versions", {}).get(sub) for sub in subtasks},
+        "offline": not isinstance(spec, str),
+        "model": "local-chat-completions" if chat.is_chat else "local-completions",
+        "gen_kwargs": gen_kwargs(sampling, chat),
+        "max_length": max_length,
     }
     return aggregate, samples, config
 
@@ -199,7 +318,19 @@ def _answer(sample: dict[str, Any]) -> str:
     return str(resp)[:2000] if resp is not None else ""
 
 
+def _item_id(sample: dict[str, Any]) -> str:
+    """A sample's item id: its doc id, or 'subtask/doc id' for a group's items."""
+    return f"{sample['task']}/{sample['doc_id']}" if "task" in sample else str(sample["doc_id"])
+
+
+def _order(sample: dict[str, Any]) -> tuple[str, int]:
+    return (str(sample.get("task", "")), int(sample["doc_id"]))
+
+
 def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcomes:
+    """Per-item values of `metric_key` ('metric,filter', or a derived 'mean:a,f+b,f' from Task.metric_keys)."""
+    if metric_key.startswith("mean:"):
+        return derived_mean([item_outcomes(samples, k) for k in metric_key.removeprefix("mean:").split("+")])
     metric, _, flt = metric_key.partition(",")
     rows = [s for s in samples if s.get("filter", "none") == (flt or "none")] or samples
     ids: list[str] = []
@@ -207,11 +338,11 @@ def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcome
     weights: list[float] = []
     answers: dict[str, str] = {}
     kind = "mean"
-    for s in sorted(rows, key=lambda r: int(r["doc_id"])):
+    for s in sorted(rows, key=_order):
         if metric not in s:
             raise EvaluationError(f"per-item samples carry no {metric!r}; keys: {sorted(s)}")
         v = s[metric]
-        doc = str(s["doc_id"])
+        doc = _item_id(s)
         ids.append(doc)
         answers[doc] = _answer(s)
         if isinstance(v, (list, tuple)) and metric.endswith("perplexity") or metric == "bits_per_byte":
@@ -232,3 +363,20 @@ def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcome
         kind,
         metric,
     )
+
+
+def derived_mean(parts: list[ItemOutcomes]) -> ItemOutcomes:
+    """The mean of several metrics of one task as one per-item metric (seed 000's IFEval: (prompt + inst) / 2).
+
+    A ratio-of-sums part (weights w_i, values v_i) contributes v_i / mean(w) per item, whose mean over items is
+    exactly sum(v) / sum(w); so the derived score equals the mean of the parts' scores, and its paired interval
+    is computed from per-item values like any mean metric (items of one run share mean(w) with the baseline's
+    on the same items, since weights are instruction counts of the prompt).
+    """
+    if any(p.kind == "perplexity" for p in parts):
+        raise EvaluationError("a derived mean of perplexities is not defined; list them as separate metrics")
+    ids = parts[0].ids
+    total = np.zeros(len(ids))
+    for part in (p.aligned(ids) for p in parts):
+        total += part.values if part.weights is None else part.values / part.weights.mean()
+    return ItemOutcomes(ids, total / len(parts), None, parts[0].answers, "mean")

@@ -7,14 +7,11 @@ import hashlib
 import json
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 from quantgate import __version__
 from quantgate.engines.hardware import detect
 from quantgate.paths import project_root
-
-TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 def package_version(*names: str) -> str | None:
@@ -58,15 +55,11 @@ def hardware() -> dict[str, Any]:
     return detect().as_dict()
 
 
-@functools.cache
 def task_definition_hash(lm_eval_task: str) -> str:
-    """Hash of the task's YAML and the shared Python it calls: a changed prompt is a different experiment."""
-    h = hashlib.sha256()
-    for f in sorted(TASKS_DIR.glob("*")):
-        if f.suffix == ".py" or f.stem == lm_eval_task or f.name.startswith(lm_eval_task):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+    """Digest of lm-eval's resolved config of the task and the Python files it calls (task_config_digest)."""
+    from quantgate.evaluation.task_registry import task_config_digest
+
+    return task_config_digest(lm_eval_task)
 
 
 def key_digest(obj: Any) -> str:

@@ -1,7 +1,9 @@
-"""Which offline data files each quantgate task reads, and their fingerprint for result keys.
+"""Which offline data files each lm-eval task reads, and their fingerprint for result keys.
 
-The layout is relative to $QUANTGATE_DATA_DIR (shared/data); the loaders in tasks/qg_utils.py read exactly
-these files, so a result is keyed on the sha256 of its own task's files and on nothing else in the folder.
+quantgate runs lm-eval's own task configs with only the dataset location pointed at a local mirror of the Hub
+dataset (tasks/offline_data.py: MIRRORS, one per Hub dataset id, built from files of the data folder). A
+result is keyed on the sha256 of exactly the files its task's mirrors are built from, and on nothing else in
+the folder: adding a dataset folder or editing a README changes no key.
 """
 
 from __future__ import annotations
@@ -10,105 +12,52 @@ import functools
 import hashlib
 from pathlib import Path
 
-GSM8K_TEST = "gsm8k/test.jsonl"
-GSM8K_TRAIN = "gsm8k/train.jsonl"
-HELLASWAG_VAL = "hellaswag/hellaswag_val_full.txt.bz2"
-MMLU_DIR = "mmlu"
-IFEVAL_INPUT = "ifeval/input_data.jsonl"
-WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
-
-# lm-eval's mmlu subjects and their categories (lm_eval/tasks/mmlu/_generate_configs.py), sorted by name.
-MMLU_SUBJECTS: dict[str, str] = {
-    "abstract_algebra": "stem",
-    "anatomy": "stem",
-    "astronomy": "stem",
-    "business_ethics": "other",
-    "clinical_knowledge": "other",
-    "college_biology": "stem",
-    "college_chemistry": "stem",
-    "college_computer_science": "stem",
-    "college_mathematics": "stem",
-    "college_medicine": "other",
-    "college_physics": "stem",
-    "computer_security": "stem",
-    "conceptual_physics": "stem",
-    "econometrics": "social_sciences",
-    "electrical_engineering": "stem",
-    "elementary_mathematics": "stem",
-    "formal_logic": "humanities",
-    "global_facts": "other",
-    "high_school_biology": "stem",
-    "high_school_chemistry": "stem",
-    "high_school_computer_science": "stem",
-    "high_school_european_history": "humanities",
-    "high_school_geography": "social_sciences",
-    "high_school_government_and_politics": "social_sciences",
-    "high_school_macroeconomics": "social_sciences",
-    "high_school_mathematics": "stem",
-    "high_school_microeconomics": "social_sciences",
-    "high_school_physics": "stem",
-    "high_school_psychology": "social_sciences",
-    "high_school_statistics": "stem",
-    "high_school_us_history": "humanities",
-    "high_school_world_history": "humanities",
-    "human_aging": "other",
-    "human_sexuality": "social_sciences",
-    "international_law": "humanities",
-    "jurisprudence": "humanities",
-    "logical_fallacies": "humanities",
-    "machine_learning": "stem",
-    "management": "other",
-    "marketing": "other",
-    "medical_genetics": "other",
-    "miscellaneous": "other",
-    "moral_disputes": "humanities",
-    "moral_scenarios": "humanities",
-    "nutrition": "other",
-    "philosophy": "humanities",
-    "prehistory": "humanities",
-    "professional_accounting": "other",
-    "professional_law": "humanities",
-    "professional_medicine": "other",
-    "professional_psychology": "social_sciences",
-    "public_relations": "social_sciences",
-    "security_studies": "social_sciences",
-    "sociology": "social_sciences",
-    "us_foreign_policy": "social_sciences",
-    "virology": "other",
-    "world_religions": "humanities",
-}
+# Mirrors that read more than the files their availability check names: MMLU reads every subject's CSVs.
+_READS_GLOB: dict[str, tuple[str, ...]] = {"cais/mmlu": ("mmlu/*/*.csv",)}
 
 
-def task_data_files(lm_eval_task: str, num_fewshot: int = 0) -> tuple[str, ...]:
-    """The data files (relative to the data folder) that the qg_* task reads.
+def mirror_files(hub_id: str, data_dir: Path) -> tuple[str, ...]:
+    """Files (relative to `data_dir`) the mirror of Hub dataset `hub_id` is built from; () if none is shipped."""
+    from quantgate.evaluation.tasks.offline_data import MIRRORS
 
-    gsm8k reads its train split always (the loader builds it; lm-eval draws few-shot examples from it); mmlu
-    reads the dev CSVs only for few-shot examples. Raises KeyError for a task quantgate does not ship.
-    """
-    mmlu = tuple(f"{MMLU_DIR}/test/{s}_test.csv" for s in MMLU_SUBJECTS)
-    if num_fewshot:
-        mmlu += tuple(f"{MMLU_DIR}/dev/{s}_dev.csv" for s in MMLU_SUBJECTS)
-    return {
-        "qg_gsm8k": (GSM8K_TEST, GSM8K_TRAIN),
-        "qg_hellaswag": (HELLASWAG_VAL,),
-        "qg_mmlu": mmlu,
-        "qg_ifeval": (IFEVAL_INPUT,),
-        "qg_wikitext": (WIKITEXT2_TEST,),
-    }[lm_eval_task]
+    mirror = MIRRORS.get(hub_id)
+    if mirror is None:
+        return ()
+    files = set(mirror.needs)
+    for pattern in _READS_GLOB.get(hub_id, ()):
+        files |= {str(p.relative_to(data_dir)) for p in Path(data_dir).glob(pattern)}
+    return tuple(sorted(files))
 
 
-def task_data_fingerprint(data_dir: Path | None, lm_eval_task: str, num_fewshot: int = 0) -> dict[str, object] | None:
-    """{"files": n, "sha256": digest} over the task's files: sha256 of the sorted "relative-path sha256" lines.
+def task_data_files(lm_eval_task: str, data_dir: Path) -> tuple[str, ...]:
+    """The data files every leaf of `lm_eval_task` (a task, group or tag) reads offline; () when some leaf has
+    no offline mirror (that task reads the Hub, and its dataset revision is part of its config digest)."""
+    from quantgate.evaluation.task_registry import leaves
 
-    A missing file enters as "missing" (loading the task then fails naming it). None without a data folder.
-    """
-    if data_dir is None:
-        return None
+    files: set[str] = set()
+    for leaf in leaves(lm_eval_task):
+        own = mirror_files(str(leaf.config.get("dataset_path")), data_dir)
+        if not own:
+            return ()
+        files |= set(own)
+    return tuple(sorted(files))
+
+
+def files_fingerprint(data_dir: Path, files: tuple[str, ...]) -> dict[str, object]:
+    """{"files": n, "sha256": digest}: sha256 of the sorted "relative-path sha256" lines. A missing file enters
+    as "missing" (loading the task then fails naming it)."""
     h = hashlib.sha256()
-    files = sorted(task_data_files(lm_eval_task, num_fewshot))
-    for rel in files:
+    for rel in sorted(files):
         h.update(f"{rel} {_file_sha256(Path(data_dir) / rel)}\n".encode())
     return {"files": len(files), "sha256": h.hexdigest()}
+
+
+def task_data_fingerprint(data_dir: Path | None, lm_eval_task: str) -> dict[str, object] | None:
+    """The fingerprint of the files `lm_eval_task` reads; None without a data folder or for a Hub task."""
+    if data_dir is None:
+        return None
+    files = task_data_files(lm_eval_task, data_dir)
+    return files_fingerprint(data_dir, files) if files else None
 
 
 def _file_sha256(path: Path) -> str:
