@@ -13,6 +13,8 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,21 @@ def client_settings(generation: Generation) -> dict[str, Any]:
 
 
 def model_args(
-    completions_url: str, served_name: str, tokenizer_dir: Path, generation: Generation
+    completions_url: str,
+    served_name: str,
+    tokenizer_dir: Path,
+    generation: Generation,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
+    """lm-eval `local-completions` arguments. No credential goes here: lm-eval logs these and records them
+    in its output (`config.model_args`); the server's API key travels through `server_api_key`."""
     return {
         "model": served_name,
         "base_url": completions_url,
         "tokenizer": str(tokenizer_dir),
         **MEASURED_CLIENT_ARGS,
+        # runs the tokenizer's own code: only where the matrix opts the model in
+        "trust_remote_code": trust_remote_code,
         # transport: how requests reach the server, not what is asked
         "num_concurrent": generation.concurrency,
         "batch_size": generation.batch_size,
@@ -88,6 +98,28 @@ def gen_kwargs(task: Task, generation: Generation) -> dict[str, Any] | None:
     return kwargs
 
 
+@contextmanager
+def server_api_key(api_key: str | None) -> Iterator[None]:
+    """Make lm-eval's `local-completions` send `Authorization: Bearer <api_key>` while the block runs.
+
+    lm-eval 0.4.13 takes the key from env OPENAI_API_KEY (LocalCompletionsAPI.api_key, read into the cached
+    `header` on the first request); the alternative, a `header` model argument, would be logged and stored
+    with lm-eval's config. The previous value is restored afterwards, so the key outlives no evaluation.
+    """
+    if api_key is None:
+        yield
+        return
+    previous = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = api_key
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = previous
+
+
 def run_task(
     *,
     completions_url: str,
@@ -96,8 +128,14 @@ def run_task(
     task: Task,
     generation: Generation,
     data_dir: Path | None,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran)."""
+    """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
+
+    `api_key` is the server's (sent as a bearer token, never logged); `trust_remote_code` loads the
+    tokenizer's own code, only where the matrix opts the model in.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -107,22 +145,23 @@ def run_task(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = task.lm_eval_name
     try:
-        out = simple_evaluate(
-            model="local-completions",
-            model_args=model_args(completions_url, served_name, tokenizer_dir, generation),
-            tasks=[name],
-            num_fewshot=task.num_fewshot,
-            limit=task.limit,
-            log_samples=True,
-            bootstrap_iters=0,  # quantgate computes its own paired intervals
-            apply_chat_template=task.apply_chat_template,
-            gen_kwargs=gen_kwargs(task, generation),
-            task_manager=TaskManager(include_path=str(TASKS_DIR)),
-            random_seed=generation.seed,
-            numpy_random_seed=generation.seed,
-            torch_random_seed=generation.seed,
-            fewshot_random_seed=generation.seed,
-        )
+        with server_api_key(api_key):
+            out = simple_evaluate(
+                model="local-completions",
+                model_args=model_args(completions_url, served_name, tokenizer_dir, generation, trust_remote_code),
+                tasks=[name],
+                num_fewshot=task.num_fewshot,
+                limit=task.limit,
+                log_samples=True,
+                bootstrap_iters=0,  # quantgate computes its own paired intervals
+                apply_chat_template=task.apply_chat_template,
+                gen_kwargs=gen_kwargs(task, generation),
+                task_manager=TaskManager(include_path=str(TASKS_DIR)),
+                random_seed=generation.seed,
+                numpy_random_seed=generation.seed,
+                torch_random_seed=generation.seed,
+                fewshot_random_seed=generation.seed,
+            )
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
         raise EvaluationError(
             f"lm-eval failed on task {task.name} ({name}): {type(exc).__name__}: {exc}"
