@@ -139,15 +139,17 @@ def wait_for_release(
     before: Sequence[DeviceReading] | None,
     *,
     timeout: float,
-    read: Callable[[], list[DeviceReading] | None] = read_devices,
+    read: Callable[[], list[DeviceReading] | None] | None = None,
     poll_s: float = 1.0,
 ) -> None:
     """Return once the devices are back to `before` (see `release_verdict`); raise ServerError after `timeout` s.
 
-    No-op when `before` is None (a CPU machine, or no server started yet in this process).
+    `read` takes a reading (default: `read_devices`). No-op when `before` is None (a CPU machine, or no server
+    started yet in this process).
     """
     if before is None:
         return
+    read = read or read_devices
     deadline = time.monotonic() + timeout
     while True:
         now = read()

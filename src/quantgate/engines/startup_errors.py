@@ -68,7 +68,7 @@ def _no_cache(log_text: str) -> str:
 def _cuda_oom(m: re.Match[str]) -> str:
     return (
         f"CUDA out of memory: tried to allocate {m['ask']} on GPU {m['gpu']}, which has {m['total']} "
-        f"of which {m['free']} was free" + (f"; {m['others']}" if m["others"] else "")
+        f"of which {m['free']} was free" + (f"; {m['others'].strip()}" if m["others"] else "")
     )
 
 
