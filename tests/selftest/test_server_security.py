@@ -160,3 +160,18 @@ def test_start_timeout_setting(monkeypatch):
         monkeypatch.setenv("QUANTGATE_SERVER_START_TIMEOUT", bad)
         with pytest.raises(ServerError, match="QUANTGATE_SERVER_START_TIMEOUT"):
             start_timeout()
+
+
+def test_start_timeout_in_the_matrix_is_strict(tmp_path):
+    def matrix(extra: str):
+        path = tmp_path / "m.yaml"
+        path.write_text(f"models:\n- name: m\n  source: {{kind: local, path: /x}}\n{extra}  variants:\n"
+                        "  - {name: bf16, format: bf16}\ntasks:\n- {name: hellaswag, metric: acc_norm}\n")
+        return load_matrix(path)
+
+    assert matrix("").models[0].server_start_timeout_s == 900.0
+    assert matrix("  server_start_timeout_s: 2400\n").models[0].server_start_timeout_s == 2400.0
+    with pytest.raises(MatrixError, match="server_start_timeout_s: Input should be greater than 0"):
+        matrix("  server_start_timeout_s: 0\n")
+    with pytest.raises(MatrixError, match="server_start_timeout: unknown key"):
+        matrix("  server_start_timeout: 2400\n")
