@@ -73,10 +73,18 @@ def standin_run_task(*, completions_url: str, served_name: str, task, api_key: s
     return {task.metric_key: 1.0}, samples, {"configs": None}
 
 
-def fake_checkpoint(root: Path, name: str) -> runner_mod.Checkpoint:
-    path = root / "ckpt" / name
+# What quantgate reads of a checkpoint before serving it (the KV-cache sizing): a tiny model's config.
+TINY_CONFIG = '{"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64, "torch_dtype": "bfloat16"}'
+
+
+def fake_model_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    return runner_mod.Checkpoint(path, f"sha-{name}", "local")
+    (path / "config.json").write_text(TINY_CONFIG)
+    return path
+
+
+def fake_checkpoint(root: Path, name: str) -> runner_mod.Checkpoint:
+    return runner_mod.Checkpoint(fake_model_dir(root / "ckpt" / name), f"sha-{name}", "local")
 
 
 def patch(setattr_, root: Path) -> None:

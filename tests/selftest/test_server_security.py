@@ -28,7 +28,7 @@ def standin(tmp_path, monkeypatch):
 
 
 def _server(tmp_path: Path, **kw) -> VllmServer:
-    return VllmServer(tmp_path, log_path=tmp_path / "server.log", served_name="m", **kw)
+    return VllmServer(fh.fake_model_dir(tmp_path), log_path=tmp_path / "server.log", served_name="m", **kw)
 
 
 def test_command_binds_127_0_0_1_and_carries_no_key(tmp_path):

@@ -55,8 +55,8 @@ CUDA_OOM = (
 def test_cpu_reservation_refused_at_start():
     assert memory_refusal(TRACE + CPU_STARTUP) == (
         "CPU memory: vLLM reserves 2.35 GiB (0.1 of NUMA node 0's 23.47 GiB, --gpu-memory-utilization) but only "
-        "1.52 GiB was available at start; lower --gpu-memory-utilization (QUANTGATE_CPU_MEMORY_UTILIZATION) or "
-        "free memory"
+        "1.52 GiB was available at start; lower --gpu-memory-utilization, size the KV cache in bytes "
+        "(--kv-cache-memory-bytes) or free memory"
     )
 
 

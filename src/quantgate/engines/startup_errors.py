@@ -21,7 +21,7 @@ def _cpu_startup(m: re.Match[str]) -> str:
     return (
         f"CPU memory: vLLM reserves {m['req']} GiB ({m['util']} of NUMA node {m['node']}'s {m['total']} GiB, "
         f"--gpu-memory-utilization) but only {m['avail']} GiB was available at start; lower "
-        "--gpu-memory-utilization (QUANTGATE_CPU_MEMORY_UTILIZATION) or free memory"
+        "--gpu-memory-utilization, size the KV cache in bytes (--kv-cache-memory-bytes) or free memory"
     )
 
 
@@ -29,7 +29,8 @@ def _cpu_kv(m: re.Match[str]) -> str:
     asked = f"{m['kv']} GiB" + (f" (of {m['req']} GiB requested)" if m["req"] else "")
     return (
         f"CPU memory: the KV cache needs {asked} but only {m['avail']} of {m['total']} GiB was available on "
-        f"NUMA node {m['node']}; lower --gpu-memory-utilization / --kv-cache-memory-bytes or free memory"
+        f"NUMA node {m['node']}; lower the KV cache (QUANTGATE_KV_CACHE_BYTES, the model's max_model_len) or "
+        "free memory"
     )
 
 

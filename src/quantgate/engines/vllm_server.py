@@ -287,11 +287,9 @@ def kill_tree(pid: int, grace: float = 10.0) -> None:
 
 def _exit_status(pid: int) -> int | None:
     """The exit code of child `pid` (negative: killed by that signal), None while it runs; the child is NOT
-    reaped, so its pid, hence its process group id, cannot be reused by another process before teardown."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
+    reaped, so its pid, hence its process group id, cannot be reused by another process before teardown.
+    Raises ChildProcessError where `pid` is no (longer a) child of this process."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     if info is None:
         return None
     return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
@@ -397,7 +395,10 @@ class VllmServer:
             return None
         if self.proc.returncode is not None:
             return self.proc.returncode
-        return _exit_status(self.proc.pid)
+        try:
+            return _exit_status(self.proc.pid)
+        except ChildProcessError:  # reaped elsewhere: Popen knows what there is to know
+            return self.proc.poll()
 
     def failure(self, what: str) -> ServerError:
         """A ServerError saying `what` happened, with the memory refusal vLLM logged and the log's end."""
