@@ -252,6 +252,11 @@ def test_signal_during_server_start(tmp_path, standin, sig):
     assert rerun.events.servers_started == []
 
 
+def test_teardown_never_signals_the_callers_own_group():
+    with pytest.raises(ValueError, match="this process's own"):
+        vllm_server.kill_process_group(os.getpgrp())
+
+
 def test_standin_module_is_the_only_thing_swapped():
     """The fault tests exercise quantgate's real start/teardown: only the module vLLM is run as differs."""
     assert vllm_server.SERVER_MODULE == "vllm.entrypoints.openai.api_server"

@@ -264,7 +264,10 @@ def kill_process_group(pgid: int, grace: float = 10.0) -> None:
     spawns (the engine core, its workers) inherits the group. Signalling the group rather than walking the
     leader's children reaches them after the leader has died: orphans are re-parented to init and no longer
     appear among anyone's children, but keep the group id. The leader is not reaped here (its parent does).
+    Refuses (ValueError) the caller's own group, which holds the caller and its test runner.
     """
+    if pgid == os.getpgrp():
+        raise ValueError(f"process group {pgid} is this process's own; a server runs in a group of its own")
     procs: dict[int, psutil.Process] = {p.pid: p for p in group_members(pgid)}
     try:
         leader = psutil.Process(pgid)
