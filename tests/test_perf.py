@@ -107,7 +107,8 @@ def _measure_serving(qg_session, vr: VariantRun, cfg: PerfConfig, concurrency: i
         workload = BenchRound(concurrency, w.input_len, w.output_len, w.num_prompts, w.warmups,
                               seed=1000 * concurrency + len(rounds))
         rounds.append(run_serving_benchmark(
-            server.base_url, server.served_name, vr.served_checkpoint().path, workload, out_dir=out
+            server.base_url, server.served_name, vr.served_checkpoint().path, workload, out_dir=out,
+            api_key=server.api_key, trust_remote_code=vr.model.trust_remote_code,
         ))
         vr.run.events.seconds["benchmark"] += time.monotonic() - t0  # its own line in the suite-cost split
 

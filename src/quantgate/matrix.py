@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantgate.engines.hardware import HARDWARE_KEY
+from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
 from quantgate.errors import MatrixError
 from quantgate.recipes import Recipe
 
@@ -258,6 +259,15 @@ class Variant(_Strict):
     )
     serve_args: list[str] = Field(default_factory=list)
 
+    @field_validator("serve_args")
+    @classmethod
+    def _not_reserved(cls, value: list[str]) -> list[str]:
+        bad = reserved_arg_overrides(value)
+        if bad:
+            raise ValueError(f"serve_args may not set {bad}: quantgate sets {list(RESERVED_ARGS)} itself "
+                             "(every server listens on 127.0.0.1 only, with its own API key)")
+        return value
+
     @field_validator("expected_kernels")
     @classmethod
     def _hardware_keys(cls, value: dict[str, str]) -> dict[str, str]:
@@ -302,7 +312,13 @@ class Model(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     source: Source
     max_model_len: int = Field(2048, gt=0)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the checkpoint's own Python code (vLLM and tokenizer); off unless opted in here"
+    )
+    server_start_timeout_s: float = Field(
+        DEFAULT_START_TIMEOUT_S, gt=0,
+        description="seconds the server may take to become healthy (env QUANTGATE_SERVER_START_TIMEOUT overrides)",
+    )
     gpus: int = Field(
         1, ge=1, description="GPUs each server of this model uses: --tensor-parallel-size, and the devices "
         "each xdist worker reserves (docs/multi-gpu.md)"

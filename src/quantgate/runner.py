@@ -22,8 +22,8 @@ from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_
 from quantgate.devices import server_env, tensor_parallel_args, visible_devices
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
-from quantgate.engines.vllm_server import VllmServer, numerics_args
-from quantgate.errors import NotStoredError, QuantgateError
+from quantgate.engines.vllm_server import VllmServer, numerics_args, start_timeout
+from quantgate.errors import EvaluationError, NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import (
     ItemOutcomes,
     client_settings,
@@ -255,6 +255,8 @@ class VariantRun:
             server = self.ensure_server()
             kernel = kernel_path(server.log_text())
             for task in missing:
+                # a server that died after the last task must not be reported as this task's lm-eval failure
+                server.check_alive(f"before task {task.key} (between tasks)")
                 key = self.eval_key(task, kernel)
                 with self.run.store.lock(self.model.name, self.variant.name, task.key, key):
                     hit = self.run.store.find(self.model.name, self.variant.name, task.key, key)
@@ -283,17 +285,24 @@ class VariantRun:
     def _evaluate(self, task: Task, key: dict[str, Any], server: VllmServer) -> EvalResult:
         t0 = time.monotonic()
         log.warning("quantgate: evaluating %s on %s (limit=%s)", task.key, self.label, task.limit)
-        aggregate, samples, config = run_task(
-            completions_url=server.completions_url,
-            served_name=self.label,
-            tokenizer_dir=self.served_checkpoint().path,
-            task=task,
-            generation=self.run.matrix.generation,
-            data_dir=self.run.data_dir,
-            sampling=self.run.matrix.sampling(self.model, task),
-            chat=self.run.matrix.chat(self.model, task),
-            max_length=self.model.max_model_len,
-        )
+        try:
+            aggregate, samples, config = run_task(
+                completions_url=server.completions_url,
+                served_name=self.label,
+                tokenizer_dir=self.served_checkpoint().path,
+                task=task,
+                generation=self.run.matrix.generation,
+                data_dir=self.run.data_dir,
+                sampling=self.run.matrix.sampling(self.model, task),
+                chat=self.run.matrix.chat(self.model, task),
+                max_length=self.model.max_model_len,
+                api_key=server.api_key,
+                trust_remote_code=self.model.trust_remote_code,
+            )
+        except EvaluationError:
+            # lm-eval reports a dead server as connection errors after its retries; name the real cause
+            server.check_alive(f"while evaluating task {task.key}")
+            raise
         seconds = time.monotonic() - t0
         self.run.events.seconds["evaluate"] += seconds
         self.run.events.evaluated.append(f"{self.label}:{task.key}")
@@ -329,7 +338,7 @@ class VariantRun:
         return self._remember(self._ensure_server_once)
 
     def _ensure_server_once(self) -> VllmServer:
-        if self.server is not None and self.server.proc is not None and self.server.proc.poll() is None:
+        if self.server is not None and self.server.proc is not None and self.server.exit_code() is None:
             return self.server
         self.run.stop_servers()
         served = self.served_checkpoint()
@@ -344,6 +353,8 @@ class VariantRun:
             env=self._device_env(),
             # lm-eval keeps `concurrency` requests of `batch_size` prompts each in flight
             sequences=self.run.matrix.generation.concurrency * self.run.matrix.generation.batch_size,
+            startup_timeout=start_timeout(self.model.server_start_timeout_s),
+            trust_remote_code=self.model.trust_remote_code,
         )
         t0 = time.monotonic()
         server.__enter__()

@@ -279,10 +279,14 @@ class _FakeServer:
     completions_url = "http://127.0.0.1:1/v1/completions"
     log_path = None
     startup_seconds = 0.0
+    api_key = None
     proc = SimpleNamespace(poll=lambda: None)
 
     def log_text(self) -> str:
         return ""
+
+    def check_alive(self, when: str) -> None:
+        pass  # no process: it cannot die
 
     def stop(self) -> None:
         pass

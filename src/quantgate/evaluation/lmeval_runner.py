@@ -14,6 +14,9 @@ import hashlib
 import inspect
 import logging
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +71,15 @@ def model_args(
     chat: Chat | None = None,
     max_length: int | None = None,
     seed: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """lm-eval model_args for the served model: `client_settings` plus where and how fast to send.
 
     `max_length` is the server's max_model_len: lm-eval otherwise left-truncates prompts to its own default
     window (2048 tokens, lm_eval/models/api_models.py). With a chat endpoint the server renders the chat
-    template, so no client-side tokenizer is used.
+    template, so no client-side tokenizer is used. No credential goes here: lm-eval logs these and records
+    them in its output (`config.model_args`); the server's API key travels through `server_api_key`.
+    `trust_remote_code` runs the tokenizer's own code: only where the matrix opts the model in.
     """
     chat = chat or Chat()
     measured = client_settings(generation, chat=chat, max_length=max_length, seed=seed)
@@ -89,6 +95,7 @@ def model_args(
     }
     if not chat.is_chat:
         args["tokenizer"] = str(tokenizer_dir)
+        args["trust_remote_code"] = trust_remote_code
     return args
 
 
@@ -188,6 +195,28 @@ def has_offline_data(name: str, data_dir: Path | None) -> bool:
     )
 
 
+@contextmanager
+def server_api_key(api_key: str | None) -> Iterator[None]:
+    """Make lm-eval's `local-completions` send `Authorization: Bearer <api_key>` while the block runs.
+
+    lm-eval 0.4.13 takes the key from env OPENAI_API_KEY (LocalCompletionsAPI.api_key, read into the cached
+    `header` on the first request); the alternative, a `header` model argument, would be logged and stored
+    with lm-eval's config. The previous value is restored afterwards, so the key outlives no evaluation.
+    """
+    if api_key is None:
+        yield
+        return
+    previous = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = api_key
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = previous
+
+
 def run_task(
     *,
     completions_url: str,
@@ -199,8 +228,13 @@ def run_task(
     sampling: dict[str, Any] | None = None,
     chat: Chat | None = None,
     max_length: int | None = None,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
+
+    `api_key` is the server's (sent as a bearer token, never logged); `trust_remote_code` loads the
+    tokenizer's own code, only where the matrix opts the model in.
 
     `sampling` is Matrix.sampling(model, task) (default: the matrix-wide block), `chat` Matrix.chat(model,
     task), `max_length` the model's max_model_len. For a group, aggregate holds the group's metrics and
@@ -216,26 +250,28 @@ def run_task(
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
     try:
-        spec = lm_eval_task_spec(name, data_dir)
-        out = simple_evaluate(
-            model="local-chat-completions" if chat.is_chat else "local-completions",
-            model_args=model_args(
-                completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length, seed=seed
-            ),
-            tasks=[spec],
-            num_fewshot=task.num_fewshot,
-            limit=task.limit,
-            log_samples=True,
-            bootstrap_iters=0,  # quantgate computes its own paired intervals
-            apply_chat_template=task.apply_chat_template or chat.is_chat,
-            gen_kwargs=gen_kwargs(sampling, chat) or None,
-            task_manager=task_manager(),
-            confirm_run_unsafe_code=task.allow_code_execution,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with server_api_key(api_key):
+            spec = lm_eval_task_spec(name, data_dir)
+            out = simple_evaluate(
+                model="local-chat-completions" if chat.is_chat else "local-completions",
+                model_args=model_args(
+                    completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
+                    seed=seed, trust_remote_code=trust_remote_code,
+                ),
+                tasks=[spec],
+                num_fewshot=task.num_fewshot,
+                limit=task.limit,
+                log_samples=True,
+                bootstrap_iters=0,  # quantgate computes its own paired intervals
+                apply_chat_template=task.apply_chat_template or chat.is_chat,
+                gen_kwargs=gen_kwargs(sampling, chat) or None,
+                task_manager=task_manager(),
+                confirm_run_unsafe_code=task.allow_code_execution,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
         raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {type(exc).__name__}: {exc}") from exc
     if not out or name not in out.get("results", {}):

@@ -157,7 +157,10 @@ def bench_command(
     out_dir: str | Path,
     filename: str,
     python: str = sys.executable,
+    trust_remote_code: bool = False,
 ) -> list[str]:
+    """The `vllm bench serve` command line. It carries no credential: the command is recorded with every
+    result; the server's API key goes through the environment (see run_serving_benchmark)."""
     w = workload
     return [
         python, "-m", THIS_MODULE,
@@ -185,6 +188,7 @@ def bench_command(
         "--save-result",
         "--result-dir", str(out_dir),
         "--result-filename", filename,
+        *(["--trust-remote-code"] if trust_remote_code else []),
     ]
 
 
@@ -197,8 +201,13 @@ def run_serving_benchmark(
     out_dir: str | Path,
     python: str = sys.executable,
     timeout: float = 1800.0,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ServingMetrics:
     """One round of `vllm bench serve` against a running server (EOS ignored, greedy).
+
+    `api_key` is the server's; vLLM's benchmark client sends env OPENAI_API_KEY as a bearer token
+    (vllm/benchmarks/lib/endpoint_request_func.py), so it never appears on the recorded command line.
 
     vLLM caches prefixes by default: a caller repeating rounds should vary `seed` per round (and use the
     same seeds for every variant), or later rounds measure cache hits instead of prefill.
@@ -208,12 +217,14 @@ def run_serving_benchmark(
     stem = workload.stem
     filename = f"{stem}.json"
     cmd = bench_command(base_url, served_name, tokenizer_dir, workload, out_dir=out_dir, filename=filename,
-                        python=python)
+                        python=python, trust_remote_code=trust_remote_code)
     result_path = out_dir / filename
     result_path.unlink(missing_ok=True)  # a stale file must never pass for this round's result
     log_path = out_dir / f"{stem}.log"
     # The tokenizer is a local directory; transformers must never reach for the hub.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if api_key is not None:
+        env["OPENAI_API_KEY"] = api_key
     with open(log_path, "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
