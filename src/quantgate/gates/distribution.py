@@ -342,11 +342,11 @@ class DistributionVerdict:
             lines.append(f"  verdict    the whole interval is beyond {self.limit:.4g}: evidence of loss")
         else:
             lines.append(f"  verdict    the interval straddles {self.limit:.4g}")
-        need = f"n >= {self.required_n} documents" if self.required_n else "no n (estimate on the limit)"
-        lines.append(
-            f"  power      this n resolves a gap of {s.half_width:.3g} from the limit; "
-            f"{need} would resolve this one"
-        )
+        power = f"  power      this n resolves a gap of {s.half_width:.3g} from the limit"
+        if self.status != "pass":
+            power += (f"; n >= {self.required_n} documents would resolve this one" if self.required_n
+                      else "; no n resolves an estimate that sits on the limit")
+        lines.append(power)
         if self.source:
             lines.append(f"  limit from {self.source}")
         return "\n".join(lines)
