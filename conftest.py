@@ -8,6 +8,6 @@ from quantgate.report.snapshot import per_hardware
 
 @pytest.fixture
 def table_snapshot(snapshot, qg_run):
-    """syrupy's snapshot, storing score tables as Markdown files under tests/__snapshots__/, one folder per
-    hardware class or CPU tier (`sm90`, `cpu-avx2`)."""
+    """syrupy's snapshot, storing score tables as JSON under tests/__snapshots__/, one folder per hardware
+    class or CPU tier (`sm90`, `cpu-avx2`), compared within noise (quantgate.report.snapshot)."""
     return snapshot.use_extension(per_hardware(qg_run.hw.keys[0]))

@@ -149,7 +149,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
     spec = {"model_dir": str(vr.served_checkpoint().path), "max_model_len": model.max_model_len,
             "serve_args": vr.variant.serve_args, "seed": matrix.generation.seed,
-            "temperature": matrix.generation.temperature, "requests": requests}
+            "temperature": matrix.generation.temperature, "requests": requests,
+            "sequences": generation.concurrency * generation.batch_size}
     return {"items": len(requests), "seconds": seconds, "output_tokens": out_tokens, "spec": spec,
             "concurrency": generation.concurrency, "batch_size": generation.batch_size, "num_fewshot": task.num_fewshot,
             "max_gen_toks": generation.max_gen_toks}
@@ -188,11 +189,15 @@ def _child_offline(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams
 
     from quantgate.engines.hardware import detect
-    from quantgate.engines.vllm_server import default_engine_args
+    from quantgate.engines.vllm_server import default_engine_args, memory_args
 
-    # The server's own engine flags (memory share, eager mode on the CPU, the variant's serve_args), so the
-    # offline engine is configured as the server was.
-    engine_kwargs = _flags_to_kwargs([*default_engine_args(detect()), *spec["serve_args"]])
+    # The server's own engine flags (eager mode on the CPU, the memory it was sized with, the variant's
+    # serve_args), so the offline engine is configured as the server was.
+    hw = detect()
+    engine = [*default_engine_args(hw), *spec["serve_args"]]
+    memory, _ = memory_args(hw, Path(spec["model_dir"]), max_model_len=spec["max_model_len"],
+                            sequences=spec.get("sequences", 16), engine_args=engine)
+    engine_kwargs = _flags_to_kwargs([*default_engine_args(hw), *memory, *spec["serve_args"]])
     print(f"[suite_cost] offline engine arguments: {engine_kwargs}", flush=True)
     llm = LLM(model=spec["model_dir"], max_model_len=spec["max_model_len"],
               seed=spec["seed"], **engine_kwargs)

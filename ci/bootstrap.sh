@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${QUANTGATE_VENV:-.venv}
 command -v uv >/dev/null 2>&1 || "$PY" -m pip install -q uv
-# torch==2.13.0+cpu sits in pip's find-links folder on these machines; uv does not read pip's config.
+# torch==2.13.0+cpu sits in pip's find-links folder on these machines; uv does not read pip's config. pip's
+# find-links may come from the environment (PIP_FIND_LINKS) or a config file in HOME, /etc or /etc/xdg.
 if [ -z "${UV_FIND_LINKS:-}" ]; then
-  links=$("$PY" -m pip config get global.find-links 2>/dev/null || true)
-  [ -n "$links" ] && export UV_FIND_LINKS="$links"
+  links=${PIP_FIND_LINKS:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}
+  if [ -n "$links" ]; then export UV_FIND_LINKS="$links"; fi
 fi
 [ -x "$VENV/bin/python" ] || uv venv -q --python "$PY" "$VENV"
 stamp="$VENV/.quantgate-install"

@@ -1,6 +1,8 @@
 """Accuracy gates of the regression suite: paired retention against BF16, and regression against the last
-accepted run. Each test's failure message carries the numbers needed to decide (n, estimate, interval, floor,
-flips) and, for regressions, the items that flipped with both answers."""
+accepted run. Each gate's message carries the numbers needed to decide (n, estimate, interval, floor, mdd, the
+n that resolves it, flips) and, for regressions, the items that flipped with both answers. `qg_judge` gives
+each gate its tier from thresholds/policy.yaml and ends the test as the policy says for its outcome (PASS,
+FAIL, INCONCLUSIVE, NOT GATED) at this cadence (--qg-cadence)."""
 
 import pytest
 
@@ -9,23 +11,21 @@ from quantgate.engines.kernels import kernel_mismatch
 from tests._support import runnable
 
 
-def test_accuracy_retention(qg_run, qg_variant, qg_task):
+def test_accuracy_retention(qg_run, qg_variant, qg_task, qg_judge):
     model, variant = qg_variant
     runnable(qg_run, model, variant)
     verdict = verdicts.retention_verdict(qg_run, model, variant, qg_task)
-    print(verdict.message())
-    verdict.raise_for_status()
+    qg_judge(f"retention[{qg_task}]", f"{model}/{variant}", verdict)
 
 
-def test_accuracy_retention_average(qg_run, qg_variant):
+def test_accuracy_retention_average(qg_run, qg_variant, qg_judge):
     model, variant = qg_variant
     runnable(qg_run, model, variant)
     verdict = verdicts.average_retention_verdict(qg_run, model, variant)
-    print(verdict.message())
-    verdict.raise_for_status()
+    qg_judge("retention[AVG]", f"{model}/{variant}", verdict)
 
 
-def test_regression_vs_accepted(qg_session, qg_run, qg_any_variant, qg_regression_task):
+def test_regression_vs_accepted(qg_session, qg_run, qg_any_variant, qg_regression_task, qg_judge):
     model, variant = qg_any_variant
     runnable(qg_run, model, variant)
     if qg_session.accept:
@@ -37,8 +37,7 @@ def test_regression_vs_accepted(qg_session, qg_run, qg_any_variant, qg_regressio
             f"no accepted run for {model}/{variant}/{qg_regression_task}: "
             f"record one with `pytest --qg-accept` or `quantgate accept`"
         )
-    print(verdict.message())
-    assert verdict.passed, verdict.message()
+    qg_judge(f"regression[{qg_regression_task}]", f"{model}/{variant}", verdict)
 
 
 def test_kernel_path(qg_run, qg_any_variant):

@@ -194,7 +194,7 @@ def _memory(vr: VariantRun) -> dict[str, Any]:
         assert server.proc is not None
         mem = server_memory(server.proc.pid)
         kv = kv_cache_capacity(server.log_text())
-        model = model_memory(server.log_text())
+        model = model_memory(server.log_text(), mem["pss_bytes"])
         cache[key] = {
             "server_rss_bytes": mem["rss_bytes"], "server_pss_bytes": mem["pss_bytes"],
             "gpu_memory_used_bytes": mem["gpu_memory_used_bytes"],

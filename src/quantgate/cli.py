@@ -3,9 +3,16 @@
 quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
 quantgate report [--matrix M]                                  print the score table from stored results
 quantgate accept [--matrix M]                                  record current results as accepted baselines
-quantgate check  [--matrix M] [--thresholds T]                 validate the matrix and thresholds only
+quantgate check  [--matrix M] [--thresholds T]                 validate the matrix, thresholds and policy only
+quantgate plan   [--matrix M] [--discordance D] [--base S]     n each gate needs, and its mdd at the matrix's n
+quantgate merge SRC... --into DST                              merge shards' results directories (refuses conflicts)
 
-Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit).
+Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit), and
+--qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit).
+
+Exit codes of `quantgate run` (quantgate.run_verdict): 0 every counted gate passed; 1 a gate failed on
+evidence of loss, a critical gate is MISSING, or another test failed or errored; 2 nothing failed but a gate
+the policy blocks on is INCONCLUSIVE; 3 the run did not complete (bad configuration, usage, interrupted).
 """
 
 from __future__ import annotations
@@ -20,31 +27,28 @@ import pytest
 from quantgate.errors import QuantgateError
 from quantgate.matrix import load_matrix, load_thresholds, with_task_limits
 from quantgate.paths import results_dir
+from quantgate.plugin import STASH
+from quantgate.policy import CADENCES, Policy, load_policy
+from quantgate.run_verdict import EXIT_ERROR, RunVerdict
 
 
 class _VerdictCollector:
-    """Collects each test's outcome, so the CLI can print a one-screen verdict after pytest's own output."""
+    """Keeps the run's verdict (quantgate.run_verdict) and each skip's reason, for the CLI's summary."""
 
     def __init__(self) -> None:
-        self.outcomes: dict[str, tuple[str, str]] = {}
+        self.verdict: RunVerdict | None = None
+        self.policy: Policy | None = None
+        self.skips: dict[str, list[str]] = {}
 
     def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
-        if report.when == "call" or report.outcome in ("failed", "skipped") and report.when == "setup":
-            detail = ""
-            if report.failed:
-                lines = str(
-                    report.longrepr.reprcrash.message
-                    if hasattr(report.longrepr, "reprcrash")
-                    else report.longrepr
-                ).splitlines() or [""]
-                detail = lines[0][:160]
-                # A gate's message says why on its `verdict` line (the n it needs, the bound it missed).
-                why = next((ln.strip() for ln in lines[1:] if ln.strip().startswith("verdict ")), None)
-                if why:
-                    detail += "\n          " + why[:200]
-            elif report.skipped and isinstance(report.longrepr, tuple):
-                detail = str(report.longrepr[2])[:160]
-            self.outcomes[report.nodeid] = (report.outcome, detail)
+        if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[2]).removeprefix("Skipped: ")[:200]
+            self.skips.setdefault(reason, []).append(report.nodeid)
+
+    def pytest_sessionfinish(self, session) -> None:  # noqa: ANN001 - pytest hook
+        qs = session.config.stash.get(STASH, None)
+        if qs is not None:
+            self.verdict, self.policy = qs.verdict(), qs.policy
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -68,7 +72,7 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     matrix_path, thresholds_path = _paths(args)
-    load_matrix(matrix_path), load_thresholds(thresholds_path)  # fail before pytest starts
+    load_matrix(matrix_path), load_thresholds(thresholds_path), _policy(args)  # fail before pytest starts
     tests = Path(args.tests)
     if not tests.is_dir():
         raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
@@ -76,28 +80,19 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     t0 = time.monotonic()
     code = pytest.main(_suite_argv(args, *extra), plugins=[collector])
     wall = time.monotonic() - t0
-    counts: dict[str, int] = {}
-    for outcome, _ in collector.outcomes.values():
-        counts[outcome] = counts.get(outcome, 0) + 1
     print("\n" + "=" * 30 + " quantgate verdict " + "=" * 30)
-    skips: dict[str, list[str]] = {}
-    for nodeid, (outcome, detail) in collector.outcomes.items():
-        if outcome == "skipped":
-            skips.setdefault(detail.removeprefix("Skipped: "), []).append(nodeid)
-        elif outcome != "passed":
-            print(f"  {outcome.upper():7} {nodeid}" + (f"\n          {detail}" if detail else ""))
     # Skips carry a reason each; grouped, the ones that matter are not lost among the `-m perf` ones.
-    for reason, nodeids in skips.items():
+    for reason, nodeids in collector.skips.items():
         where = nodeids[0] if len(nodeids) == 1 else f"{len(nodeids)} tests, e.g. {nodeids[0]}"
         print(f"  SKIPPED {where}\n          {reason}")
-    verdict = "PASS" if code == 0 else ("FAIL" if code == 1 else f"ERROR (pytest exit {int(code)})")
-    print(
-        f"VERDICT: {verdict}  "
-        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        + f"  ({wall:.0f}s wall)"
-    )
+    if collector.verdict is None or int(code) not in (0, 1):
+        # pytest did not get to judge the suite (usage error, interrupted, nothing collected)
+        print(f"VERDICT: ERROR (pytest exit {int(code)}), the run did not complete  ({wall:.0f}s wall)")
+        return EXIT_ERROR
+    # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
+    print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
     _print_tables(matrix_path, thresholds_path, args.qg_limit)
-    return int(code)
+    return collector.verdict.exit_code
 
 
 def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
@@ -105,10 +100,12 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
     matrix_path, thresholds_path = _paths(args)
     tests = Path(args.tests)
     limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
+    path = _policy_path(args)
+    policy = ["--qg-policy", str(path.resolve())] if path is not None else []
     return [
         str(tests), "--ignore", str(tests / "selftest"),
         "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
-        "-p", "no:cacheprovider", *limit, *extra,
+        "--qg-cadence", args.qg_cadence, "-p", "no:cacheprovider", *policy, *limit, *extra,
     ]
 
 
@@ -127,35 +124,109 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
     load_thresholds(thresholds_path)
+    policy = _policy(args)
     n = sum(len(x.variants) for x in m.models)
     print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
+    print(policy.describe(args.qg_cadence))
+    gated = {t.name for t in m.tasks if t.gate}
+    for key in policy.required():
+        task = key.removeprefix("retention[").removesuffix("]")
+        if task in {t.name for t in m.tasks} and task not in gated:
+            print(f"  note: critical {key} is not gated in this matrix (gate: false): it will be MISSING")
+    return 0
+
+
+def _policy_path(args: argparse.Namespace) -> Path | None:
+    """--qg-policy, else policy.yaml beside the thresholds file, else None (the built-in default policy)."""
+    if args.qg_policy:
+        return Path(args.qg_policy)
+    beside = Path(args.thresholds).parent / "policy.yaml"
+    return beside if beside.exists() else None
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    from quantgate.policy import DEFAULT_POLICY
+
+    path = _policy_path(args)
+    return DEFAULT_POLICY if path is None else load_policy(path)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantgate.plan import parse_assumptions, plan_rows, render_plan
+
+    m = load_matrix(Path(args.matrix))
+    if args.qg_limit:
+        m = with_task_limits(m, args.qg_limit)
+    th = load_thresholds(Path(args.thresholds))
+    base = parse_assumptions(args.base, [t.name for t in m.tasks], "--base")
+    disc = parse_assumptions(args.discordance, [t.name for t in m.tasks], "--discordance")
+    rows = plan_rows(m, th, base, disc, power=args.power)
+    print(render_plan(rows, th.retention.level, args.power))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from quantgate.merge import merge_results
+
+    report = merge_results([Path(s) for s in args.sources], Path(args.into))
+    print(f"{report.summary()} into {args.into}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "accept", "check"):
+    ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for name in ("run", "report", "accept", "check", "plan"):
         p = sub.add_parser(name)
-        p.add_argument("--matrix", default="fixtures/demo.yaml")
+        if name == "plan":
+            p.add_argument("matrix_arg", nargs="?", default=None, metavar="MATRIX", help="matrix YAML (as --matrix)")
+        p.add_argument("--matrix", "--qg-matrix", dest="matrix", default="fixtures/demo.yaml")
+        p.add_argument("--qg-cadence", choices=CADENCES, default="commit",
+                       help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
+        p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
         p.add_argument("--thresholds", default="thresholds/retention.yaml")
         p.add_argument("--tests", default="tests")
         p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
                        help="only the first N items of each task (or the named ones); passed on to pytest")
+        if name == "plan":
+            p.add_argument("--discordance", default="0.10", metavar="D|TASK=D,...",
+                           help="assumed fraction of items a variant answers differently from BF16")
+            p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
+                           help="assumed BF16 score (0..1) per task")
+            p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+    merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
+    merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
+    merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
     args, extra = ap.parse_known_args(argv)
+    if extra and args.cmd not in ("run", "accept"):
+        ap.error(f"quantgate {args.cmd}: unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "matrix_arg", None):
+        args.matrix = args.matrix_arg
     try:
+        if args.cmd == "merge":
+            if extra:
+                ap.error(f"merge: unrecognized arguments: {' '.join(extra)}")
+            return cmd_merge(args)
         if args.cmd == "run":
             return cmd_run(args, extra)
         if args.cmd == "accept":
             return cmd_accept(args, extra)
         if args.cmd == "report":
             return cmd_report(args)
+        if args.cmd == "plan":
+            return cmd_plan(args)
         return cmd_check(args)
     except QuantgateError as exc:
         print(f"quantgate: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; 2 means INCONCLUSIVE here, so a usage error exits 3."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":

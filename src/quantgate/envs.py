@@ -63,8 +63,11 @@ def _torch_requirement() -> str:
 
 
 def _find_links() -> str | None:
-    if os.environ.get("UV_FIND_LINKS"):
-        return os.environ["UV_FIND_LINKS"]
+    """pip's find-links, for uv, which does not read pip's configuration: UV_FIND_LINKS, else pip's own
+    environment variable, else its config files (HOME's, /etc's or /etc/xdg's)."""
+    for var in ("UV_FIND_LINKS", "PIP_FIND_LINKS"):
+        if os.environ.get(var):
+            return os.environ[var]
     try:
         out = subprocess.run(
             [sys.executable, "-m", "pip", "config", "get", "global.find-links"],

@@ -54,9 +54,14 @@ class GgufWheelSource(_Strict):
         return v
 
 
+_ALLOW_PICKLE = ("load pickled weights (.bin, .pt, .pth) from this source; off by default because "
+                 "unpickling runs arbitrary code")
+
+
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     id: str
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
     revision: str = Field(description="a pinned commit; branch names are refused because they move")
 
     @field_validator("revision")
@@ -70,6 +75,7 @@ class HubSource(_Strict):
 class LocalSource(_Strict):
     kind: Literal["local"] = "local"
     path: str
+    allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
 
 
 Source = Annotated[GgufWheelSource | HubSource | LocalSource, Field(discriminator="kind")]
@@ -126,6 +132,10 @@ class Model(_Strict):
     source: Source
     max_model_len: int = Field(2048, gt=0)
     trust_remote_code: bool = False
+    gpus: int = Field(
+        1, ge=1, description="GPUs each server of this model uses: --tensor-parallel-size, and the devices "
+        "each xdist worker reserves (docs/multi-gpu.md)"
+    )
     variants: list[Variant]
 
     @model_validator(mode="after")
@@ -137,6 +147,11 @@ class Model(_Strict):
         for v in self.variants:
             if v.compare_to is not None and v.compare_to not in names:
                 raise ValueError(f"variant {v.name!r}: compare_to {v.compare_to!r} is not a variant of {self.name!r}")
+        for v in self.variants:
+            if any(a in ("--tensor-parallel-size", "-tp") or a.startswith(("--tensor-parallel-size=", "-tp="))
+                   for a in v.serve_args):
+                raise ValueError(f"variant {v.name!r}: set tensor parallelism with the model's `gpus: K`, not "
+                                 "--tensor-parallel-size in serve_args (gpus also reserves the devices)")
         if sum(v.format == "bf16" for v in self.variants) != 1:
             raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")
         return self

@@ -7,18 +7,22 @@ Fixtures a suite uses:
   qg_any_variant  every variant including the BF16 baselines
   qg_task       each gated task (param); qg_regression_task each task with `regression: true`
   qg_model      each model (param)
+  qg_judge      judge(gate_name, subject, judgement): the policy's tier and disposition applied to the test
 Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from quantgate.devices import DeviceError, pin_xdist_worker
 from quantgate.errors import QuantgateError
+from quantgate.gates.outcome import Gate, Judgement, Outcome
 from quantgate.matrix import (
     FORMATS,
     Matrix,
@@ -28,7 +32,16 @@ from quantgate.matrix import (
     with_task_limits,
 )
 from quantgate.paths import results_dir
+from quantgate.policy import CADENCES, DEFAULT_POLICY, Policy, load_policy
+from quantgate.run_verdict import RunVerdict, summarize
 from quantgate.runner import Run
+from quantgate.scheduling import make_variant_scheduler
+
+GATE_PROPERTY = "quantgate.gate"
+
+
+class QuantgateNote(UserWarning):
+    """A gate that passed with a note (an INCONCLUSIVE outcome the policy lets pass)."""
 
 FORMAT_MARKERS = {f: f"{f} variants (and the BF16 baselines they are compared against)" for f in FORMATS}
 OTHER_MARKERS = {
@@ -49,12 +62,23 @@ class QuantgateSession:
     thresholds_path: Path
     results: Path
     accept: bool
+    policy: Policy = DEFAULT_POLICY
+    policy_path: Path | None = None
+    cadence: str = "commit"
     run: Run | None = None
+    gates: list[Gate] = field(default_factory=list)
+    other_failures: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def get_run(self) -> Run:
         if self.run is None:
             self.run = Run(self.matrix, self.thresholds, self.results)
         return self.run
+
+    def verdict(self) -> RunVerdict:
+        return summarize(
+            self.gates, self.policy, self.cadence, other_failures=self.other_failures, errors=self.errors
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -78,8 +102,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="evaluate only the first N items of every task (or of the named tasks): a quick run on "
         "slow hardware; the limit is part of each result's key",
     )
+    group.addoption(
+        "--qg-cadence",
+        default="commit",
+        choices=CADENCES,
+        help="which cadence's policy applies (what INCONCLUSIVE does per tier): commit (default), nightly, weekly",
+    )
+    group.addoption("--qg-policy", default=None, help="policy YAML (default: ini quantgate_policy)")
     parser.addini("quantgate_matrix", "matrix YAML", default="fixtures/demo.yaml")
+    parser.addini("quantgate_policy", "gating policy YAML", default="thresholds/policy.yaml")
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config):  # noqa: ANN201 - a hook wrapper's result is pytest's
+    """`-n N` without a `--dist` of the user's: schedule by xdist_group (`--dist loadgroup`), so each variant's
+    tests, marked with one group per variant, run on one worker and its server starts once.
+
+    A wrapper runs before every plain implementation, xdist's included, which turns dist "no" into "load"."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no" \
+            and not getattr(config.option, "distload", False):
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # noqa: ANN001 - xdist's WorkerController
+    """Hand the controller's --dist to each worker: a worker re-reads the command line, which lacks the
+    loadgroup chosen above, and xdist's workers add the group to each test id only under loadgroup."""
+    node.workerinput["quantgate_dist"] = node.config.option.dist
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - xdist's types
+    """Under loadgroup, schedule by variant from the test ids (scheduling.py: xdist's own groups are lost
+    with pytest 9.2)."""
+    qs = _session(config)
+    if qs is None or config.getvalue("dist") != "loadgroup":
+        return None
+    labels = [f"{m.name}/{v.name}" for m in qs.matrix.models for v in m.variants]
+    return make_variant_scheduler(config, log, labels)
 
 
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
@@ -89,6 +151,8 @@ def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", {}).get("quantgate_dist") == "loadgroup":
+        config.option.loadgroup = True  # read by xdist's worker when it collects (xdist/remote.py)
     for name, doc in {**FORMAT_MARKERS, **OTHER_MARKERS}.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     matrix_path = _resolve(config, "--qg-matrix", "quantgate_matrix")
@@ -100,6 +164,10 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.getoption("--qg-limit"):
             matrix = with_task_limits(matrix, config.getoption("--qg-limit"))
         thresholds = load_thresholds(thresholds_path)
+        policy_path: Path | None = _resolve(config, "--qg-policy", "quantgate_policy")
+        if policy_path is not None and not policy_path.exists() and not config.getoption("--qg-policy"):
+            policy_path = None  # no policy file in this project: the built-in default
+        policy = load_policy(policy_path) if policy_path is not None else DEFAULT_POLICY
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None
     results = (
@@ -107,27 +175,23 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.getoption("--qg-results")
         else results_dir()
     )
-    _pin_gpu_for_xdist_worker()
-    config.stash[STASH] = QuantgateSession(
-        matrix, thresholds, matrix_path, thresholds_path, results, config.getoption("--qg-accept")
-    )
-
-
-def _pin_gpu_for_xdist_worker() -> None:
-    """Give each xdist worker its own GPU, so two servers never share a card by accident."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-        pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no GPU: nothing to pin
-        return
-    if count:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.removeprefix("gw")) % count)
+        # each xdist worker its own device(s), before anything in it can touch CUDA (docs/multi-gpu.md)
+        pin_xdist_worker(per_worker=max(m.gpus for m in matrix.models))
+    except DeviceError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[STASH] = QuantgateSession(
+        matrix,
+        thresholds,
+        matrix_path,
+        thresholds_path,
+        results,
+        config.getoption("--qg-accept"),
+        policy=policy,
+        policy_path=policy_path,
+        cadence=config.getoption("--qg-cadence"),
+    )
+    config.pluginmanager.register(_GateCollector(config.stash[STASH]), "quantgate-gates")
 
 
 def _session(config: pytest.Config) -> QuantgateSession | None:
@@ -205,9 +269,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.config.workeroutput["quantgate_events"] = qs.run.events.summary()
 
 
+class _GateCollector:
+    """Collects each judged gate (from the test's user properties, so xdist workers' gates arrive too) and
+    each failure that is not a gate's, for the run's verdict."""
+
+    def __init__(self, qs: QuantgateSession) -> None:
+        self.qs = qs
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        gates = [Gate.from_json(v) for k, v in report.user_properties if k == GATE_PROPERTY]
+        if report.when == "call":
+            self.qs.gates.extend(gates)
+        if report.failed and not gates:
+            (self.qs.other_failures if report.when == "call" else self.qs.errors).append(report.nodeid)
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+    """A test that the policy fails on an INCONCLUSIVE gate is counted and printed as `inconclusive` (letter I),
+    not `failed`: it found no evidence of loss. pytest's exit status still counts it as a failure."""
+    if report.when != "call" or not report.failed:
+        return None
+    outcomes = [Gate.from_json(v).outcome for k, v in report.user_properties if k == GATE_PROPERTY]
+    if outcomes and all(o is Outcome.INCONCLUSIVE for o in outcomes):
+        return "inconclusive", "I", "INCONCLUSIVE"
+    return None
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     qs = _session(config)
-    if qs is None or qs.run is None:
+    if qs is None:
+        return
+    if qs.gates:
+        terminalreporter.write_sep("-", "quantgate gates")
+        for line in qs.verdict().lines(qs.policy):
+            terminalreporter.write_line(line)
+    if qs.run is None:
         return
     ev = qs.run.events
     terminalreporter.write_sep("-", "quantgate")
@@ -231,3 +327,47 @@ def qg_session(request: pytest.FixtureRequest) -> QuantgateSession:
 @pytest.fixture(scope="session")
 def qg_run(qg_session: QuantgateSession) -> Run:
     return qg_session.get_run()
+
+
+@pytest.fixture
+def qg_judge(qg_session: QuantgateSession, request: pytest.FixtureRequest) -> Callable[[str, str, Judgement], Gate]:
+    """``judge(gate_name, subject, judgement)``: give the gate its tier from the policy, record it (JUnit
+    properties: outcome, tier, level, floor, n, mdd, n_needed, disposition), print its message with the
+    policy, and end the test as the policy says: FAIL fails it, INCONCLUSIVE fails it, xfails it (warn) or
+    passes it with a QuantgateNote warning, NOT_GATED skips it (neither pass nor fail)."""
+
+    def judge(name: str, subject: str, judgement: Judgement) -> Gate:
+        tier = qg_session.policy.tier(name)
+        gate = Gate(name, subject, tier, judgement.outcome, judgement.parameters, judgement.message())
+        disposition = qg_session.policy.disposition(gate.outcome, tier, qg_session.cadence)
+        # What `record_property` does, without its warning under junit_family xunit2: JUnit XML writes
+        # user properties in every family.
+        props = request.node.user_properties
+        props.append((GATE_PROPERTY, gate.as_json()))
+        for key, value in {
+            "outcome": gate.outcome.value, "tier": tier, "cadence": qg_session.cadence,
+            "disposition": disposition, **gate.parameters.as_dict(),
+        }.items():
+            props.append((f"quantgate.{key}", value))
+        policy_line = (
+            f"policy   {name} is {tier}; at cadence {qg_session.cadence} {gate.outcome.label} -> {disposition}"
+        )
+        text = f"{gate.message}\n  {policy_line}"
+        print(text)
+        apply_disposition(disposition, text)
+        return gate
+
+    return judge
+
+
+def apply_disposition(disposition: str, text: str) -> None:
+    """End the test as the policy says; the test's own word (failed, xfailed, skipped) follows the gate's."""
+    first = text.splitlines()[0]
+    if disposition == "fail":
+        pytest.fail(text, pytrace=False)
+    if disposition == "warn":
+        pytest.xfail(f"{first} (policy: warn)")
+    if disposition == "not-gated":
+        pytest.skip(f"{first}")
+    if disposition == "note":
+        warnings.warn(QuantgateNote(f"{first} (policy: pass with note)"), stacklevel=2)

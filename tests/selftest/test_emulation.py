@@ -266,6 +266,13 @@ def test_int4_unpack_inverts_compressed_tensors_pack():
     assert np.array_equal(em.unpack_int32(packed.numpy(), 4, 24), q.numpy())
 
 
+def test_int4_zero_points_unpack_along_dim_0_as_compressed_tensors_packs_them():
+    torch.manual_seed(4)
+    zp = torch.randint(-8, 8, (20, 3), dtype=torch.int8)  # [out, groups], out not a multiple of 8
+    packed = ct_helpers("pack_quantized").pack_to_int32(zp, 4, packed_dim=0)
+    assert np.array_equal(em.unpack_int32(packed.numpy(), 4, 20, packed_dim=0), zp.numpy())
+
+
 def test_modelopt_int4_row_pair_unpacking():
     # packing exactly as modelopt.torch.export.quant_utils.pack_int4_in_uint8 does it for 2-D weights
     torch.manual_seed(4)

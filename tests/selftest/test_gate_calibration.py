@@ -67,12 +67,12 @@ def _binary_statuses(
     out = []
     for _ in range(N_SIM):
         base, variant = simulate_pair(rng, n, p_base, retention, discordance)
-        out.append(retention_gate(paired_retention(base, variant), FLOOR, mode).status)  # type: ignore[arg-type]
+        out.append(retention_gate(paired_retention(base, variant), FLOOR, mode).outcome.value.lower())  # type: ignore[arg-type]
     return np.array(out)
 
 
 def _report(record_property, name: str, statuses: np.ndarray, seconds: float, **extra: float) -> dict:
-    rates = {s: float(np.mean(statuses == s)) for s in ("pass", "fail", "insufficient")}
+    rates = {s: float(np.mean(statuses == s)) for s in ("pass", "fail", "inconclusive")}
     for key, value in {**rates, **extra}.items():
         record_property(f"{name}.{key}", round(value, 4))
     bits = "  ".join(f"{k} {100 * v:5.1f}%" for k, v in rates.items())
@@ -114,7 +114,7 @@ def test_confident_mode_false_passes_at_the_floor_within_nominal(record_property
 
 
 def test_small_sample_never_passes_and_rarely_fails(record_property):
-    # hellaswag-sized sample that cannot resolve a 0.95 floor: the min-n rule must say "insufficient".
+    # hellaswag-sized sample that cannot resolve a 0.95 floor: the min-n rule must say INCONCLUSIVE.
     t = time.perf_counter()
     s = _binary_statuses(200, 0.42, 1.00, 0.10)
     rates = _report(record_property, "lossless n=200 acc=.42 d=.10 (default)", s, time.perf_counter() - t)
@@ -171,7 +171,7 @@ def test_bootstrap_perplexity_gate_at_the_floor_within_nominal(record_property):
         est = paired_retention(
             base, variant, weights=w, aggregate="perplexity", higher_is_better=False, n_boot=N_BOOT, seed=i
         )
-        out.append(retention_gate(est, FLOOR).status)
+        out.append(retention_gate(est, FLOOR).outcome.value.lower())
     s = np.array(out)
     rates = _report(record_property, "ppl at floor n=300 docs (bootstrap)", s, time.perf_counter() - t)
     assert np.sum(s == "fail") <= _max_count(N_SIM_BOOT), rates
@@ -184,7 +184,7 @@ def test_stratified_average_gate_at_the_floor_within_nominal(record_property):
     out = []
     for i in range(N_SIM_BOOT):
         tasks = [simulate_pair(rng, n, p, FLOOR, d) for n, p, d in shapes]
-        out.append(retention_gate(paired_retention_average(tasks, n_boot=N_BOOT, seed=i), FLOOR).status)
+        out.append(retention_gate(paired_retention_average(tasks, n_boot=N_BOOT, seed=i), FLOOR).outcome.value.lower())
     s = np.array(out)
     rates = _report(
         record_property, "task average at floor (stratified bootstrap)", s, time.perf_counter() - t
@@ -202,7 +202,7 @@ def test_regression_gate_false_failures_without_change(record_property):
     for _ in range(N_SIM // 2):
         before, after = simulate_pair(rng, n, 0.6, 1.0, 0.06)
         verdict = regression_gate(dict(zip(ids, before, strict=True)), dict(zip(ids, after, strict=True)))
-        out.append(verdict.status)
+        out.append(verdict.outcome.value.lower())
     s = np.array(out)
     rates = _report(record_property, "regression, no change n=500 d=.06", s, time.perf_counter() - t)
     assert np.sum(s == "fail") <= _max_count(s.size), rates

@@ -10,6 +10,7 @@ from scipy import optimize, stats
 
 from quantgate.errors import InsufficientSampleError, QuantgateError
 from quantgate.gates import stats as qs
+from quantgate.gates.outcome import Outcome
 from quantgate.gates.regression import ItemMismatchError, regression_gate
 from quantgate.gates.retention import GateVerdict, retention_gate
 from quantgate.gates.stats import (
@@ -277,10 +278,10 @@ class TestAverage:
         e = paired_retention_average(tasks)
         assert e.low < 1.0 < e.high
         assert e.required_n(0.95) > e.n
-        assert retention_gate(e, 0.95).status == "insufficient"
+        assert retention_gate(e, 0.95).outcome is Outcome.INCONCLUSIVE
         # With many more identical items the floor shrinks and the gate can pass.
         big = paired_retention_average([table(600, 0, 0, 400), table(300, 0, 0, 700)])
-        assert big.required_n(0.95) < big.n and retention_gate(big, 0.95).status == "pass"
+        assert big.required_n(0.95) < big.n and retention_gate(big, 0.95).outcome is Outcome.PASS
 
     def test_deterministic_in_seed(self):
         tasks = [table(60, 8, 3, 29), table(40, 5, 5, 50)]
@@ -364,17 +365,19 @@ class TestRetentionGate:
     @pytest.mark.parametrize(
         "interval, expected",
         [
-            # (estimate, low, high): point, confident, no-evidence-of-loss
-            ((0.99, 0.97, 1.01), ("pass", "pass", "pass")),
-            ((0.96, 0.93, 0.99), ("pass", "fail", "pass")),
-            ((0.94, 0.91, 0.97), ("fail", "fail", "pass")),
-            ((0.90, 0.87, 0.93), ("fail", "fail", "fail")),
+            # (estimate, low, high): point, confident, no-evidence-of-loss. FAIL only on evidence of loss
+            # (upper bound < floor) in every mode; a mode's unmet pass rule without it is INCONCLUSIVE.
+            ((0.99, 0.97, 1.01), ("PASS", "PASS", "PASS")),
+            ((0.96, 0.93, 0.99), ("PASS", "INCONCLUSIVE", "PASS")),
+            ((0.94, 0.91, 0.97), ("INCONCLUSIVE", "INCONCLUSIVE", "PASS")),
+            ((0.90, 0.87, 0.93), ("FAIL", "FAIL", "FAIL")),
         ],
     )
     def test_modes(self, interval, expected):
+        expected = tuple(Outcome(x) for x in expected)
         e = estimate(*interval)
         got = tuple(
-            retention_gate(e, 0.95, mode).status for mode in ("point", "confident", "no-evidence-of-loss")
+            retention_gate(e, 0.95, mode).outcome for mode in ("point", "confident", "no-evidence-of-loss")
         )
         assert got == expected
 
@@ -384,25 +387,31 @@ class TestRetentionGate:
     def test_values_are_compared_unrounded(self):
         # llm-compressor rounds 0.9499 to 0.95 and passes; quantgate does not.
         v = retention_gate(estimate(0.9499, 0.93, 0.97), 0.95, "point")
-        assert v.status == "fail" and "94.99" not in v.reason  # displayed rounded, compared exact
-        assert retention_gate(estimate(0.95, 0.93, 0.97), 0.95, "point").status == "pass"
+        assert v.outcome is Outcome.INCONCLUSIVE and "94.99" not in v.reason  # displayed rounded, compared exact
+        assert retention_gate(estimate(0.95, 0.93, 0.97), 0.95, "point").outcome is Outcome.PASS
 
-    def test_too_few_items_is_insufficient_and_never_passes(self):
+    def test_too_few_items_is_inconclusive_and_never_passes(self):
         e = estimate(1.0, 0.90, 1.10, n=100)
         for mode in ("point", "confident", "no-evidence-of-loss"):
             v = retention_gate(e, 0.95, mode)
-            assert v.status == "insufficient" and v.required_n == required_n(0.7, 0.1, 0.95)
+            assert v.outcome is Outcome.INCONCLUSIVE and v.required_n == required_n(0.7, 0.1, 0.95)
             assert f"needs n >= {v.required_n}" in v.message()
 
     def test_significant_loss_fails_even_below_required_n(self):
         v = retention_gate(estimate(0.6, 0.45, 0.8, n=50), 0.95)
-        assert v.status == "fail" and "significant" in v.reason
+        assert v.outcome is Outcome.FAIL and "significant" in v.reason
 
-    def test_undefined_estimate_is_insufficient(self):
-        v = retention_gate(paired_retention(np.zeros(30), np.zeros(30)), 0.95)
-        assert v.status == "insufficient" and v.required_n is None
-        assert "undefined" in v.message()
-        with pytest.raises(InsufficientSampleError, match="undefined"):
+    def test_baseline_scoring_zero_is_not_gated(self):
+        # gsm8k 0/40 for a 135M model: nothing to retain, so the gate cannot fail and must not count as a pass.
+        v = retention_gate(paired_retention(np.zeros(40), np.zeros(40)), 0.95)
+        assert v.outcome is Outcome.NOT_GATED and not v.passed and v.required_n is None
+        assert "not gated: the baseline scores 0" in v.message()
+        v.raise_for_status()  # neither pass nor fail: nothing to raise
+
+    def test_undefined_estimate_is_inconclusive(self):
+        v = retention_gate(paired_retention([], []), 0.95)
+        assert v.outcome is Outcome.INCONCLUSIVE and v.required_n is None
+        with pytest.raises(InsufficientSampleError, match="no items"):
             v.raise_for_status()
 
     def test_raise_for_status(self):
@@ -417,7 +426,7 @@ class TestRetentionGate:
         base, variant = table(760, 163, 40, 356)
         v = retention_gate(paired_retention(base, variant), 0.95, label="gsm8k / Qwen3-0.6B int4")
         msg = v.message()
-        assert isinstance(v, GateVerdict) and v.status == "fail" and not v.passed
+        assert isinstance(v, GateVerdict) and v.outcome is Outcome.FAIL and not v.passed
         lines = msg.splitlines()
         assert len(lines) <= 25 and max(map(len, lines)) <= 120
         e = v.estimate
@@ -501,7 +510,7 @@ class TestRegressionGate:
         accepted, current = runs(*table(500, 40, 10, 450), drop_current=3)
         current["extra1"] = 1.0
         v = regression_gate(accepted, current, label="gsm8k/int4")
-        assert v.status == "fail" and not v.passed
+        assert v.outcome is Outcome.FAIL and not v.passed
         assert (v.missing_in_current, v.new_in_current) == (3, 1)
         assert v.n == 997 and v.before > v.after
         assert (v.change.flips_down, v.change.flips_up) == (40, 10)
@@ -513,14 +522,14 @@ class TestRegressionGate:
 
     def test_no_change_passes(self):
         v = regression_gate(*runs(*table(500, 12, 13, 475)))
-        assert v.status == "pass" and "no significant drop" in v.reason
+        assert v.outcome is Outcome.PASS and "no significant drop" in v.reason
         v.raise_for_status()
 
     def test_max_drop_tolerates_a_small_significant_drop(self):
         accepted, current = runs(*table(5000, 150, 60, 4790))  # -0.9 points, p << 0.05
-        assert regression_gate(accepted, current).status == "fail"
+        assert regression_gate(accepted, current).outcome is Outcome.FAIL
         v = regression_gate(accepted, current, max_drop=0.02)
-        assert v.status == "pass" and "within max_drop 2.0 pts" in v.reason
+        assert v.outcome is Outcome.PASS and "within max_drop 2.0 pts" in v.reason
 
     def test_no_overlap_is_a_clear_error(self):
         with pytest.raises(ItemMismatchError, match="no doc ids in common") as info:
@@ -528,9 +537,9 @@ class TestRegressionGate:
         assert isinstance(info.value, QuantgateError) and isinstance(info.value, ValueError)
         assert "2 items" in str(info.value) and "has 1" in str(info.value)
 
-    def test_too_few_common_items_is_insufficient(self):
+    def test_too_few_common_items_is_inconclusive(self):
         v = regression_gate({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.0, "b": 0.0, "c": 0.0})
-        assert v.status == "insufficient"
+        assert v.outcome is Outcome.INCONCLUSIVE and v.parameters.n_needed == 5
         with pytest.raises(InsufficientSampleError):
             v.raise_for_status()
 
@@ -564,8 +573,8 @@ class TestRegressionGate:
         before = rng.uniform(5, 10, 200)
         accepted, current = runs(before, before * 1.05)  # perplexity-like: higher is worse
         v = regression_gate(accepted, current, higher_is_better=False)
-        assert v.status == "fail" and not v.change.binary and "sign-flip" in v.message()
-        assert regression_gate(accepted, current, higher_is_better=True).status == "pass"
+        assert v.outcome is Outcome.FAIL and not v.change.binary and "sign-flip" in v.message()
+        assert regression_gate(accepted, current, higher_is_better=True).outcome is Outcome.PASS
 
     def test_invalid_arguments(self):
         with pytest.raises(ValueError, match="max_drop"):

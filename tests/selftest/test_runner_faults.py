@@ -32,3 +32,23 @@ def test_failed_build_is_remembered_and_isolated(tmp_path, monkeypatch):
             bad.checkpoint()
     assert calls == ["w8a8-int8"], "a failed build must not be retried by every test"
     assert run.variant("smollm2-135m", "bf16").checkpoint().sha256 == "sha"
+
+
+def test_baseline_built_inside_a_variant_call_counts_its_time_once(tmp_path, monkeypatch):
+    clock = [0.0]
+
+    def took(seconds, result):  # noqa: ANN001, ANN202
+        clock[0] += seconds
+        return result
+
+    monkeypatch.setattr(runner_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runner_mod, "baseline_checkpoint",
+                        lambda model: took(100.0, runner_mod.Checkpoint(tmp_path, "base", "converted")))
+    monkeypatch.setattr(runner_mod, "built_checkpoint",
+                        lambda model, variant, base: took(30.0, runner_mod.Checkpoint(tmp_path, "q", "built")))
+    run = runner_mod.Run(load_matrix(ROOT / "fixtures" / "demo.yaml"),
+                         load_thresholds(ROOT / "thresholds" / "retention.yaml"), tmp_path)
+    run.variant("smollm2-135m", "w8a8-int8").checkpoint()  # builds the baseline first, inside this call
+    assert run.events.seconds["build"] == 130.0  # 100 s baseline + 30 s variant, not 230
+    run.variant("smollm2-135m", "bf16").checkpoint()  # already obtained: no time added
+    assert run.events.seconds["build"] == 130.0

@@ -49,6 +49,9 @@ def fake_module(tmp_path, monkeypatch):
 
 
 def make(tmp_path, timeout=30.0) -> VllmServer:
+    # the KV cache is sized from the checkpoint's config before start: a tiny model's
+    (tmp_path / "config.json").write_text(
+        '{"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64, "torch_dtype": "bfloat16"}')
     return VllmServer(
         tmp_path,
         log_path=tmp_path / "logs" / "server.log",

@@ -111,6 +111,12 @@ def test_validate_checkpoint_dir_errors(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros((64, 64), dtype=np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(BuildError, match="pickled"):  # refused even beside safetensors weights
+        validate_checkpoint_dir(tmp_path, "m/v")
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(BuildError, match="no tokenizer"):
+        validate_checkpoint_dir(tmp_path, "m/v")
+    (tmp_path / "tokenizer.json").write_text("{}")
     validate_checkpoint_dir(tmp_path, "m/v")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -133,3 +139,21 @@ def test_reading_stored_results_only_never_builds(tmp_path, monkeypatch):
     with cache.only_cached():
         assert cache.cached_entry("built", {"k": 2}, build) == built
     assert len(calls) == 1
+
+
+def test_bits_per_byte_is_not_byte_perplexity():
+    # Two documents: loglikelihood -100 nats over 50 bytes, -60 over 30: 160 nats / 80 bytes = 2 nats per byte.
+    # bits_per_byte = 2 / ln 2 = 2.88539 bits; byte_perplexity = e**2 = 7.38906 (lm_eval/api/metrics.py).
+    samples = [
+        {"doc_id": 0, "bits_per_byte": [-100.0, 50], "byte_perplexity": [-100.0, 50], "resps": [["a"]]},
+        {"doc_id": 1, "bits_per_byte": [-60.0, 30], "byte_perplexity": [-60.0, 30], "resps": [["b"]]},
+    ]
+    assert item_outcomes(samples, "bits_per_byte,none").score() == pytest.approx(2.8853900817779268, rel=1e-12)
+    assert item_outcomes(samples, "byte_perplexity,none").score() == pytest.approx(7.38905609893065, rel=1e-12)
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+
+    pairs = [(-100.0, 50), (-60.0, 30)]
+    assert item_outcomes(samples, "bits_per_byte,none").score() == pytest.approx(bits_per_byte(pairs))
+    assert item_outcomes(samples, "byte_perplexity,none").score() == pytest.approx(weighted_perplexity(pairs))
+    # aligned() keeps the metric, so a subset still scores as bits per byte
+    assert item_outcomes(samples, "bits_per_byte,none").aligned(("1",)).score() == pytest.approx(2 / 0.6931471805599453)

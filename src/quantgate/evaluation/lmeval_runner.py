@@ -7,6 +7,9 @@ keys on request text alone and would hand one checkpoint's answers to another, s
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import logging
 import math
 import os
@@ -23,6 +26,26 @@ from quantgate.matrix import Generation, Task
 log = logging.getLogger(__name__)
 
 
+# lm-eval `local-completions` (TemplateAPI) arguments that change what is asked or how it is scored: the
+# tokenizer that counts and splits loglikelihood contexts, whether a BOS token is prepended, whether requests
+# go as token ids or text, the context window lm-eval truncates to, and the default generation length.
+# Pinned explicitly (at lm-eval 0.4.13's defaults, except the tokenizer backend, which lm-eval would
+# auto-detect) and recorded in every result's key, so a change to any of them is a different experiment.
+MEASURED_CLIENT_ARGS: dict[str, Any] = {
+    "tokenizer_backend": "huggingface",  # the served checkpoint's own tokenizer (its sha256 is in the key)
+    "add_bos_token": False,
+    "tokenized_requests": True,
+    "max_length": 2048,
+    "truncate": False,
+    "max_gen_toks": 256,
+}
+
+
+def client_settings(generation: Generation) -> dict[str, Any]:
+    """The lm-eval client settings that can change a result, for its key; transport settings are left out."""
+    return {"model": "local-completions", **MEASURED_CLIENT_ARGS, "seed": generation.seed}
+
+
 def model_args(
     completions_url: str, served_name: str, tokenizer_dir: Path, generation: Generation
 ) -> dict[str, Any]:
@@ -30,13 +53,28 @@ def model_args(
         "model": served_name,
         "base_url": completions_url,
         "tokenizer": str(tokenizer_dir),
-        "tokenizer_backend": "huggingface",
+        **MEASURED_CLIENT_ARGS,
+        # transport: how requests reach the server, not what is asked
         "num_concurrent": generation.concurrency,
         "batch_size": generation.batch_size,
         "max_retries": 3,
         "timeout": 600,
         "seed": generation.seed,
     }
+
+
+@functools.cache
+def scoring_code_sha256() -> str:
+    """sha256 of quantgate's code that turns lm-eval samples into per-item outcomes and scores:
+    ItemOutcomes, item_outcomes and _answer here, and the tasks' Python (tasks/qg_utils.py: loaders,
+    process_results, the IFEval and wikitext scoring). A change to any of it is a different measurement."""
+    h = hashlib.sha256()
+    for obj in (ItemOutcomes, item_outcomes, _answer):
+        h.update(inspect.getsource(obj).encode())
+    for f in sorted(TASKS_DIR.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def gen_kwargs(task: Task, generation: Generation) -> dict[str, Any] | None:
@@ -117,11 +155,18 @@ class ItemOutcomes:
     values: np.ndarray
     weights: np.ndarray | None
     answers: dict[str, str]
-    kind: str  # "mean" | "weighted_mean" | "perplexity"
+    kind: str  # "mean" | "weighted_mean" | "perplexity" (log-likelihood sums over word/byte counts)
+    metric: str = ""  # the lm-eval metric name
 
     def score(self) -> float:
+        """The task score as lm-eval aggregates it (lm_eval/api/metrics.py): mean, ratio of sums, or for
+        loglikelihood-rolling metrics from the per-document (loglikelihood, count) pairs:
+        word/byte_perplexity = exp(-sum ll / sum count); bits_per_byte = -sum ll / sum bytes / ln 2."""
         if self.kind == "perplexity":
-            return math.exp(-self.values.sum() / self.weights.sum())  # type: ignore[union-attr]
+            nll_per_unit = -self.values.sum() / self.weights.sum()  # type: ignore[union-attr]
+            if self.metric == "bits_per_byte":
+                return float(nll_per_unit / math.log(2))
+            return math.exp(nll_per_unit)
         if self.weights is not None:
             return float(self.values.sum() / self.weights.sum())
         return float(self.values.mean())
@@ -143,6 +188,7 @@ class ItemOutcomes:
             None if self.weights is None else self.weights[order],
             self.answers,
             self.kind,
+            self.metric,
         )
 
 
@@ -184,4 +230,5 @@ def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcome
         np.asarray(weights, dtype=float) if kind != "mean" else None,
         answers,
         kind,
+        metric,
     )

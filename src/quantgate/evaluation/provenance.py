@@ -69,16 +69,5 @@ def task_definition_hash(lm_eval_task: str) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(data_dir: Path | None) -> str | None:
-    """The data folder's READMEs pin each file's sha256, so hashing them stands for hashing the data."""
-    if data_dir is None:
-        return None
-    h = hashlib.sha256()
-    for readme in sorted(data_dir.glob("*/README.md")):
-        h.update(readme.parent.name.encode())
-        h.update(readme.read_bytes())
-    return h.hexdigest()
-
-
 def key_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -6,11 +6,19 @@ Layout: <results>/<model>/<variant>/<task>/<key16>/
   samples.jsonl    lm-eval's per-item samples (doc, prompt arguments, responses, per-item metrics)
   server.log       the vLLM server log of the run that produced it
 A result is reused only when every field of its key matches; anything else is a different experiment.
+
+provenance.json also records the sha256 of aggregate.json and samples.jsonl. An entry whose files are
+missing, unparsable or do not match their recorded hashes (a disk fault, a crash of an older layout, a
+hand edit) is reported by name and treated as absent, so it is evaluated again and replaced; no other
+entry is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -20,7 +28,17 @@ from typing import Any
 
 from filelock import FileLock
 
+from quantgate.atomic import WriteError, atomic_write_json
 from quantgate.evaluation.provenance import key_digest
+
+log = logging.getLogger("quantgate")
+
+# The files of an entry whose sha256 provenance.json records.
+_CHECKED = ("aggregate.json", "samples.jsonl")
+
+
+class CorruptResultError(ValueError):
+    """A stored result's files are unreadable or do not match the hashes recorded when it was written."""
 
 
 @dataclass
@@ -50,15 +68,26 @@ class ResultStore:
         d.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(d) + ".lock")
 
+    def variant_lock(self, model: str, variant: str) -> FileLock:
+        """Held while one process serves and evaluates a variant, so processes sharing this store (xdist
+        workers) start its server once. Blocks without a timeout: the holder is evaluating."""
+        d = self.root / model / variant
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / ".serving.lock"))
+
     def get(self, model: str, variant: str, task: str, key: dict[str, Any]) -> StoredResult | None:
+        """The stored result for `key`, or None when there is none or the entry is corrupt (logged by name)."""
         d = self.entry_dir(model, variant, task, key)
-        prov = d / "provenance.json"
-        if not prov.exists():
+        if not (d / "provenance.json").exists():
             return None
-        provenance = json.loads(prov.read_text())
+        try:
+            provenance, aggregate, samples = read_entry(d)
+        except CorruptResultError as exc:
+            log.warning("quantgate: ignoring corrupt stored result %s: %s; it will be evaluated again", d, exc)
+            return None
         if provenance.get("key") != json.loads(json.dumps(key, default=str)):
             return None  # a hash-prefix collision or a hand-edited entry: never trust it
-        return StoredResult(d, provenance, json.loads((d / "aggregate.json").read_text()))
+        return StoredResult(d, provenance, aggregate, samples)
 
     def find(self, model: str, variant: str, task: str, key: dict[str, Any]) -> StoredResult | None:
         """The result for `key` under `variant`, else under any other variant of the model with the same key.
@@ -92,22 +121,74 @@ class ResultStore:
         final = self.entry_dir(model, variant, task, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        aside = final.parent / f".{final.name}.old.{os.getpid()}"
         try:
-            provenance = {"key": key, **context}
-            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
             (tmp / "aggregate.json").write_text(json.dumps(aggregate, indent=2, default=str))
             with open(tmp / "samples.jsonl", "w", encoding="utf-8") as fh:
                 for s in samples:
                     fh.write(json.dumps(s, default=str, ensure_ascii=False) + "\n")
+            checksums = {name: _sha256(tmp / name) for name in _CHECKED}
+            provenance = {"key": key, **context, "checksums": checksums}
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
             if server_log is not None and server_log.exists():
                 shutil.copyfile(server_log, tmp / "server.log")
+            # The previous entry (a corrupt one being replaced) is moved aside, not deleted, until the new
+            # one is in place, so a failure here leaves it as it was.
             if final.exists():
-                shutil.rmtree(final)
+                final.rename(aside)
             tmp.rename(final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if aside.exists() and not final.exists():
+                aside.rename(final)
+            if isinstance(exc, OSError):
+                raise WriteError(
+                    f"could not store the result {model}/{variant}/{task} in {final}: "
+                    f"{exc.strerror or exc} (errno {exc.errno}); nothing of it was kept, other results are intact"
+                ) from exc
             raise
+        shutil.rmtree(aside, ignore_errors=True)
         return self.get(model, variant, task, key)  # type: ignore[return-value]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_entry(d: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(provenance, aggregate, samples) of one store entry; raises CorruptResultError naming the bad file."""
+    parsed: dict[str, Any] = {}
+    for name in ("provenance.json", "aggregate.json"):
+        try:
+            parsed[name] = json.loads((d / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptResultError(f"{name} is unreadable ({exc})") from None
+    provenance = parsed["provenance.json"]
+    if not isinstance(provenance, dict) or not isinstance(parsed["aggregate.json"], dict):
+        raise CorruptResultError("provenance.json or aggregate.json is not a JSON object")
+    for name, recorded in (provenance.get("checksums") or {}).items():
+        try:
+            actual = _sha256(d / name)
+        except OSError as exc:
+            raise CorruptResultError(f"{name} is unreadable ({exc})") from None
+        if actual != recorded:
+            raise CorruptResultError(f"{name} has sha256 {actual[:12]}..., recorded {recorded[:12]}...")
+    samples = []
+    try:
+        with open(d / "samples.jsonl", encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        samples.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise CorruptResultError(f"samples.jsonl line {i} is not JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptResultError(f"samples.jsonl is unreadable ({exc})") from None
+    return provenance, parsed["aggregate.json"], samples
 
 
 class ServerRecords:
@@ -119,11 +200,15 @@ class ServerRecords:
 
     def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
         f = self.dir / f"{key_digest(key)[:16]}.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("quantgate: ignoring unreadable server record %s (%s); the server will be started", f, exc)
+            return None
 
     def put(self, key: dict[str, Any], record: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         f = self.dir / f"{key_digest(key)[:16]}.json"
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, **record}, indent=2, default=str))
-        tmp.replace(f)
+        atomic_write_json(f, {"key": key, **record}, indent=2)

@@ -4,6 +4,10 @@ Items are matched by doc id; only ids present in both runs are compared, and the
 missing on either side. The gate fails on a significant drop (one-sided paired test at ``1 - level``:
 McNemar exact for 0/1 items, sign-flip randomisation for continuous ones), and, when ``max_drop`` > 0, only
 if the drop also exceeds ``max_drop`` (in the metric's own units, e.g. 0.02 = 2 points of accuracy).
+
+Outcomes (quantgate.gates.outcome): FAIL on a significant drop; INCONCLUSIVE when so few items are shared
+that no drop could be significant; NOT_GATED when the accepted run scores 0 on a higher-is-better metric (no
+drop is possible, so a pass would mean nothing); PASS otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 from quantgate.errors import InsufficientSampleError, QuantgateError
+from quantgate.gates.outcome import GateParameters, Outcome
 from quantgate.gates.stats import PairedChange, paired_change
-
-Status = Literal["pass", "fail", "insufficient"]
 
 MAX_LINES = 25  # one screen
 _ANSWER_WIDTH = 96
@@ -39,7 +41,7 @@ class FlippedItem:
 class RegressionVerdict:
     """Outcome of the regression gate; ``message()`` explains it in at most 25 lines."""
 
-    status: Status
+    outcome: Outcome
     change: PairedChange
     level: float
     max_drop: float
@@ -55,7 +57,21 @@ class RegressionVerdict:
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.outcome is Outcome.PASS
+
+    @property
+    def parameters(self) -> GateParameters:
+        """``floor`` is the tolerated drop (``max_drop``, in the metric's units); ``n_needed`` the fewest
+        common items at which a drop can be significant at all (exact tests cannot go below 2^-n)."""
+        mdd = self.change.mdd(self.level)
+        return GateParameters(
+            level=self.change.interval_level,
+            floor=self.max_drop,
+            n=self.change.n,
+            mdd=None if math.isnan(mdd) else mdd,
+            n_needed=min_items_for_significance(1 - self.level),
+            unit="points" if self.change.binary else "score",
+        )
 
     @property
     def before(self) -> float:
@@ -74,12 +90,13 @@ class RegressionVerdict:
         name = f" {self.label}" if self.label else ""
         alpha = 1 - self.level
         lines = [
-            f"{self.status.upper()}{name} vs accepted run: regression gate (one-sided test at {alpha:.0%})",
+            f"{self.outcome.label}{name} vs accepted run: regression gate (one-sided test at {alpha:.0%})",
             f"  score    accepted {_val(c.before, c)} -> current {_val(c.after, c)} on {c.n} common items",
             f"  change   {_delta_interval(c)} ({c.interval_level:.0%} interval, matches the one-sided test)",
             f"  test     {c.test}: p = {c.p_value:.3g}",
             f"  verdict  {self.reason}",
             f"  flips    {c.flips_down} items worse, {c.flips_up} better",
+            f"  gate     {self.parameters.text()}",
         ]
         if self.changed:
             lines.append(f"  changed  since the accepted run: {'; '.join(self.changed)}")
@@ -103,11 +120,16 @@ class RegressionVerdict:
         return "\n".join(lines[:MAX_LINES])
 
     def raise_for_status(self) -> None:
-        """Raise InsufficientSampleError for "insufficient", AssertionError for "fail"; return on "pass"."""
-        if self.status == "insufficient":
+        """Raise AssertionError on FAIL, InsufficientSampleError on INCONCLUSIVE; return on PASS or NOT_GATED."""
+        if self.outcome is Outcome.INCONCLUSIVE:
             raise InsufficientSampleError(self.message())
-        if self.status == "fail":
+        if self.outcome is Outcome.FAIL:
             raise AssertionError(self.message())
+
+
+def min_items_for_significance(alpha: float) -> int:
+    """Fewest items at which an exact one-sided test can reach p < alpha: 2^-n < alpha."""
+    return math.floor(math.log2(1 / alpha)) + 1
 
 
 def _val(x: float, c: PairedChange) -> str:
@@ -152,8 +174,9 @@ def regression_gate(
 ) -> RegressionVerdict:
     """Compare the current run with the last accepted one, item by item, on their common doc ids.
 
-    Raises ItemMismatchError when no id is shared. "insufficient" means no outcome on so few common items
-    could be significant (even if every one of them dropped), so a pass would be uninformative.
+    Raises ItemMismatchError when no id is shared. INCONCLUSIVE means no outcome on so few common items
+    could be significant (even if every one of them dropped), so a pass would be uninformative. NOT_GATED
+    means the accepted run scores 0 on a higher-is-better, non-negative metric, so no drop is possible.
     """
     if max_drop < 0 or not math.isfinite(max_drop):
         raise ValueError(f"max_drop must be a finite number >= 0, got {max_drop!r}")
@@ -189,25 +212,29 @@ def regression_gate(
 
     alpha = 1 - level
     amount = _amount(c.drop, c)
-    if 0.5**c.n >= alpha:
+    if higher_is_better and min(before) >= 0 and c.before == 0:
+        # Nothing to lose: a gate that cannot fail must not count as a pass.
+        status = Outcome.NOT_GATED
+        reason = f"not gated: the baseline scores 0 (accepted run 0 on all {c.n} items), so no drop is possible"
+    elif 0.5**c.n >= alpha:
         # Exact tests on n items cannot go below 2^-n, so no drop could ever be significant.
-        status: Status = "insufficient"
+        status = Outcome.INCONCLUSIVE
         reason = f"{c.n} common items cannot show a significant drop at {alpha:.0%} (need >= "
-        reason += f"{math.ceil(math.log2(1 / alpha) + 1e-9)}); a pass would mean nothing"
+        reason += f"{min_items_for_significance(alpha)}); a pass would mean nothing"
     elif c.p_value < alpha and c.drop > max_drop:
-        status = "fail"
+        status = Outcome.FAIL
         reason = f"significant drop of {amount} (p = {c.p_value:.3g} < {alpha:.2g})"
         if max_drop > 0:
             reason += f", more than max_drop {_amount(max_drop, c)}"
     elif c.p_value < alpha:
-        status = "pass"
+        status = Outcome.PASS
         reason = f"drop of {amount} is significant (p = {c.p_value:.3g}) "
         reason += f"but within max_drop {_amount(max_drop, c)}"
     else:
-        status = "pass"
+        status = Outcome.PASS
         reason = f"no significant drop (p = {c.p_value:.3g} >= {alpha:.2g})"
     return RegressionVerdict(
-        status=status,
+        outcome=status,
         change=c,
         level=level,
         max_drop=max_drop,

@@ -8,9 +8,12 @@ at most ``(1 - level) / 2``):
 * ``no-evidence-of-loss`` (default): fail only if the upper bound < floor. Controls false failures, the
   thing users of fixed-epsilon gates suffer from; the min-n rule keeps it from passing out of ignorance.
 
-Min-n rule: if fewer items were evaluated than it takes for a lossless variant's interval to clear the floor
-(``PairedEstimate.required_n``), the verdict is "insufficient", never "pass". A significant loss (upper bound
-below the floor) still fails at any n: that evidence does not need more items. Values are compared
+Outcomes (quantgate.gates.outcome): FAIL only on evidence of loss, the upper bound below the floor, in every
+mode. Where a mode's pass condition is not met without such evidence, the interval straddles the floor and the
+outcome is INCONCLUSIVE. Min-n rule: if fewer items were evaluated than it takes for a lossless variant's
+interval to clear the floor (``PairedEstimate.required_n``), the outcome is INCONCLUSIVE, never PASS. A
+significant loss still fails at any n: that evidence does not need more items. A baseline that scores 0 leaves
+nothing to retain: the gate cannot fail, so it is NOT_GATED, neither pass nor fail. Values are compared
 unrounded.
 """
 
@@ -18,20 +21,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from quantgate.errors import InsufficientSampleError
+from quantgate.gates.outcome import GateParameters, Outcome
 from quantgate.gates.stats import PairedEstimate, format_interval
 from quantgate.matrix import GateMode
-
-Status = Literal["pass", "fail", "insufficient"]
 
 MODES: tuple[str, ...] = GateMode.__args__  # type: ignore[attr-defined]
 
 _RULES = {
-    "point": "point: passes if the estimate >= floor (ignores noise)",
-    "confident": "confident: passes only if the lower bound >= floor",
-    "no-evidence-of-loss": "no-evidence-of-loss: fails only if the upper bound < floor",
+    "point": "point: passes if estimate >= floor (ignores noise); fails only if upper bound < floor",
+    "confident": "confident: passes only if lower bound >= floor; fails only if upper bound < floor",
+    "no-evidence-of-loss": "no-evidence-of-loss: passes if upper bound >= floor at a resolving n; fails if not",
 }
 
 
@@ -39,7 +40,7 @@ _RULES = {
 class GateVerdict:
     """Outcome of the retention gate; ``message()`` explains it on one screen."""
 
-    status: Status
+    outcome: Outcome
     estimate: PairedEstimate
     floor: float
     mode: GateMode
@@ -49,13 +50,24 @@ class GateVerdict:
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.outcome is Outcome.PASS
+
+    @property
+    def parameters(self) -> GateParameters:
+        mdd = self.estimate.mdd()
+        return GateParameters(
+            level=self.estimate.level,
+            floor=self.floor,
+            n=self.estimate.n,
+            mdd=None if math.isnan(mdd) else mdd,
+            n_needed=self.required_n,
+        )
 
     def message(self) -> str:
         e = self.estimate
         name = f" {self.label}" if self.label else ""
         lines = [
-            f"{self.status.upper()}{name}: retention gate, mode {self.mode} at {_pct(e.level, 0)} confidence",
+            f"{self.outcome.label}{name}: retention gate, mode {self.mode} at {_pct(e.level, 0)} confidence",
             f"  retention  {format_interval(e)} % of base   floor {_pct(self.floor)}",
             f"  verdict    {self.reason}",
         ]
@@ -74,6 +86,7 @@ class GateVerdict:
             lines.append(
                 f"  flips      {e.flips_down} {down}, {e.flips_up} {up}; {test} p = {e.mcnemar_p:.3g}"
             )
+        lines.append(f"  gate       {self.parameters.text()}")
         lines.append(f"  rule       {_RULES[self.mode]}")
         method = f"  method     {e.describe_method()}"
         if self.required_n is not None:
@@ -82,10 +95,13 @@ class GateVerdict:
         return "\n".join(lines)
 
     def raise_for_status(self) -> None:
-        """Raise InsufficientSampleError for "insufficient", AssertionError for "fail"; return on "pass"."""
-        if self.status == "insufficient":
+        """Raise AssertionError on FAIL, InsufficientSampleError on INCONCLUSIVE; return on PASS or NOT_GATED.
+
+        For code outside pytest; the regression suite lets the policy decide instead (quantgate.policy).
+        """
+        if self.outcome is Outcome.INCONCLUSIVE:
             raise InsufficientSampleError(self.message())
-        if self.status == "fail":
+        if self.outcome is Outcome.FAIL:
             raise AssertionError(self.message())
 
 
@@ -106,23 +122,29 @@ def retention_gate(
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor!r}")
 
-    def verdict(status: Status, req: int | None, reason: str) -> GateVerdict:
-        return GateVerdict(status, est, floor, mode, req, label, reason)
+    def verdict(outcome: Outcome, req: int | None, reason: str) -> GateVerdict:
+        return GateVerdict(outcome, est, floor, mode, req, label, reason)
 
     if not est.defined:
-        return verdict("insufficient", None, f"{est.note or 'retention is undefined'}; it cannot pass")
+        base_zero = est.higher_is_better and est.base_mean == 0
+        if est.n and base_zero:
+            return verdict(
+                Outcome.NOT_GATED, None,
+                "not gated: the baseline scores 0, so no loss is possible and the gate cannot fail",
+            )
+        return verdict(Outcome.INCONCLUSIVE, None, f"{est.note or 'retention is undefined'}; it cannot pass")
     req = est.required_n(floor)
     level = _pct(est.level, 0)
     if est.high < floor:
         # Evidence of loss needs no more items: the whole interval is already below the floor.
         return verdict(
-            "fail",
+            Outcome.FAIL,
             req,
             f"upper bound {_pct(est.high)} < floor {_pct(floor)}: the loss is significant at {level}",
         )
     if req is not None and est.n < req:
         return verdict(
-            "insufficient",
+            Outcome.INCONCLUSIVE,
             req,
             f"n = {est.n} cannot resolve a {_pct(floor)} floor at {level}: needs n >= {req} "
             f"(base {_score(est.base_mean, est)}, {_pct(est.discordance)} of items differ)",
@@ -133,5 +155,12 @@ def retention_gate(
         ok, what, value = est.low >= floor, "lower bound", est.low
     else:
         ok, what, value = True, "upper bound", est.high
-    sign = ">=" if ok else "<"
-    return verdict("pass" if ok else "fail", req, f"{what} {_pct(value)} {sign} floor {_pct(floor)}")
+    if ok:
+        return verdict(Outcome.PASS, req, f"{what} {_pct(value)} >= floor {_pct(floor)}")
+    # The upper bound is at or above the floor here: no evidence of loss, so not a FAIL.
+    return verdict(
+        Outcome.INCONCLUSIVE,
+        req,
+        f"{what} {_pct(value)} < floor {_pct(floor)} but the upper bound {_pct(est.high)} >= floor: the "
+        f"interval straddles the floor",
+    )

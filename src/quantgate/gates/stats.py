@@ -80,7 +80,29 @@ class PairedEstimate:
             "score": "Tang score interval for a paired ratio (0/1 items)",
             "bootstrap": "paired bootstrap over documents, percentile interval",
             "stratified-bootstrap": f"paired bootstrap within {self.n_tasks} tasks, percentile interval",
+            "cluster-bootstrap": "paired bootstrap over subjects (clusters), percentile interval",
         }.get(self.method, self.method)
+
+    def log_item_var(self) -> float:
+        """Per-item variance of log-retention, Var(log R) ~ this / n (NaN when retention is undefined).
+
+        Bootstrap methods carry it (``item_var``). For the score interval (0/1 items) it is the delta-method
+        value of a variant with the observed discordance d, d / p^2, floored at the no-flip variance.
+        """
+        if not self.defined:
+            return math.nan
+        if self.item_var > 0 or not self.binary:
+            return self.item_var
+        d = max(self.discordance, _no_flip_discordance(self.n, _z(self.level)))
+        return d / self.base_mean**2 if self.base_mean > 0 else math.nan
+
+    def mdd(self, power: float = 0.8) -> float:
+        """Minimum detectable drop of retention at this n (a fraction of the base score); see
+        ``minimum_detectable_drop``."""
+        v = self.log_item_var()
+        if not math.isfinite(v) or self.n == 0:
+            return math.nan
+        return minimum_detectable_drop(math.sqrt(v), self.n, self.level, power, log_scale=True)
 
     def required_n(self, floor: float) -> int | None:
         """Items needed for the interval of a lossless variant to resolve ``floor`` (see docs/gates.md).
@@ -120,6 +142,14 @@ class PairedChange:
     flips_up: int
     binary: bool
     higher_is_better: bool = True
+    diff_sd: float = math.nan  # standard deviation of the per-item change (after - before)
+
+    def mdd(self, level: float, power: float = 0.8) -> float:
+        """Minimum detectable drop of the score at this n, in the metric's units (one-sided test at
+        ``1 - level``); see ``minimum_detectable_drop``."""
+        if not math.isfinite(self.diff_sd) or self.n == 0:
+            return math.nan
+        return minimum_detectable_drop(self.diff_sd, self.n, 2 * level - 1, power)
 
     @property
     def drop(self) -> float:
@@ -170,9 +200,10 @@ def _is_binary(a: np.ndarray) -> bool:
 def _sign_test_p(worse: int, better: int) -> float:
     """Exact two-sided McNemar (sign test) p-value on the discordant pairs.
 
-    Equal to ``scipy.stats.binomtest(worse, worse + better, 0.5).pvalue``: at p = 1/2 the binomial is
-    symmetric, so the two-sided p is twice the smaller tail. One cdf call is ~10x faster, which matters to
-    the calibration self-test that runs the gate thousands of times.
+    A fast path for ``scipy.stats.binomtest(worse, worse + better, 0.5).pvalue`` (the maintained exact test;
+    tests/selftest/test_gates.py checks they agree): at p = 1/2 the binomial is symmetric, so the two-sided p
+    is twice the smaller tail. One cdf call is ~10x faster, which matters to the calibration self-test that
+    runs the gate thousands of times.
     """
     m = worse + better
     if m == 0:
@@ -496,6 +527,69 @@ def paired_retention_average(
     )
 
 
+def paired_retention_clustered(
+    base: ArrayLike,
+    variant: ArrayLike,
+    clusters: Sequence[Any],
+    *,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> PairedEstimate:
+    """Retention of mean scores on items grouped in clusters (MMLU: its subjects), with a cluster bootstrap.
+
+    Items of one subject are not independent draws (one subject can be hard for a variant as a whole), so the
+    interval resamples whole clusters with replacement, keeping each cluster's items paired (Field & Welsh,
+    "Bootstrapping clustered data", JRSS-B 2007), the clustered interval NeMo Evaluator reports for
+    subject-structured tasks. ``item_var`` is the cluster-robust (sandwich) delta-method variance of log R,
+    ``n * sum_c (sum_{i in c} psi_i)^2 / n^2`` with ``psi_i = v_i / mean(v) - b_i / mean(b)``, floored for 0/1
+    items at the no-flip variance, so ``required_n`` and ``mdd`` account for the clustering. With one item per
+    cluster this is the paired bootstrap. Undefined retention returns NaNs with ``note``, as ``paired_retention``.
+    """
+    _check_level(level)
+    b, v = _paired_values(base, variant, ("base", "variant"))
+    labels = np.asarray(list(clusters), dtype=object)
+    if labels.shape != b.shape:
+        raise ValueError(f"clusters must label every item: {labels.size} labels for {b.size} items")
+    if n_boot < 100:
+        raise ValueError(f"n_boot={n_boot} is too few resamples for a percentile interval (use >= 100)")
+    n = b.size
+    worse, better = int(np.sum(v < b)), int(np.sum(v > b))
+    binary = _is_binary(b) and _is_binary(v)
+    _, inverse = np.unique(labels.astype(str), return_inverse=True)
+    k = int(inverse.max()) + 1 if n else 0
+    common: dict[str, Any] = dict(
+        level=level, n=n, flips_down=worse, flips_up=better, mcnemar_p=_sign_test_p(worse, better),
+        method="cluster-bootstrap", discordance=(worse + better) / n if n else 0.0, binary=binary, n_tasks=1,
+    )
+    if n == 0:
+        return _undefined(common, math.nan, math.nan, "no items were evaluated")
+    base_m, var_m = float(b.mean()), float(v.mean())
+    why = _ratio_problem(base_m, var_m, True, f"score over n = {n} items")
+    if why:
+        return _undefined(common, base_m, var_m, why)
+    if k < 5:
+        return _undefined(common, base_m, var_m, f"only {k} cluster(s): a cluster bootstrap needs at least 5")
+    sb = np.bincount(inverse, weights=b, minlength=k)
+    sv = np.bincount(inverse, weights=v, minlength=k)
+    sn = np.bincount(inverse, minlength=k).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)  # clusters drawn with replacement
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (draws @ sv) / (draws @ sn) / ((draws @ sb) / (draws @ sn))
+    low, high = _percentile_bounds(np.asarray(ratios), level)
+    est = var_m / base_m
+    psi = v / var_m - b / base_m if var_m > 0 else -b / base_m
+    per_cluster = np.bincount(inverse, weights=psi, minlength=k)
+    item_var = float(n * np.sum(per_cluster**2) / n**2) * k / max(k - 1, 1)
+    if binary:
+        item_var = max(item_var, _no_flip_discordance(n, _z(level)) / min(base_m, var_m or base_m) ** 2)
+        low, high = _widen(est, low, high, item_var, n, level)
+    return PairedEstimate(
+        estimate=est, low=low, high=high, base_mean=base_m, variant_mean=var_m, item_var=item_var, **common
+    )
+
+
 def _widen(est: float, low: float, high: float, item_var: float, n: int, level: float) -> tuple[float, float]:
     """Union of the bootstrap interval with the continuity-floored delta interval on log-retention.
 
@@ -599,7 +693,15 @@ def paired_change(
         rb, ra = _resample_sums(rng, n_resamples, x, y)
         low, high = _percentile_bounds((ra - rb) / n, interval_level)
         test = "sign-flip randomisation, one-sided"
+    diff = y - x
+    diff_sd = float(np.std(diff, ddof=1)) if n > 1 else math.nan
+    if binary:
+        # No flips would give sd 0 and an mdd of 0: floor at the Wilson bound on the discordance, as the
+        # retention interval does.
+        diff_sd = max(diff_sd if math.isfinite(diff_sd) else 0.0,
+                      math.sqrt(_no_flip_discordance(n, _z(interval_level))))
     return PairedChange(
+        diff_sd=diff_sd,
         before=float(x.mean()),
         after=float(y.mean()),
         change=float(y.mean() - x.mean()),
@@ -617,20 +719,46 @@ def paired_change(
 
 
 def _sign_flip_p(gain: np.ndarray, n_resamples: int, rng: np.random.Generator) -> float:
-    """P(sum of randomly signed gains <= observed sum): small when the observed change is a real drop."""
-    n = gain.size
-    observed = float(gain.sum())
-    tol = 1e-12 * max(1.0, float(np.abs(gain).sum()))
-    if 2**n <= n_resamples:
-        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(signs @ gain <= observed + tol))
-    count = 0
-    step = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, n_resamples, step):
-        m = min(step, n_resamples - start)
-        signs = rng.integers(0, 2, size=(m, n)) * 2 - 1
-        count += int(np.sum(signs @ gain <= observed + tol))
-    return (1 + count) / (n_resamples + 1)
+    """P(sum of randomly signed gains <= observed sum): small when the observed change is a real drop.
+
+    ``scipy.stats.permutation_test`` with one sample and ``permutation_type="samples"`` flips the signs of
+    the paired differences: exact enumeration when ``2^n <= n_resamples``, otherwise a randomised test whose
+    p-value is ``(1 + count) / (1 + n_resamples)``; ties within scipy's relative tolerance count as extreme.
+    """
+    if not np.any(gain):
+        return 1.0
+    res = stats.permutation_test(
+        (gain,),
+        np.sum,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=n_resamples,
+        alternative="less",
+        rng=rng,
+    )
+    return float(res.pvalue)
+
+
+def minimum_detectable_drop(
+    item_sd: float, n: int, level: float = 0.95, power: float = 0.8, *, log_scale: bool = False
+) -> float:
+    """Smallest true drop a one-sided test at ``(1 - level) / 2`` detects with probability ``power``.
+
+    TensorRT-LLM's accuracy tests (tests/integration/defs/accuracy/README.md, "hypothesis testing") use
+    ``theta = (z_alpha + z_beta) * sigma * sqrt(2 / n)`` for two independent runs of per-item standard
+    deviation sigma. Our gates pair items, so the paired equivalent replaces ``sigma * sqrt(2)`` by the
+    standard deviation of the per-item difference ``item_sd``: ``theta = (z_alpha + z_beta) * item_sd /
+    sqrt(n)``. With ``log_scale`` the difference is in log-retention and the drop is returned as a fraction of
+    the base score, ``1 - exp(-theta)``. ``level`` is the two-sided level of the gate's interval, whose
+    one-sided error is ``(1 - level) / 2``, so ``z_alpha = z(level)``; ``z_beta = Phi^-1(power)``.
+    """
+    _check_level(level)
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n!r}")
+    theta = (_z(level) + float(stats.norm.ppf(power))) * item_sd / math.sqrt(n)
+    return -math.expm1(-theta) if log_scale else theta
 
 
 # --------------------------------------------------------------------------------------------- display
@@ -666,11 +794,10 @@ _TABLE_ROWS = [
 
 def resolution_table(level: float = 0.95) -> list[dict[str, Any]]:
     """Interval widths at typical n for a lossless variant, and the n needed for typical floors."""
-    z = _z(level)
     rows: list[dict[str, Any]] = []
     for task, n, p, d, floor in _TABLE_ROWS:
         lo, hi = lossless_interval(n, p, d, level)
-        acc_lo, acc_hi = _wilson_interval(p * n, n, z)
+        acc_lo, acc_hi = _wilson_interval(p * n, n, level)
         rows.append(
             {
                 "task": task,
@@ -689,11 +816,13 @@ def resolution_table(level: float = 0.95) -> list[dict[str, Any]]:
     return rows
 
 
-def _wilson_interval(k: float, n: float, z: float) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+def _wilson_interval(k: float, n: float, level: float) -> tuple[float, float]:
+    """Wilson score interval for a proportion, from ``scipy.stats.binomtest(...).proportion_ci``.
+
+    ``k`` is rounded to whole items: the planning rows give a base accuracy, not a count.
+    """
+    ci = stats.binomtest(int(round(k)), int(round(n))).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def gsm8k_required_n(level: float = 0.95, floor: float = 0.90) -> list[tuple[float, float, int]]:

@@ -327,15 +327,22 @@ _GPU_MODEL_GIB = re.compile(r"Model loading took (?P<gib>[\d.]+) GiB")  # "... G
 _CPU_NON_KV_GIB = re.compile(r"(?P<gib>[\d.]+) GiB memory was consumed by non-kv usages")
 
 
-def model_memory(log_text: str) -> dict[str, Any]:
-    """Memory the engine holds besides the KV cache, as vLLM logged it: on a GPU the weights it loaded
-    ("Model loading took X GiB memory"); on the CPU backend what the worker held when it sized the KV cache
-    ("X GiB memory was consumed by non-kv usages": weights plus the runtime, about 0.8 GiB of torch)."""
+def model_memory(log_text: str, server_pss_bytes: int | None = None) -> dict[str, Any]:
+    """Memory the engine holds besides the KV cache: on a GPU the weights vLLM loaded ("Model loading took X GiB
+    memory"); on the CPU backend what the worker held when it sized the KV cache itself ("X GiB memory was
+    consumed by non-kv usages"). quantgate sizes the CPU KV cache in bytes (engines/memory.py), and vLLM then
+    logs no such line: there it is the server tree's PSS minus the KV cache vLLM logged ("Explicitly set (X/..)
+    GiB for KV cache"), which also counts the API server and engine-core processes."""
     for source, pattern in (("gpu model loading", _GPU_MODEL_GIB), ("cpu non-kv usage", _CPU_NON_KV_GIB)):
         found = list(pattern.finditer(log_text))
         if found:
             gib = float(found[-1]["gib"])
             return {"model_memory_gib": gib, "model_memory_bytes": int(gib * 2**30), "model_memory_source": source}
+    explicit = [m for m in _KV_CPU_GIB.finditer(log_text) if m.group(0).startswith("Explicitly")]
+    if explicit and server_pss_bytes:
+        non_kv = server_pss_bytes - int(float(explicit[-1]["gib"]) * 2**30)
+        return {"model_memory_gib": round(non_kv / 2**30, 2), "model_memory_bytes": non_kv,
+                "model_memory_source": "cpu server PSS minus KV cache"}
     return {}
 
 

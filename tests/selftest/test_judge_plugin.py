@@ -1,0 +1,111 @@
+"""The plugin's `qg_judge` in a pytest run of its own (pytester): each outcome ends its test as the policy says,
+JUnit XML carries a property per gate, and the terminal summary gives the run's verdict."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MATRIX = """
+models:
+  - name: m
+    source: {kind: local, path: /nonexistent}
+    variants:
+      - {name: bf16, format: bf16}
+      - {name: q, format: int8, builder: llmcompressor, recipe: {scheme: W8A8}}
+tasks:
+  - {name: hellaswag, metric: acc_norm}
+"""
+
+TESTS = """
+import pytest
+from quantgate.gates.outcome import GateParameters, Outcome
+
+class J:
+    def __init__(self, outcome):
+        self.outcome = Outcome(outcome)
+        self.parameters = GateParameters(level=0.95, floor=0.95, n=400, mdd=0.079, n_needed=860)
+    def message(self):
+        return f"{self.outcome.label}: a gate"
+
+@pytest.mark.parametrize("name, outcome", [
+    ("retention[hellaswag]", "PASS"), ("retention[AVG]", "INCONCLUSIVE"),
+    ("regression[gsm8k]", "INCONCLUSIVE"), ("retention[ifeval]", "NOT_GATED"),
+])
+def test_gate(qg_judge, name, outcome):
+    qg_judge(name, "m/q", J(outcome))
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".yaml", matrix=textwrap.dedent(MATRIX))
+    (pytester.path / "policy.yaml").write_text((ROOT / "thresholds" / "policy.yaml").read_text())
+    (pytester.path / "retention.yaml").write_text((ROOT / "thresholds" / "retention.yaml").read_text())
+    pytester.makepyfile(test_gates=TESTS)
+    return pytester
+
+
+def _run(project: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return project.runpytest(
+        "--qg-matrix", "matrix.yaml", "--qg-thresholds", "retention.yaml", "--qg-policy", "policy.yaml",
+        "-p", "no:cacheprovider", "-rxs", *args,
+    )
+
+
+def test_commit_cadence_warns_on_inconclusive_and_skips_not_gated(project):
+    result = _run(project, "--junitxml", "out.xml")
+    # PASS passes; supporting AVG INCONCLUSIVE -> warn (xfail); advisory regression -> pass with note;
+    # NOT GATED -> skipped.
+    result.assert_outcomes(passed=2, xfailed=1, skipped=1, warnings=1)
+    out = result.stdout.str()
+    assert "VERDICT: PASS (exit 0)" in out and "NOT GATED" in out and "policy at cadence commit" in out
+    props = {
+        (case.get("name"), p.get("name")): p.get("value")
+        for case in ET.parse(project.path / "out.xml").iter("testcase")
+        for p in case.iter("property")
+    }
+    key = "test_gate[retention[AVG]-INCONCLUSIVE]"
+    assert props[(key, "quantgate.outcome")] == "INCONCLUSIVE" and props[(key, "quantgate.disposition")] == "warn"
+    assert props[(key, "quantgate.floor")] == "0.95" and props[(key, "quantgate.mdd")] == "0.079"
+    assert props[(key, "quantgate.n")] == "400" and props[(key, "quantgate.n_needed")] == "860"
+
+
+def test_nightly_blocks_on_inconclusive_without_calling_it_fail(project):
+    result = _run(project, "--qg-cadence", "nightly")
+    # The blocking INCONCLUSIVE gate is red for pytest (exit status 1) but counted and named as inconclusive.
+    assert result.ret == 1
+    assert result.parseoutcomes() == {"passed": 1, "inconclusive": 1, "xfailed": 1, "skipped": 1}
+    out = result.stdout.str()
+    assert "VERDICT: INCONCLUSIVE (exit 2)" in out and "INCONCLUSIVE -> fail" in out
+    # Neither pytest nor quantgate says FAIL or FAILED (XFAIL is the `warn` disposition's pytest word).
+    assert not re.search(r"\bFAIL(ED)?\b(?! ->)", out), out
+
+
+def test_quantgate_run_exit_codes(tmp_path, monkeypatch, capsys):
+    """`quantgate run` over a suite of judged gates: 0 on a commit (INCONCLUSIVE warns), 2 nightly (it blocks),
+    1 once a gate fails on evidence."""
+    from quantgate import cli
+
+    monkeypatch.chdir(ROOT)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_gates.py").write_text(textwrap.dedent(TESTS))
+    common = ["run", "--tests", str(suite), "--matrix", str(tmp_path / "matrix.yaml"), "-q"]
+    (tmp_path / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
+    monkeypatch.setenv("QUANTGATE_RESULTS", str(tmp_path / "results"))
+    assert cli.main(common) == 0
+    assert cli.main([*common, "--qg-cadence", "nightly"]) == 2
+    out = capsys.readouterr().out
+    assert "VERDICT: INCONCLUSIVE (exit 2)" in out and "VERDICT: FAIL" not in out
+    (suite / "test_more.py").write_text(TESTS.replace('("retention[hellaswag]", "PASS")', '("kl", "FAIL")'))
+    assert cli.main(common) == 1
+    assert "VERDICT: FAIL (exit 1)" in capsys.readouterr().out
