@@ -1,14 +1,15 @@
 """Distribution gates of the regression suite: each variant's teacher-forced next-token distributions on the
-matrix's text set against its BF16 baseline's (mean KL, top-1 agreement; thresholds/distribution.yaml). The
-failure message carries the interval over documents, the limit and where it comes from, and the n that would
-resolve an inconclusive gate."""
+matrix's text set against its BF16 baseline's (mean KL, top-1 agreement; limits per format in
+thresholds/distribution.yaml). Each gate's message carries the interval over documents, the limit and where it
+comes from, and the n that would resolve it; `qg_judge` gives it its tier (gate names `kl`, `top1_agreement`,
+`delta_logp` in thresholds/policy.yaml) and ends the test as the policy says for its outcome."""
 
 from pathlib import Path
 
 import pytest
 
 from quantgate.evaluation.distribution import compare
-from quantgate.gates.distribution import distribution_verdicts
+from quantgate.gates.distribution import LIMITS, distribution_gate
 from quantgate.matrix import load_distribution_thresholds
 from tests._support import runnable
 
@@ -22,20 +23,19 @@ def qg_distribution_limits(qg_session):
     return load_distribution_thresholds(path)
 
 
-def test_distribution_vs_bf16(qg_run, qg_variant, qg_distribution_limits):
+@pytest.mark.parametrize("qg_distribution_limit", list(LIMITS))
+def test_distribution_vs_bf16(qg_run, qg_variant, qg_distribution_limit, qg_distribution_limits, qg_judge):
     model, variant = qg_variant
     vr = runnable(qg_run, model, variant)
     settings = qg_run.matrix.distribution
     if settings is None or not settings.gate:
         pytest.skip("the matrix has no gated `distribution:` section")
+    limits = qg_distribution_limits.limits(vr.variant.format)
+    limit = getattr(limits, qg_distribution_limit)
+    if limit is None:
+        pytest.skip(f"thresholds/distribution.yaml sets no {qg_distribution_limit} for {vr.variant.format}")
     comparison = compare(qg_run, model, variant, level=qg_distribution_limits.level)
-    verdicts = distribution_verdicts(
-        comparison.summaries, qg_distribution_limits.limits(vr.variant.format), label=f"{model}/{variant}"
+    verdict = distribution_gate(
+        comparison.summaries, qg_distribution_limit, limit, label=f"{model}/{variant}", source=limits.source
     )
-    assert verdicts, f"thresholds/distribution.yaml sets no limit for {vr.variant.format}"
-    for v in verdicts:
-        print(v.message())
-    failed = [v for v in verdicts if v.status == "fail"]
-    assert not failed, "\n".join(v.message() for v in failed)
-    for v in verdicts:
-        v.raise_for_status()  # an inconclusive gate raises InconclusiveError: not a pass
+    qg_judge(verdict.gate_name, f"{model}/{variant}", verdict)

@@ -194,3 +194,16 @@ def test_matrix_distribution_section_is_strict():
         Matrix.model_validate({**base, "distribution": {"top_k": 50}})
     with pytest.raises(ValidationError, match="Extra inputs"):
         Matrix.model_validate({**base, "distribution": {"documnets": 8}})
+
+
+def test_verdict_plugs_into_the_policy_as_a_judgement():
+    from quantgate.gates.outcome import Outcome
+
+    ref, var, _ = _docs(seed=9, noise=2.0)
+    s = summarize(pair_documents(ref, var))
+    v = distribution_gate(s, "top1_agreement_min", 0.9)
+    assert (v.gate_name, v.outcome) == ("top1_agreement", Outcome.FAIL)
+    p = v.parameters
+    assert (p.floor, p.n, p.unit, p.level) == (0.9, 12, "agreement", 0.95)
+    assert p.mdd is not None and 0 < p.mdd < 1
+    assert distribution_gate(s, "mean_kl_max", 10.0).outcome == Outcome.PASS

@@ -16,6 +16,7 @@ results. Both must have scored the same token ids: ``compare`` raises TokenMisma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -65,6 +66,15 @@ def _tokenizer_digest(checkpoint_dir: Path) -> str:
             h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def dataset_digest(data_dir: Path | None, dataset: str) -> str | None:
+    """sha256 of the text set's file (None without a data folder: scoring then fails with its own error)."""
+    if data_dir is None:
+        return None
+    path = data_dir / DATASET_FILES[dataset]
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def text_chunks(
@@ -184,7 +194,7 @@ def result_key(vr: VariantRun, settings: DistributionSet, kernel: str) -> dict[s
         "tokenizer_sha256": _tokenizer_digest(run.variant(vr.model.name, vr.model.baseline.name)
                                               .served_checkpoint().path),
         "method_version": METHOD_VERSION,
-        "data": run.data_fingerprint,
+        "data": dataset_digest(run.data_dir, settings.dataset),
         "vllm": versions()["vllm"],
         "hardware": {"class": run.hw.hw_class, "name": run.hw.name},
         "kernel_path": kernel,

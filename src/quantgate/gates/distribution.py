@@ -28,6 +28,8 @@ import numpy as np
 from scipy import stats
 
 from quantgate.errors import InsufficientSampleError, QuantgateError
+from quantgate.gates.outcome import GateParameters, Outcome
+from quantgate.gates.stats import minimum_detectable_drop
 from quantgate.matrix import DistributionLimits
 
 # Floor on a tail bucket's mass. The tail of a softmax is never exactly 0; a computed 0 (or a negative) is
@@ -300,6 +302,12 @@ LIMITS: dict[str, tuple[str, Literal["max", "min"]]] = {
     "top1_agreement_min": ("top1_agree", "min"),
     "mean_delta_logp_min": ("delta_logp", "min"),
 }
+# Each limit's gate name for the policy (thresholds/policy.yaml tiers) and its unit in printed parameters.
+GATE_NAMES: dict[str, str] = {
+    "mean_kl_max": "kl", "top1_agreement_min": "top1_agreement", "mean_delta_logp_min": "delta_logp",
+}
+_UNITS = {"kl": "nats", "top1_agree": "agreement", "delta_logp": "nats"}
+_OUTCOMES = {"pass": Outcome.PASS, "fail": Outcome.FAIL, "inconclusive": Outcome.INCONCLUSIVE}
 
 _LABELS = {"kl": "mean KL (nats)", "top1_agree": "top-1 agreement", "delta_logp": "mean Δlogp (nats)"}
 
@@ -324,6 +332,27 @@ class DistributionVerdict:
     @property
     def passed(self) -> bool:
         return self.status == "pass"
+
+    @property
+    def gate_name(self) -> str:
+        """The policy's name of this gate: ``kl``, ``top1_agreement`` or ``delta_logp``."""
+        return GATE_NAMES[self.limit_name]
+
+    @property
+    def outcome(self) -> Outcome:
+        """The ``quantgate.gates.outcome.Judgement`` protocol: PASS, FAIL or INCONCLUSIVE."""
+        return _OUTCOMES[self.status]
+
+    @property
+    def parameters(self) -> GateParameters:
+        """Level, limit (``floor``: a ceiling for KL), n documents, the minimum detectable change at this n
+        (paired, over per-document means: ``gates.stats.minimum_detectable_drop``) and the n that resolves it."""
+        s = self.summary
+        metric, _ = LIMITS[self.limit_name]
+        mdd = (minimum_detectable_drop(s.sd_documents, s.n_documents, s.level)
+               if s.n_documents > 1 and math.isfinite(s.sd_documents) else None)
+        return GateParameters(level=s.level, floor=self.limit, n=s.n_documents, mdd=mdd,
+                              n_needed=self.required_n, unit=_UNITS[metric])
 
     def message(self) -> str:
         s = self.summary
