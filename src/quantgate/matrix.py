@@ -350,10 +350,28 @@ class Model(_Strict):
         return next(v for v in self.variants if v.format == "bf16")
 
 
+class DistributionSet(_Strict):
+    """The teacher-forced text set of the distribution gates (KL, top-1 agreement against BF16).
+
+    ``documents`` chunks of ``tokens`` tokens each, spread evenly over the dataset's tokenized text; every
+    chunk is scored by prefill only (prompt logprobs, top ``top_k`` per position).
+    """
+
+    dataset: Literal["wikitext2"] = Field("wikitext2", description="WikiText-2 raw test split (data folder)")
+    documents: int = Field(64, ge=2, le=4096, description="chunks; the intervals are over these")
+    tokens: int = Field(512, ge=2, le=8192, description="tokens per chunk (must fit max_model_len)")
+    # vLLM refuses more than --max-logprobs (default 20) prompt logprobs per position
+    top_k: int = Field(20, ge=1, le=20, description="prompt logprobs per position (vLLM's max_logprobs: 20)")
+    gate: bool = Field(True, description="gate each variant on the limits of thresholds/distribution.yaml")
+
+
 class Matrix(_Strict):
     models: list[Model]
     tasks: list[Task]
     generation: Generation = Generation()
+    distribution: DistributionSet | None = Field(
+        None, description="distribution metrics against BF16 (None: not measured)"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Matrix:
@@ -420,6 +438,27 @@ class RegressionPolicy(_Strict):
 class Thresholds(_Strict):
     retention: RetentionFloors
     regression: RegressionPolicy = RegressionPolicy()
+
+
+class DistributionLimits(_Strict):
+    """Limits of one format's distribution gates; a limit left out is not gated."""
+
+    mean_kl_max: float | None = Field(None, gt=0, description="ceiling on mean KL(P_bf16 || Q) in nats")
+    top1_agreement_min: float | None = Field(None, gt=0, le=1, description="floor on top-1 agreement")
+    mean_delta_logp_min: float | None = Field(
+        None, lt=0, description="floor on the mean change of the reference token's log-probability (nats)"
+    )
+    source: str = Field(description="where the limit comes from: the measurement, or 'not measured'")
+
+
+class DistributionThresholds(_Strict):
+    level: float = Field(0.95, gt=0, lt=1)
+    formats: dict[Format, DistributionLimits]
+
+    def limits(self, fmt: str) -> DistributionLimits:
+        if fmt not in self.formats:
+            raise MatrixError(f"distribution thresholds: no limits for format {fmt!r}; add it under formats:")
+        return self.formats[fmt]  # type: ignore[index]
 
 
 def format_validation_errors(
@@ -492,5 +531,13 @@ def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
     try:
         return Thresholds.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise MatrixError(format_validation_errors(path, err)) from None
+
+
+def load_distribution_thresholds(path: str | Path) -> DistributionThresholds:
+    path = Path(path)
+    try:
+        return DistributionThresholds.model_validate(_read_yaml(path))
     except ValidationError as err:
         raise MatrixError(format_validation_errors(path, err)) from None
