@@ -258,6 +258,9 @@ class Variant(_Strict):
         None, description="another variant of the same recipe: test that the two agree within noise (FQ vs real)"
     )
     serve_args: list[str] = Field(default_factory=list)
+    control: bool = Field(
+        False, description="a negative control: a deliberately damaged variant that the critical gates must FAIL "
+        "(its tests xfail when they do, and fail the run when they do not)")
 
     @field_validator("serve_args")
     @classmethod
@@ -384,6 +387,11 @@ class Matrix(_Strict):
                 hint = "; give each repeat of a task its own `id`" if label == "task" else ""
                 raise ValueError(f"duplicate {label} name(s) {dupes}{hint}")
         return self
+
+    def is_control(self, subject: str) -> bool:
+        """Whether `subject` ("model/variant") is a negative control."""
+        model, _, variant = subject.partition("/")
+        return any(v.control for m in self.models if m.name == model for v in m.variants if v.name == variant)
 
     def task(self, key: str) -> Task:
         """The task whose key (`id`, else `name`) is `key`."""

@@ -338,8 +338,9 @@ def qg_judge(qg_session: QuantgateSession, request: pytest.FixtureRequest) -> Ca
 
     def judge(name: str, subject: str, judgement: Judgement) -> Gate:
         tier = qg_session.policy.tier(name)
-        gate = Gate(name, subject, tier, judgement.outcome, judgement.parameters, judgement.message())
-        disposition = qg_session.policy.disposition(gate.outcome, tier, qg_session.cadence)
+        control = qg_session.matrix.is_control(subject)
+        gate = Gate(name, subject, tier, judgement.outcome, judgement.parameters, judgement.message(), control)
+        disposition = qg_session.policy.disposition(gate.outcome, tier, qg_session.cadence, control=control)
         # What `record_property` does, without its warning under junit_family xunit2: JUnit XML writes
         # user properties in every family.
         props = request.node.user_properties
@@ -369,5 +370,10 @@ def apply_disposition(disposition: str, text: str) -> None:
         pytest.xfail(f"{first} (policy: warn)")
     if disposition == "not-gated":
         pytest.skip(f"{first}")
+    if disposition == "expected-fail":
+        pytest.xfail(f"negative control caught, as expected: {first}")
+    if disposition == "control-missed":
+        pytest.fail(f"negative control NOT caught: the gates no longer see a deliberately damaged variant\n{text}",
+                    pytrace=False)
     if disposition == "note":
         warnings.warn(QuantgateNote(f"{first} (policy: pass with note)"), stacklevel=2)

@@ -29,7 +29,9 @@ CADENCES: tuple[str, ...] = Cadence.__args__  # type: ignore[attr-defined]
 OnFail = Literal["fail", "warn"]
 OnInconclusive = Literal["fail", "warn", "pass-with-note"]
 # What a judged gate does to its test and to the run.
-Disposition = Literal["pass", "fail", "warn", "note", "not-gated"]
+# A negative control's gates invert: FAIL is what is expected ("expected-fail"), and a critical gate that does not
+# FAIL it has stopped catching the damage ("control-missed"), which fails the run.
+Disposition = Literal["pass", "fail", "warn", "note", "not-gated", "expected-fail", "control-missed"]
 
 _GATE_KEY = re.compile(r"^[A-Za-z0-9_.-]+(\[[A-Za-z0-9_.-]+\])?$")
 
@@ -102,10 +104,18 @@ class Policy(_Strict):
             return self.tiers[m.group(1)]
         return self.default_tier
 
-    def disposition(self, outcome: Outcome, tier: str, cadence: str) -> Disposition:
-        """What an outcome in a tier does at a cadence (see the module docstring)."""
+    def disposition(self, outcome: Outcome, tier: str, cadence: str, control: bool = False) -> Disposition:
+        """What an outcome in a tier does at a cadence (see the module docstring).
+
+        For a negative control (`control`): FAIL is expected; a critical gate with any other outcome but
+        MISSING has missed the damage; a non-critical gate is only reported.
+        """
         if cadence not in CADENCES:
             raise ValueError(f"cadence must be one of {CADENCES}, got {cadence!r}")
+        if control and outcome is not Outcome.MISSING:
+            if outcome is Outcome.FAIL:
+                return "expected-fail"
+            return "control-missed" if tier == "critical" else "not-gated"
         if outcome is Outcome.PASS:
             return "pass"
         if outcome is Outcome.NOT_GATED:

@@ -13,7 +13,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILDERS_DIR = Path(__file__).parent / "checkpoints" / "builders"
 
@@ -96,6 +96,9 @@ class LlmCompressorRecipe(RecipeBase):
     builder: Literal["llmcompressor"] = "llmcompressor"
     scheme: str = Field(description="compressed-tensors preset: W8A8, W4A16, W8A16, FP8_DYNAMIC, FP8, NVFP4 ...")
     group_size: int | None = Field(None, gt=0, description="grouped schemes (W4A16...): columns per scale")
+    strategy: Literal["channel"] | None = Field(
+        None, description="'channel': one weight scale per output channel instead of the preset's groups (a "
+        "coarser, lossier INT4: the demo's negative control)")
     smoothquant: float | None = Field(None, gt=0, le=1, description="SmoothQuant smoothing strength (alpha)")
     algorithm: Literal["rtn", "gptq"] = "rtn"
     ignore: list[str] | None = Field(None, description="module names left unquantized (default: lm_head)")
@@ -107,6 +110,12 @@ class LlmCompressorRecipe(RecipeBase):
         if known is not None and v not in known:
             raise ValueError(f"scheme {v!r} is not a compressed-tensors preset; allowed: {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_granularity(self) -> LlmCompressorRecipe:
+        if self.strategy is not None and self.group_size is not None:
+            raise ValueError("strategy: channel and group_size exclude each other (a scale per channel, or per group)")
+        return self
 
 
 class ModeloptRecipe(RecipeBase):

@@ -33,6 +33,8 @@ class RunVerdict:
             return EXIT_FAIL
         if any(d == "fail" and g.outcome in (Outcome.FAIL, Outcome.MISSING) for g, d in self.judged):
             return EXIT_FAIL
+        if any(d == "control-missed" for _, d in self.judged):
+            return EXIT_FAIL
         if any(d == "fail" and g.outcome is Outcome.INCONCLUSIVE for g, d in self.judged):
             return EXIT_INCONCLUSIVE
         return EXIT_PASS
@@ -51,11 +53,13 @@ class RunVerdict:
         out: list[str] = []
         order = {Outcome.FAIL: 0, Outcome.MISSING: 1, Outcome.INCONCLUSIVE: 2, Outcome.NOT_GATED: 3}
         shown = sorted(
-            ((g, d) for g, d in self.judged if g.outcome is not Outcome.PASS),
+            ((g, d) for g, d in self.judged if g.outcome is not Outcome.PASS or d == "control-missed"),
             key=lambda gd: (order.get(gd[0].outcome, 9), gd[0].subject, gd[0].name),
         )
         for g, d in shown:
-            what = {"fail": "blocks", "warn": "warning", "note": "note", "not-gated": "not counted"}.get(d, d)
+            what = {"fail": "blocks", "warn": "warning", "note": "note", "not-gated": "not counted",
+                    "expected-fail": "negative control, caught as expected",
+                    "control-missed": "negative control NOT caught: blocks"}.get(d, d)
             out.append(f"  {g.outcome.label:12} {g.subject} {g.name} [{g.tier}, {what}]")
             if g.outcome is not Outcome.MISSING:
                 out.append(f"               {g.parameters.text()}")
@@ -80,5 +84,5 @@ def summarize(
 ) -> RunVerdict:
     """Add the MISSING critical gates, resolve each gate's disposition, and give the run's verdict."""
     all_gates = list(gates) + missing_gates(gates, policy)
-    judged = [(g, policy.disposition(g.outcome, g.tier, cadence)) for g in all_gates]
+    judged = [(g, policy.disposition(g.outcome, g.tier, cadence, control=g.control)) for g in all_gates]
     return RunVerdict(cadence, judged, list(other_failures or []), list(errors or []))

@@ -251,7 +251,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
             est = average_retention(run, model.name, v.name)
             retention = (est.estimate, est.low, est.high)
             gate = average_retention_verdict(run, model.name, v.name)
-            verdict = gate.outcome.label
+            verdict = f"control: {gate.outcome.label}" if v.control else gate.outcome.label
             gates = {
                 f"retention[{t.key}]": retention_verdict(run, model.name, v.name, t.key).outcome.value
                 for t in tasks

@@ -99,6 +99,8 @@ class Gate:
     outcome: Outcome
     parameters: GateParameters
     message: str
+    # the subject is a negative control (a deliberately damaged variant): its gates are expected to FAIL
+    control: bool = False
 
     def as_json(self) -> str:
         """One line of JSON, for ``record_property`` and for the CLI to read back from test reports."""
@@ -109,6 +111,7 @@ class Gate:
                 "tier": self.tier,
                 "outcome": self.outcome.value,
                 "parameters": self.parameters.as_dict(),
+                "control": self.control,
             },
             sort_keys=True,
         )
@@ -117,5 +120,6 @@ class Gate:
     def from_json(cls, text: str, message: str = "") -> Gate:
         d = json.loads(text)
         return cls(
-            d["name"], d["subject"], d["tier"], Outcome(d["outcome"]), GateParameters(**d["parameters"]), message
+            d["name"], d["subject"], d["tier"], Outcome(d["outcome"]), GateParameters(**d["parameters"]), message,
+            bool(d.get("control", False)),
         )

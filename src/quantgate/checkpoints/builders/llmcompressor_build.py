@@ -80,7 +80,18 @@ def build_modifiers(recipe: dict) -> list:
     if scheme not in PRESET_SCHEMES:
         fail(f"recipe.scheme {scheme!r} is not a compressed-tensors preset; valid: {sorted(PRESET_SCHEMES)}")
     quant_args: dict = {"ignore": ignore}
-    if group_size:
+    if recipe.get("strategy") == "channel":
+        # one scale per output channel: the preset's weights with their groups removed
+        preset = preset_name_to_scheme(scheme, ["Linear"])
+        if preset.weights is None:
+            fail(f"recipe.strategy is set but scheme {scheme} quantizes no weights")
+        weights = preset.weights.model_dump()
+        weights.update(strategy="channel", group_size=None)
+        group = {"targets": ["Linear"], "weights": weights}
+        if preset.input_activations is not None:
+            group["input_activations"] = preset.input_activations.model_dump()
+        quant_args["config_groups"] = {"group_0": group}
+    elif group_size:
         preset = preset_name_to_scheme(scheme, ["Linear"])
         if preset.weights is None or preset.weights.group_size is None:
             fail(f"recipe.group_size is set but scheme {scheme} is not grouped")
