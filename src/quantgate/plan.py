@@ -142,10 +142,12 @@ def _avg_row(
 
 
 def render_plan(rows: list[PlanRow], level: float, power: float) -> str:
+    sw = max([len("subject"), *(len(r.subject) for r in rows)]) + 2
+    gw = max([len("gate"), *(len(r.gate) for r in rows)]) + 2
     lines = [
         f"quantgate plan: level {100 * level:.0f}%, mdd at {100 * power:.0f}% power "
         "(TensorRT-LLM's theta, paired; docs/gates.md)",
-        f"{'subject':34}{'gate':22}{'floor':>7}{'base':>6}{'disc':>6}{'n':>7}{'needs n':>9}{'mdd':>9}  verdict",
+        f"{'subject':{sw}}{'gate':{gw}}{'floor':>7}{'base':>6}{'disc':>6}{'n':>7}{'needs n':>9}{'mdd':>9}  verdict",
     ]
     for r in rows:
         reg = r.gate.startswith("regression[")
@@ -153,7 +155,7 @@ def render_plan(rows: list[PlanRow], level: float, power: float) -> str:
         mdd = "—" if r.mdd is None else (f"{100 * r.mdd:.1f}" + ("pt" if reg else "%"))
         state = {True: "resolves", False: "INCONCLUSIVE expected", None: ""}[r.resolved]
         lines.append(
-            f"{r.subject:34}{r.gate:22}{floor:>7}{_num(r.base):>6}{_num(r.discordance):>6}"
+            f"{r.subject:{sw}}{r.gate:{gw}}{floor:>7}{_num(r.base):>6}{_num(r.discordance):>6}"
             f"{r.n if r.n is not None else 'all':>7}{r.n_needed if r.n_needed is not None else '—':>9}{mdd:>9}"
             f"  {'; '.join(x for x in (state, r.note) if x)}"
         )

@@ -124,7 +124,8 @@ def test_a_twin_shares_results_and_a_report_never_builds(e2e):
     model = matrix.models[0]
     w8a8 = next(v for v in model.variants if v.name == "w8a8-int8")
     twin = w8a8.model_copy(update={"name": "w8a8-twin"})
-    unbuilt = w8a8.model_copy(update={"name": "w8a8-sq07", "recipe": {**w8a8.recipe, "smoothquant": 0.7}})
+    sq07 = w8a8.recipe.model_copy(update={"smoothquant": 0.7})
+    unbuilt = w8a8.model_copy(update={"name": "w8a8-sq07", "recipe": sq07})
     grown = matrix.model_copy(
         update={"models": [model.model_copy(update={"variants": [*model.variants, twin, unbuilt]})]}
     )
