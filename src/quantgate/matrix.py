@@ -326,6 +326,9 @@ class Model(_Strict):
         1, ge=1, description="GPUs each server of this model uses: --tensor-parallel-size, and the devices "
         "each xdist worker reserves (docs/multi-gpu.md)"
     )
+    batch_invariant: bool = Field(
+        False, description="serve with vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1): greedy decoding "
+        "repeats item for item through a batching server, at a cost in speed; part of the result keys")
     generation: Sampling | None = Field(None, description="sampling for this model, over the matrix-wide block")
     chat: Chat | None = Field(None, description="how requests reach this model (endpoint, chat template kwargs)")
     variants: list[Variant]

@@ -201,6 +201,7 @@ class VariantRun:
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "serve_args": numerics_args(self.run.hw, self.serve_args),
             "max_model_len": self.model.max_model_len,
+            **({"env": self._numerics_env()} if self._numerics_env() else {}),
         }
 
     def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
@@ -228,6 +229,7 @@ class VariantRun:
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "kernel_path": kernel,
             "serve_args": numerics_args(self.run.hw, self.serve_args),
+            **({"env": self._numerics_env()} if self._numerics_env() else {}),
         }
 
     def _known_kernel(self) -> str | None:
@@ -350,7 +352,7 @@ class VariantRun:
             max_model_len=self.model.max_model_len,
             seed=self.run.matrix.generation.seed,
             extra_args=self.serve_args,
-            env=self._device_env(),
+            env={**self._device_env(), **self._numerics_env()},
             # lm-eval keeps `concurrency` requests of `batch_size` prompts each in flight
             sequences=self.run.matrix.generation.concurrency * self.run.matrix.generation.batch_size,
             startup_timeout=start_timeout(self.model.server_start_timeout_s),
@@ -380,6 +382,12 @@ class VariantRun:
         if self.run.hw.hw_class == "cpu":
             return {}
         return server_env(self.model.gpus, self.label)
+
+    def _numerics_env(self) -> dict[str, str]:
+        """Server environment that changes what is computed: vLLM's batch-invariant mode where the model asks
+        for it (VLLM_BATCH_INVARIANT=1: kernels whose result does not depend on what else is in the batch, so
+        greedy decoding through a batching server repeats item for item). It is part of the result keys."""
+        return {"VLLM_BATCH_INVARIANT": "1"} if self.model.batch_invariant else {}
 
     def stop(self) -> None:
         if self.server is not None:

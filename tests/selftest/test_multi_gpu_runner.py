@@ -172,3 +172,18 @@ def test_two_workers_sharing_a_store_start_a_variants_server_once(tmp_path, monk
     assert got["a"].reused is False and got["b"].reused is True  # type: ignore[attr-defined]
     assert got["a"].stored.path == got["b"].stored.path  # type: ignore[attr-defined]
     worker_a.close()
+
+
+def test_batch_invariant_mode_reaches_the_server_and_the_result_key(tmp_path, monkeypatch):
+    rec = Recorder(tmp_path, monkeypatch)
+    plain = rec.run(root=tmp_path / "plain")
+    a = plain.variant("m", "fp8").results(plain.matrix.tasks)["hellaswag"]
+    assert "VLLM_BATCH_INVARIANT" not in rec.servers[-1].env and "env" not in a.provenance["key"]
+    invariant = rec.run(root=tmp_path / "invariant")
+    model = invariant.matrix.models[0].model_copy(update={"batch_invariant": True})
+    invariant.matrix = invariant.matrix.model_copy(update={"models": [model]})
+    b = invariant.variant("m", "fp8").results(invariant.matrix.tasks)["hellaswag"]
+    assert rec.servers[-1].env["VLLM_BATCH_INVARIANT"] == "1"
+    # batch-invariant kernels compute differently: a different experiment, never reused for the plain one
+    assert b.provenance["key"]["env"] == {"VLLM_BATCH_INVARIANT": "1"}
+    assert a.stored.path.name != b.stored.path.name
