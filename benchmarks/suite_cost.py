@@ -139,7 +139,8 @@ def through_server(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         _, samples, _ = run_task(completions_url=server.completions_url, served_name=vr.label,
                                  tokenizer_dir=vr.served_checkpoint().path, task=task,
-                                 generation=generation, data_dir=run.data_dir)
+                                 generation=generation, data_dir=run.data_dir, api_key=server.api_key,
+                                 max_length=model.max_model_len)
         seconds = time.monotonic() - t0
     finally:
         run.close()

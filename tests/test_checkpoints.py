@@ -34,8 +34,9 @@ def test_checkpoint_structure(qg_run, qg_variant, record_property):
     fmt = vr.variant.format
     assert report.quant_method == METHOD[vr.variant.builder], report.summary()
     assert report.algorithm and re.search(ALGORITHM[fmt], report.algorithm, re.I), report.summary()
-    if vr.variant.recipe.get("group_size"):
-        assert report.group_size == vr.variant.recipe["group_size"], report.summary()
+    recipe = vr.variant.recipe_spec
+    if recipe.get("group_size"):
+        assert report.group_size == recipe["group_size"], report.summary()
     assert report.is_quantized and not report.missing_scales, report.summary()
     assert report.unquantized_modules.get("embedding"), "embeddings must stay in BF16"
     assert not any("lm_head" in q.name for q in report.quantized_linears), "lm_head must stay in BF16"

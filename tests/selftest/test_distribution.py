@@ -207,3 +207,42 @@ def test_verdict_plugs_into_the_policy_as_a_judgement():
     assert (p.floor, p.n, p.unit, p.level) == (0.9, 12, "agreement", 0.95)
     assert p.mdd is not None and 0 < p.mdd < 1
     assert distribution_gate(s, "mean_kl_max", 10.0).outcome == Outcome.PASS
+
+
+def test_scoring_sends_the_servers_api_key_and_names_a_refusal():
+    """Every server demands its own API key (engines/vllm_server.py): the teacher-forcing client must send it.
+    A stand-in HTTP server on 127.0.0.1 answers like vLLM when the bearer token is right and 401 otherwise."""
+    import http.server
+    import json
+    import threading
+
+    from quantgate.evaluation.distribution import score_chunks
+
+    sent = [5, 7, 9]
+    entries = [{"7": {"logprob": -0.5, "rank": 1}, "3": {"logprob": -1.5, "rank": 2}},
+               {"9": {"logprob": -0.2, "rank": 1}, "3": {"logprob": -2.0, "rank": 2}}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ok = self.headers.get("Authorization") == "Bearer s3cret" and body["prompt"] == sent
+            payload = {"choices": [_choice(sent, entries)]} if ok else {"error": "Unauthorized"}
+            data = json.dumps(payload).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+    try:
+        docs = score_chunks(url, "m", [(0, 0, sent)], top_k=2, api_key="s3cret")
+        assert docs[0].ref_logprobs.tolist() == [-0.5, -0.2]
+        with pytest.raises(EvaluationError, match="HTTP 401"):
+            score_chunks(url, "m", [(0, 0, sent)], top_k=2, api_key=None)
+    finally:
+        server.shutdown()

@@ -150,9 +150,17 @@ def parse_prompt_logprobs(
 
 
 def score_chunks(
-    completions_url: str, served_name: str, chunks: list[tuple[int, int, list[int]]], top_k: int
+    completions_url: str,
+    served_name: str,
+    chunks: list[tuple[int, int, list[int]]],
+    top_k: int,
+    api_key: str | None = None,
 ) -> list[DocumentLogprobs]:
-    """Teacher-force every chunk through the server (token-id prompts) and parse the prompt logprobs."""
+    """Teacher-force every chunk through the server (token-id prompts) and parse the prompt logprobs.
+
+    `api_key` is the server's own (VllmServer.api_key), sent as a bearer token as lm-eval sends it.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def one(chunk: tuple[int, int, list[int]]) -> DocumentLogprobs:
         doc_id, _, ids = chunk
@@ -165,7 +173,7 @@ def score_chunks(
             "return_token_ids": True,
         }
         try:
-            resp = requests.post(completions_url, json=body, timeout=_REQUEST_TIMEOUT_S)
+            resp = requests.post(completions_url, json=body, headers=headers, timeout=_REQUEST_TIMEOUT_S)
         except requests.RequestException as exc:
             raise EvaluationError(f"document {doc_id}: request to {completions_url} failed: {exc}") from None
         if resp.status_code != 200:
@@ -252,7 +260,7 @@ def _score_and_store(vr: VariantRun, settings: DistributionSet, key: dict[str, A
                 settings.documents, settings.tokens, settings.top_k)
     baseline_dir = run.variant(vr.model.name, vr.model.baseline.name).served_checkpoint().path
     chunks = text_chunks(baseline_dir, settings, run.data_dir)
-    docs = score_chunks(server.completions_url, vr.label, chunks, settings.top_k)
+    docs = score_chunks(server.completions_url, vr.label, chunks, settings.top_k, api_key=server.api_key)
     seconds = time.monotonic() - t0
     run.events.seconds["evaluate"] += seconds
     run.events.evaluated.append(f"{vr.label}:{task}")
