@@ -37,7 +37,7 @@ class J:
         return f"{self.outcome.label}: a gate"
 
 @pytest.mark.parametrize("name, outcome", [
-    ("retention[hellaswag]", "PASS"), ("retention[AVG]", "INCONCLUSIVE"),
+    ("retention[hellaswag]", "PASS"), ("kl", "PASS"), ("top1_agreement", "PASS"), ("retention[AVG]", "INCONCLUSIVE"),
     ("regression[gsm8k]", "INCONCLUSIVE"), ("retention[ifeval]", "NOT_GATED"),
 ])
 def test_gate(qg_judge, name, outcome):
@@ -65,7 +65,8 @@ def test_commit_cadence_warns_on_inconclusive_and_skips_not_gated(project):
     result = _run(project, "--junitxml", "out.xml")
     # PASS passes; supporting AVG INCONCLUSIVE -> warn (xfail); advisory regression -> pass with note;
     # NOT GATED -> skipped.
-    result.assert_outcomes(passed=2, xfailed=1, skipped=1, warnings=1)
+    # (kl and top1_agreement are critical in thresholds/policy.yaml: without them the subject would be MISSING)
+    result.assert_outcomes(passed=4, xfailed=1, skipped=1, warnings=1)
     out = result.stdout.str()
     assert "VERDICT: PASS (exit 0)" in out and "NOT GATED" in out and "policy at cadence commit" in out
     props = {
@@ -83,7 +84,7 @@ def test_nightly_blocks_on_inconclusive_without_calling_it_fail(project):
     result = _run(project, "--qg-cadence", "nightly")
     # The blocking INCONCLUSIVE gate is red for pytest (exit status 1) but counted and named as inconclusive.
     assert result.ret == 1
-    assert result.parseoutcomes() == {"passed": 1, "inconclusive": 1, "xfailed": 1, "skipped": 1}
+    assert result.parseoutcomes() == {"passed": 3, "inconclusive": 1, "xfailed": 1, "skipped": 1}
     out = result.stdout.str()
     assert "VERDICT: INCONCLUSIVE (exit 2)" in out and "INCONCLUSIVE -> fail" in out
     # Neither pytest nor quantgate says FAIL or FAILED (XFAIL is the `warn` disposition's pytest word).
@@ -109,3 +110,35 @@ def test_quantgate_run_exit_codes(tmp_path, monkeypatch, capsys):
     (suite / "test_more.py").write_text(TESTS.replace('("retention[hellaswag]", "PASS")', '("kl", "FAIL")'))
     assert cli.main(common) == 1
     assert "VERDICT: FAIL (exit 1)" in capsys.readouterr().out
+
+
+CONTROL_TESTS = """
+import pytest
+from quantgate.gates.outcome import GateParameters, Outcome
+
+class J:
+    def __init__(self, outcome):
+        self.outcome = Outcome(outcome)
+        self.parameters = GateParameters(level=0.95, floor=0.03, n=32, mdd=0.01, n_needed=None)
+    def message(self):
+        return f"{self.outcome.label}: kl of the damaged build"
+
+@pytest.mark.parametrize("outcome", ["FAIL", "PASS"])
+def test_control(qg_judge, outcome):
+    qg_judge("kl", "m/damaged", J(outcome))
+"""
+
+
+def test_a_negative_control_xfails_when_caught_and_fails_when_missed(pytester: pytest.Pytester):
+    matrix = MATRIX.replace(
+        "tasks:",
+        "      - {name: damaged, format: int4, builder: llmcompressor, recipe: {scheme: W4A16}, control: true}\ntasks:")
+    pytester.makefile(".yaml", matrix=textwrap.dedent(matrix))
+    (pytester.path / "policy.yaml").write_text((ROOT / "thresholds" / "policy.yaml").read_text())
+    (pytester.path / "retention.yaml").write_text((ROOT / "thresholds" / "retention.yaml").read_text())
+    pytester.makepyfile(test_control=CONTROL_TESTS)
+    result = _run(pytester)
+    result.assert_outcomes(xfailed=1, failed=1)
+    out = result.stdout.str()
+    assert "negative control caught, as expected" in out
+    assert "negative control NOT caught" in out and "VERDICT: FAIL (exit 1)" in out
