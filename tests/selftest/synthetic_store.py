@@ -17,7 +17,7 @@ THRESHOLDS = ROOT / "thresholds" / "retention.yaml"
 MATRIX = """
 models:
   - name: m
-    source: {kind: local, path: /nonexistent}
+    source: {kind: local, path: SOURCE}
     variants:
       - {name: bf16, format: bf16}
       - {name: fp8, format: fp8, builder: llmcompressor, recipe: {scheme: FP8_DYNAMIC}}
@@ -56,7 +56,10 @@ def make_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner_mod, "baseline_checkpoint", lambda model: checkpoint("bf16"))
     monkeypatch.setattr(runner_mod, "built_checkpoint", lambda model, v, base: checkpoint(v.name))
-    (tmp_path / "matrix.yaml").write_text(MATRIX)
+    source = tmp_path / "source"  # a local checkpoint folder that `quantgate check` finds; never loaded
+    source.mkdir(exist_ok=True)
+    (source / "config.json").write_text("{}")
+    (tmp_path / "matrix.yaml").write_text(MATRIX.replace("SOURCE", str(source)))
     matrix = load_matrix(tmp_path / "matrix.yaml")
     thresholds = load_thresholds(THRESHOLDS)
 

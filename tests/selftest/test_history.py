@@ -35,7 +35,7 @@ def judged_run(run) -> dict:  # noqa: ANN001 - a reading quantgate.runner.Run
 
 
 @pytest.fixture
-def three_runs(tmp_path, make_run):
+def three_runs(tmp_path, make_run):  # noqa: F811 - the imported fixture
     results = tmp_path / "results"
     dropped = [1, 0, 0, 0] * 10  # 10/40 where BF16 has 30/40: a loss no interval can hide
     for int8 in (CORRECT["bf16"], CORRECT["bf16"], dropped):

@@ -128,7 +128,7 @@ def annotations(verdict: RunVerdict, run: JunitRun) -> list[str]:
     out = []
     for g, d in _not_passed(verdict):
         level = "error" if d in ("fail", "control-missed") else "warning"
-        first = (run.messages.get((g.subject, g.name)) or g.outcome.label).splitlines()[0]
+        first = (run.messages.get((g.subject, g.name)) or g.message or g.outcome.label).splitlines()[0]
         title = f"quantgate {g.outcome.label} {g.subject} {g.name}"
         out.append(f"::{level} title={_escape_property(title)}::{_escape_data(first)}")
     for nodeid in run.other_failures + run.errors:
