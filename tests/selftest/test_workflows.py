@@ -173,3 +173,17 @@ def test_workflow_commands_run_against_a_stored_result_set(workflow, tmp_path, m
             # the run appended its history line, with the stored variants' records
             assert "history: appended run" in printed.out
     assert commands
+
+
+def test_every_input_and_variable_is_documented():
+    """docs/ci-workflows.md's inputs table names every workflow_dispatch input and every repository variable."""
+    doc = (ROOT / "docs" / "ci-workflows.md").read_text()
+    rows = [line.split("|") for line in doc.splitlines() if line.startswith("| `")]
+    documented_inputs = {r[1].strip().strip("`") for r in rows}
+    for wf in WORKFLOWS:
+        text = wf.read_text()
+        on = yaml.safe_load(text).get(True) or {}  # YAML 1.1 reads the key `on` as True
+        inputs = set((on.get("workflow_dispatch") or {}).get("inputs") or {})
+        assert inputs <= documented_inputs, f"{wf.name}: undocumented inputs {inputs - documented_inputs}"
+        for var in set(re.findall(r"vars\.([A-Z0-9_]+)", text)):
+            assert f"`{var}`" in doc, f"{wf.name}: repository variable {var} is not in docs/ci-workflows.md"
