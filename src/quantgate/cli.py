@@ -6,6 +6,11 @@ quantgate accept [--matrix M]                                  record current re
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix, thresholds and policy only
 quantgate plan   [--matrix M] [--discordance D] [--base S]     n each gate needs, and its mdd at the matrix's n
 quantgate merge SRC... --into DST                              merge shards' results directories (refuses conflicts)
+quantgate accept --from-store [--matrix M]                     promote stored results to accepted baselines, no run
+quantgate summary --junit J [--results DIR] [--annotations]    a CI job summary (Markdown) or ::error annotations
+quantgate trend [--results DIR] [--png P]                      scores and retention over the runs in history.jsonl
+
+`quantgate run` appends one line per run to <results>/history.jsonl (quantgate.history).
 
 Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit), and
 --qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit).
@@ -38,6 +43,7 @@ class _VerdictCollector:
     def __init__(self) -> None:
         self.verdict: RunVerdict | None = None
         self.policy: Policy | None = None
+        self.results: Path | None = None  # the session's results directory (--qg-results or QUANTGATE_RESULTS)
         self.skips: dict[str, list[str]] = {}
 
     def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
@@ -48,26 +54,40 @@ class _VerdictCollector:
     def pytest_sessionfinish(self, session) -> None:  # noqa: ANN001 - pytest hook
         qs = session.config.stash.get(STASH, None)
         if qs is not None:
-            self.verdict, self.policy = qs.verdict(), qs.policy
+            self.verdict, self.policy, self.results = qs.verdict(), qs.policy, qs.results
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(args.matrix).resolve(), Path(args.thresholds).resolve()
 
 
-def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None) -> None:
-    from quantgate import verdicts
+def _reading_run(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
+                 results: Path | None = None):  # noqa: ANN202 - a quantgate.runner.Run, imported lazily
+    """A Run that only reads stored results: it never builds a checkpoint or starts a server."""
     from quantgate.runner import Run
 
     matrix = load_matrix(matrix_path)
     if limit:
         matrix = with_task_limits(matrix, limit)
-    run = Run(matrix, load_thresholds(thresholds_path), results_dir(), reuse_only=True)
+    return Run(matrix, load_thresholds(thresholds_path), results or results_dir(), reuse_only=True)
+
+
+def _tables(run) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
+    from quantgate import verdicts
+
+    out = []
     for model in run.matrix.models:
         try:
-            print(verdicts.score_table(run, model.name, partial=True).render())
+            out.append(verdicts.score_table(run, model.name, partial=True).render())
         except QuantgateError as exc:
-            print(f"(no complete table for {model.name}: {exc})")
+            out.append(f"(no complete table for {model.name}: {exc})\n")
+    return out
+
+
+def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
+                  results: Path | None = None) -> None:
+    for table in _tables(_reading_run(matrix_path, thresholds_path, limit, results)):
+        print(table)
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -88,11 +108,32 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if collector.verdict is None or int(code) not in (0, 1):
         # pytest did not get to judge the suite (usage error, interrupted, nothing collected)
         print(f"VERDICT: ERROR (pytest exit {int(code)}), the run did not complete  ({wall:.0f}s wall)")
+        _append_history(args, None, EXIT_ERROR, wall, collector.results, None)
         return EXIT_ERROR
     # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
     print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
-    _print_tables(matrix_path, thresholds_path, args.qg_limit)
+    run = _reading_run(matrix_path, thresholds_path, args.qg_limit, collector.results)
+    for table in _tables(run):
+        print(table)
+    _append_history(args, collector.verdict, collector.verdict.exit_code, wall, collector.results, run)
     return collector.verdict.exit_code
+
+
+def _append_history(args: argparse.Namespace, verdict: RunVerdict | None, exit_code: int, wall: float,
+                    results: Path | None, run) -> None:  # noqa: ANN001 - a reading quantgate.runner.Run or None
+    """One line in <results>/history.jsonl; a failure to write it is reported, and the verdict stands."""
+    from quantgate import history
+
+    results = results or results_dir()
+    try:
+        variants = history.variant_records(run) if run is not None else {}
+        hardware = run.hw.as_dict() if run is not None else None
+        entry = history.run_entry(verdict, exit_code=exit_code, variants=variants, hardware=hardware,
+                                  wall_s=wall, matrix=str(Path(args.matrix)), cadence=args.qg_cadence)
+        path = history.append_entry(results, entry)
+        print(f"history: appended run {len(history.read_history(path))} to {path}")
+    except QuantgateError as exc:
+        print(f"quantgate: warning: the run history was not written: {exc}", file=sys.stderr)
 
 
 def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
@@ -110,12 +151,76 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    _print_tables(*_paths(args), args.qg_limit)
+    _print_tables(*_paths(args), args.qg_limit, _results_arg(args))
     return 0
 
 
 def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.from_store:
+        if extra:
+            raise QuantgateError(f"accept --from-store runs no pytest: unrecognized arguments {' '.join(extra)}")
+        from quantgate.promote import accept_stored
+
+        run = _reading_run(*_paths(args), args.qg_limit, _results_arg(args))
+        promotion = accept_stored(run)
+        for path in promotion.accepted:
+            print(f"accepted: {path}")
+        for line in promotion.skipped:
+            print(f"skipped: {line}")
+        for line in promotion.missing:
+            print(f"not stored: {line}")
+        print(promotion.summary())
+        return 0
     return int(pytest.main(_suite_argv(args, "--qg-accept", "-k", "regression", *extra)))
+
+
+def _results_arg(args: argparse.Namespace) -> Path:
+    """--results, else $QUANTGATE_RESULTS or results/; an explicit directory must exist."""
+    if getattr(args, "results", None):
+        path = Path(args.results).resolve()
+        if not path.is_dir():
+            raise QuantgateError(f"--results {args.results}: no such directory")
+        return path
+    return results_dir()
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from quantgate.report import job_summary
+
+    junit = job_summary.read_junit(Path(args.junit))
+    policy = _policy(args)
+    verdict = job_summary.verdict_of(junit, policy, args.qg_cadence)
+    if args.annotations:
+        for line in job_summary.annotations(verdict, junit):
+            print(line)
+        return 0
+    tables = _tables(_reading_run(*_paths(args), args.qg_limit, _results_arg(args)))
+    bad = [link for link in args.link if "=" not in link]
+    if bad:
+        raise QuantgateError(f"--link {bad[0]!r}: expected NAME=URL")
+    links = dict(link.split("=", 1) for link in args.link)
+    print(job_summary.markdown(verdict, junit, tables, policy, links))
+    return 0
+
+
+def cmd_trend(args: argparse.Namespace) -> int:
+    from quantgate import history
+
+    results = _results_arg(args)
+    entries = history.read_history(history.history_path(results))
+    if args.cadence:
+        entries = [e for e in entries if e.get("cadence") == args.cadence]
+    if args.last:
+        entries = entries[-args.last:]
+    print(history.render_trend(entries), end="")
+    png = Path(args.png) if args.png else results / "trend.png"
+    try:
+        print(f"trend plot: {history.plot_trend(entries, png)}")
+    except QuantgateError as exc:
+        if args.png:  # asked for explicitly: its absence is an error
+            raise
+        print(f"(no trend plot: {exc})")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -183,10 +288,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (the selftests parse the workflows' command lines with it)."""
     ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    for name in ("run", "report", "accept", "check", "plan"):
+    for name in ("run", "report", "accept", "check", "plan", "summary"):
         p = sub.add_parser(name)
         if name == "plan":
             p.add_argument("matrix_arg", nargs="?", default=None, metavar="MATRIX", help="matrix YAML (as --matrix)")
@@ -204,9 +310,34 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
                            help="assumed BF16 score (0..1) per task")
             p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+        if name == "accept":
+            p.add_argument("--from-store", action="store_true",
+                           help="accept the stored results as they are: run nothing, build nothing, serve nothing")
+        if name in ("accept", "summary", "report"):
+            p.add_argument("--results", default=None, metavar="DIR",
+                           help="results directory (default: $QUANTGATE_RESULTS or results/)")
+        if name == "summary":
+            p.add_argument("--junit", required=True, metavar="XML", help="the JUnit XML of the run (--junitxml)")
+            p.add_argument("--annotations", action="store_true",
+                           help="print GitHub ::error/::warning workflow commands instead of the Markdown summary")
+            p.add_argument("--link", action="append", default=[], metavar="NAME=URL",
+                           help="a link listed under Artifacts (repeatable)")
+            p.set_defaults(qg_cadence=None)  # the run's own cadence, from its JUnit properties
+    trend = sub.add_parser("trend", help="scores and retention over the runs of <results>/history.jsonl")
+    trend.add_argument("--results", default=None, metavar="DIR",
+                       help="results directory (default: $QUANTGATE_RESULTS or results/)")
+    trend.add_argument("--png", default=None, metavar="PATH",
+                       help="write the trend plot here (default <results>/trend.png when matplotlib is installed)")
+    trend.add_argument("--last", type=int, default=None, metavar="N", help="only the last N runs")
+    trend.add_argument("--cadence", choices=CADENCES, default=None, help="only the runs at this cadence")
     merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
     merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
     merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     if extra and args.cmd not in ("run", "accept"):
         ap.error(f"quantgate {args.cmd}: unrecognized arguments: {' '.join(extra)}")
@@ -223,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_accept(args, extra)
         if args.cmd == "report":
             return cmd_report(args)
+        if args.cmd == "summary":
+            return cmd_summary(args)
+        if args.cmd == "trend":
+            return cmd_trend(args)
         if args.cmd == "plan":
             return cmd_plan(args)
         return cmd_check(args)
