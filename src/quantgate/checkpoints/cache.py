@@ -117,6 +117,14 @@ def cached_entry(
             aside = root / f".{name}.corrupt.{os.getpid()}"
             final.rename(aside)
             shutil.rmtree(aside, ignore_errors=True)
+        # What a build of this key that was killed outright (SIGKILL, power loss) left: its temporary export
+        # and spec file. Never trusted (only a rename makes an entry); removed here, under the key's lock, so
+        # no build of this key is running.
+        for stale in root.glob(f".{name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             build(tmp)

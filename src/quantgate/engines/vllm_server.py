@@ -447,7 +447,7 @@ class VllmServer:
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
         _LIVE.add(self)
-        _install_sigterm_handler()
+        install_sigterm_handler()
         try:
             self._wait_healthy(start)
         except BaseException:
@@ -486,7 +486,7 @@ class VllmServer:
         self.stop()
 
 
-def _install_sigterm_handler() -> None:
+def install_sigterm_handler() -> None:
     """SIGTERM (a CI timeout, `kill`) skips atexit; turn it into SystemExit so every teardown runs."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         try:
