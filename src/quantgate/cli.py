@@ -72,7 +72,13 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     matrix_path, thresholds_path = _paths(args)
-    load_matrix(matrix_path), load_thresholds(thresholds_path), _policy(args)  # fail before pytest starts
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
+
+    matrix = load_matrix(matrix_path)  # fail before pytest starts
+    load_thresholds(thresholds_path), _policy(args)
+    _, limit_errors = check_distribution_limits(matrix, matrix_path, distribution_limits_path(thresholds_path))
+    if limit_errors:  # found here, not at the first distribution test after hours of builds
+        raise QuantgateError("\n".join(limit_errors))
     tests = Path(args.tests)
     if not tests.is_dir():
         raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
@@ -125,10 +131,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(thresholds_path)
     policy = _policy(args)
-    from quantgate.matrix_checks import check_matrix
+    from quantgate.matrix_checks import (
+        check_distribution_limits,
+        check_matrix,
+        distribution_limits_path,
+        policy_coverage_warnings,
+    )
     from quantgate.paths import data_dir
 
     report = check_matrix(m, matrix_path, data_dir(required=False), th)
+    limits_path = distribution_limits_path(thresholds_path)
+    limits, limit_errors = check_distribution_limits(m, matrix_path, limits_path)
+    report.errors.extend(limit_errors)
+    report.warnings.extend(policy_coverage_warnings(m, policy, limits, limits_path))
     for line in report.notes:
         print(f"note: {line}")
     for line in report.warnings:
@@ -138,11 +153,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     n = sum(len(x.variants) for x in m.models)
     print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
     print(policy.describe(args.qg_cadence))
-    gated = {t.name for t in m.tasks if t.gate}
-    for key in policy.required():
-        task = key.removeprefix("retention[").removesuffix("]")
-        if task in {t.name for t in m.tasks} and task not in gated:
-            print(f"  note: critical {key} is not gated in this matrix (gate: false): it will be MISSING")
     return 0
 
 
