@@ -407,3 +407,18 @@ def test_check_warns_when_a_critical_gate_cannot_run_in_this_matrix(tmp_path):
                                                                   "critical top1_agreement"]
     assert any("sets no top1_agreement_min for format(s) ['int4']" in w for w in with_dist)
     assert any("task hellaswag is not gated in this matrix (gate: false)" in w for w in with_dist)
+
+
+def test_empty_models_or_tasks_and_a_bf16_control_are_refused(tmp_path):
+    no_models = "models: []\ntasks:\n  - {name: hellaswag, metric: acc_norm}\n"
+    for old, new, expect in [
+        (BASE, no_models, "models: List should have at least 1 item"),
+        ("tasks:\n  - {name: hellaswag, metric: acc_norm}", "tasks: []", "tasks: List should have at least 1 item"),
+        ("{name: bf16, format: bf16}", "{name: bf16, format: bf16, control: true}",
+         "the bf16 baseline is the reference and cannot be a negative control"),
+    ]:
+        text = BASE.replace(old, new)
+        assert text != BASE
+        with pytest.raises(MatrixError, match=re.escape(expect)) as err:
+            load_matrix(write(tmp_path, text))
+        assert str(tmp_path / "m.yaml") in str(err.value)
