@@ -62,8 +62,16 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
     matrix = load_matrix(matrix_path)
     if limit:
         matrix = with_task_limits(matrix, limit)
-    run = Run(matrix, load_thresholds(thresholds_path), results_dir(), reuse_only=True)
-    for model in run.matrix.models:
+    root = results_dir(create=False)
+    stored = [m for m in matrix.models if (root / m.name).is_dir()]
+    for model in matrix.models:
+        if model not in stored:
+            print(f"(no stored results for {model.name} in {root}: nothing to report; `quantgate run` stores them, "
+                  "QUANTGATE_RESULTS names another results directory)")
+    if not stored:
+        return
+    run = Run(matrix, load_thresholds(thresholds_path), root, reuse_only=True)
+    for model in stored:
         try:
             print(verdicts.score_table(run, model.name, partial=True).render())
         except QuantgateError as exc:

@@ -111,3 +111,15 @@ def test_quantgate_run_exit_codes(tmp_path, monkeypatch, capsys):
     (suite / "test_more.py").write_text(TESTS.replace('("kl", "PASS")', '("kl", "FAIL")'))
     assert cli.main(common) == 1
     assert "VERDICT: FAIL (exit 1)" in capsys.readouterr().out
+
+
+def test_quantgate_report_on_an_empty_results_directory_says_so_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from quantgate import cli
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
+    results = tmp_path / "no-results-yet"
+    monkeypatch.setenv("QUANTGATE_RESULTS", str(results))
+    assert cli.main(["report", "--matrix", str(tmp_path / "matrix.yaml")]) == 0
+    assert f"(no stored results for m in {results}: nothing to report" in capsys.readouterr().out
+    assert not results.exists()
