@@ -256,7 +256,8 @@ def policy_coverage_warnings(
                            "distribution section, or run with a --qg-policy that does not make it critical")
                 continue
             if limits is None:
-                out.append(f"policy: critical {key}: no distribution limits at {limits_path}, so {fails}")
+                if limits_path is None or not limits_path.exists():  # a malformed file is check's error instead
+                    out.append(f"policy: critical {key}: no distribution limits at {limits_path}, so {fails}")
                 continue
             limit_name = next(k for k, v in GATE_NAMES.items() if v == key)
             formats = sorted({v.format for m in matrix.models for v in m.variants if v.format != "bf16"})
