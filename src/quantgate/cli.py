@@ -86,13 +86,30 @@ def _tables(run) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
 
 def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
                   results: Path | None = None) -> None:
-    for table in _tables(_reading_run(matrix_path, thresholds_path, limit, results)):
+    """The score tables of the models with stored results; the others are named. Creates no results folder."""
+    root = results or results_dir(create=False)
+    names = [m.name for m in load_matrix(matrix_path).models]
+    stored = [n for n in names if (root / n).is_dir()]
+    for name in names:
+        if name not in stored:
+            print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run` stores them, "
+                  "QUANTGATE_RESULTS names another results directory)")
+    if not stored:
+        return
+    run = _reading_run(matrix_path, thresholds_path, limit, root)
+    for table in _tables(run):
         print(table)
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     matrix_path, thresholds_path = _paths(args)
-    load_matrix(matrix_path), load_thresholds(thresholds_path), _policy(args)  # fail before pytest starts
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
+
+    matrix = load_matrix(matrix_path)  # fail before pytest starts
+    load_thresholds(thresholds_path), _policy(args)
+    _, limit_errors = check_distribution_limits(matrix, matrix_path, distribution_limits_path(thresholds_path))
+    if limit_errors:  # found here, not at the first distribution test after hours of builds
+        raise QuantgateError("\n".join(limit_errors))
     tests = Path(args.tests)
     if not tests.is_dir():
         raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
@@ -181,7 +198,7 @@ def _results_arg(args: argparse.Namespace) -> Path:
         if not path.is_dir():
             raise QuantgateError(f"--results {args.results}: no such directory")
         return path
-    return results_dir()
+    return results_dir(create=False)  # readers leave no empty results folder behind
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -230,10 +247,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(thresholds_path)
     policy = _policy(args)
-    from quantgate.matrix_checks import check_matrix
+    from quantgate.matrix_checks import (
+        check_distribution_limits,
+        check_matrix,
+        distribution_limits_path,
+        policy_coverage_warnings,
+    )
     from quantgate.paths import data_dir
 
     report = check_matrix(m, matrix_path, data_dir(required=False), th)
+    limits_path = distribution_limits_path(thresholds_path)
+    limits, limit_errors = check_distribution_limits(m, matrix_path, limits_path)
+    report.errors.extend(limit_errors)
+    report.warnings.extend(policy_coverage_warnings(m, policy, limits, limits_path))
     for line in report.notes:
         print(f"note: {line}")
     for line in report.warnings:
@@ -243,11 +269,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     n = sum(len(x.variants) for x in m.models)
     print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
     print(policy.describe(args.qg_cadence))
-    gated = {t.name for t in m.tasks if t.gate}
-    for key in policy.required():
-        task = key.removeprefix("retention[").removesuffix("]")
-        if task in {t.name for t in m.tasks} and task not in gated:
-            print(f"  note: critical {key} is not gated in this matrix (gate: false): it will be MISSING")
     return 0
 
 

@@ -308,6 +308,9 @@ class Variant(_Strict):
             raise ValueError("a bf16 variant is the baseline itself; it takes builder: none")
         if self.format != "bf16" and self.builder == "none" and self.source is None:
             raise ValueError(f"variant {self.name!r} ({self.format}) needs a builder or a source")
+        if self.control and self.format == "bf16":
+            raise ValueError(f"variant {self.name!r}: the bf16 baseline is the reference and cannot be a negative "
+                             "control; put control: true on a deliberately damaged quantized variant")
         return self
 
 
@@ -372,8 +375,8 @@ class DistributionSet(_Strict):
 
 
 class Matrix(_Strict):
-    models: list[Model]
-    tasks: list[Task]
+    models: list[Model] = Field(min_length=1)
+    tasks: list[Task] = Field(min_length=1)
     generation: Generation = Generation()
     distribution: DistributionSet | None = Field(
         None, description="distribution metrics against BF16 (None: not measured)"

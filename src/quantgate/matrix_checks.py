@@ -7,11 +7,14 @@ checkpoints already on this machine:
 errors   a metric lm-eval does not produce for the task; a code-executing task without allow_code_execution;
          max_gen_toks >= max_model_len; a local source path that does not exist; a group size that does not
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
-         a log-probability task sent to a chat endpoint.
+         a log-probability task sent to a chat endpoint; distribution.tokens > a model's max_model_len;
+         thresholds/distribution.yaml malformed, or without limits for a variant's format (when the matrix has a
+         gated distribution section).
 warnings what could not be checked here (the baseline's config.json is not local; a Python task declares no
          metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
          a variant whose generation_config.json sampling defaults differ from the baseline's; a task_floors
-         entry naming no task of the matrix.
+         entry naming no task of the matrix; a critical gate of the policy that this matrix cannot produce
+         (every variant would be MISSING it, and the run fails).
 notes    which tasks read offline data here and which need the Hub.
 """
 
@@ -22,7 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate.matrix import GgufWheelSource, HubSource, LocalSource, Matrix, Model, Thresholds, Variant
+from quantgate.errors import MatrixError
+from quantgate.matrix import (
+    DistributionThresholds,
+    GgufWheelSource,
+    HubSource,
+    LocalSource,
+    Matrix,
+    Model,
+    Thresholds,
+    Variant,
+    load_distribution_thresholds,
+)
+from quantgate.policy import Policy
 
 # Fields of generation_config.json that change sampling (transformers GenerationConfig names).
 SAMPLING_CONFIG_FIELDS = (
@@ -48,6 +63,12 @@ def check_matrix(
     _check_tasks(matrix, path, data_dir, report)
     for model in matrix.models:
         _check_model(matrix, model, path, report)
+        dist = matrix.distribution
+        if dist is not None and dist.tokens > model.max_model_len:
+            report.errors.append(
+                f"{path}: distribution.tokens: {dist.tokens} exceeds max_model_len {model.max_model_len} of model "
+                f"{model.name}; a chunk must fit the server's context"
+            )
     if thresholds is not None:
         keys = {t.key for t in matrix.tasks} | {t.name for t in matrix.tasks}
         for task in thresholds.retention.task_floors:
@@ -181,3 +202,84 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _sampling_defaults(ckpt: Path) -> dict[str, Any]:
     cfg = _read_json(ckpt / "generation_config.json") or {}
     return {k: cfg[k] for k in SAMPLING_CONFIG_FIELDS if k in cfg}
+
+
+def distribution_limits_path(thresholds_path: Path) -> Path:
+    """thresholds/distribution.yaml: beside the retention thresholds in use (as tests/test_distribution.py)."""
+    return Path(thresholds_path).parent / "distribution.yaml"
+
+
+def check_distribution_limits(
+    matrix: Matrix, path: Path, limits_path: Path
+) -> tuple[DistributionThresholds | None, list[str]]:
+    """The distribution limits a matrix with a gated `distribution:` section needs, and what is wrong with them.
+
+    Returns (limits or None, errors). An error for a malformed file, and for a quantized variant's format that
+    the file gives no limits (the run would stop at that variant's first distribution test otherwise). No file,
+    or no gated section: (None, []); a critical distribution gate then shows up in `policy_coverage_warnings`.
+    """
+    dist = matrix.distribution
+    if dist is None or not dist.gate or not limits_path.exists():
+        return None, []
+    try:
+        limits = load_distribution_thresholds(limits_path)
+    except MatrixError as exc:
+        return None, [str(exc)]
+    errors = []
+    for model in matrix.models:
+        for v in model.variants:
+            if v.format != "bf16" and v.format not in limits.formats:
+                errors.append(
+                    f"{limits_path}: formats: no limits for format {v.format!r} (variant {model.name}/{v.name} of "
+                    f"{path.name}, which has a gated distribution section); add formats.{v.format}"
+                )
+    return limits, errors
+
+
+def policy_coverage_warnings(
+    matrix: Matrix, policy: Policy, limits: DistributionThresholds | None, limits_path: Path | None = None
+) -> list[str]:
+    """Critical gates of `policy` this matrix cannot produce: each would be MISSING for every quantized variant
+    (quantgate.policy.missing_gates), which fails the run (exit 1) whatever the other gates say."""
+    from quantgate.gates.distribution import GATE_NAMES
+
+    out: list[str] = []
+    fails = "every quantized variant will be MISSING it and the run fails (exit 1)"
+    dist_gate_names = set(GATE_NAMES.values())
+    tasks = {t.key: t for t in matrix.tasks} | {t.name: t for t in matrix.tasks}
+    for key in policy.required():
+        if key in dist_gate_names:
+            dist = matrix.distribution
+            if dist is None or not dist.gate:
+                what = "no `distribution:` section" if dist is None else "`distribution: {gate: false}`"
+                out.append(f"policy: critical {key}: this matrix has {what}, so {fails}; add a gated "
+                           "distribution section, or run with a --qg-policy that does not make it critical")
+                continue
+            if limits is None:
+                if limits_path is None or not limits_path.exists():  # a malformed file is check's error instead
+                    out.append(f"policy: critical {key}: no distribution limits at {limits_path}, so {fails}")
+                continue
+            limit_name = next(k for k, v in GATE_NAMES.items() if v == key)
+            formats = sorted({v.format for m in matrix.models for v in m.variants if v.format != "bf16"})
+            unset = [f for f in formats if f in limits.formats and getattr(limits.formats[f], limit_name) is None]
+            if unset:
+                out.append(f"policy: critical {key}: {limits_path} sets no {limit_name} for format(s) {unset}, so "
+                           "their variants will be MISSING it and the run fails (exit 1)")
+            continue
+        task_key = key
+        for prefix in ("retention[", "regression["):
+            if key.startswith(prefix) and key.endswith("]"):
+                task_key = key[len(prefix):-1]
+        if task_key == "AVG":
+            continue
+        task = tasks.get(task_key)
+        if task is None:
+            out.append(f"policy: critical {key}: this matrix has no task {task_key!r}, so {fails}; its tasks: "
+                       f"{sorted(t.key for t in matrix.tasks)}")
+        elif key.startswith("regression[") and not task.regression:
+            out.append(f"policy: critical {key}: task {task.key} has no regression gate in this matrix "
+                       f"(regression: false), so {fails}")
+        elif not key.startswith("regression[") and not task.gate:
+            out.append(f"policy: critical {key}: task {task.key} is not gated in this matrix (gate: false), so "
+                       f"{fails}")
+    return out

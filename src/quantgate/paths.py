@@ -16,10 +16,12 @@ def cache_dir() -> Path:
     return path
 
 
-def results_dir() -> Path:
-    """Evaluation results: small, kept, keyed by provenance."""
+def results_dir(create: bool = True) -> Path:
+    """Evaluation results: small, kept, keyed by provenance. `create=False` for readers (`quantgate report`),
+    which must not leave an empty results folder behind."""
     path = Path(os.environ.get("QUANTGATE_RESULTS") or "results").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

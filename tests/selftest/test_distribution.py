@@ -187,7 +187,11 @@ def test_document_record_round_trip():
 
 
 def test_matrix_distribution_section_is_strict():
-    base = {"models": [], "tasks": []}
+    base = {
+        "models": [{"name": "m", "source": {"kind": "local", "path": "/nonexistent"},
+                    "variants": [{"name": "bf16", "format": "bf16"}]}],
+        "tasks": [{"name": "hellaswag", "metric": "acc_norm"}],
+    }
     m = Matrix.model_validate({**base, "distribution": {"documents": 8, "tokens": 256}})
     assert m.distribution == DistributionSet(documents=8, tokens=256)
     with pytest.raises(ValidationError, match="top_k"):

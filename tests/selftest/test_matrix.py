@@ -350,3 +350,75 @@ def test_shipped_seed_matrices_pass_check_without_network(name):
     path = ROOT / "fixtures" / name
     report = check_matrix(load_matrix(path), path, None)
     assert report.errors == []
+
+
+DIST = "distribution: {documents: 4, tokens: 64}\n"
+LIMITS = """
+formats:
+  int4: {mean_kl_max: 0.3, source: measured}
+"""
+
+
+def test_check_refuses_distribution_chunks_longer_than_the_context(tmp_path):
+    text = BASE.replace("source: {kind: local", "max_model_len: 512\n    source: {kind: local")
+    report = _check(tmp_path, text + "distribution: {documents: 4, tokens: 1024}\n")
+    assert any("distribution.tokens: 1024 exceeds max_model_len 512 of model m" in e for e in report.errors)
+
+
+def test_distribution_limits_are_checked_before_a_run(tmp_path):
+    from quantgate.matrix_checks import check_distribution_limits
+
+    path = write(tmp_path, BASE + DIST)
+    m = load_matrix(path)
+    limits_path = tmp_path / "distribution.yaml"
+    assert check_distribution_limits(m, path, limits_path) == (None, [])  # no file: nothing to check
+    limits_path.write_text("formats:\n  int4: {mean_kl_max: 0.3, sorce: typo}\n")
+    _, errors = check_distribution_limits(m, path, limits_path)
+    assert len(errors) == 1 and str(limits_path) in errors[0] and "formats.int4.sorce: unknown key" in errors[0]
+    limits_path.write_text(LIMITS.replace("int4", "int8"))
+    _, errors = check_distribution_limits(m, path, limits_path)
+    assert errors == [f"{limits_path}: formats: no limits for format 'int4' (variant m/q of m.yaml, which has a "
+                      "gated distribution section); add formats.int4"]
+    # a matrix without a distribution section does not read the file at all
+    assert check_distribution_limits(load_matrix(write(tmp_path, BASE)), path, limits_path) == (None, [])
+
+
+def test_check_warns_when_a_critical_gate_cannot_run_in_this_matrix(tmp_path):
+    from quantgate.matrix import load_distribution_thresholds
+    from quantgate.matrix_checks import policy_coverage_warnings
+    from quantgate.policy import DEFAULT_POLICY
+
+    tiers = {"kl": "critical", "top1_agreement": "critical", "gsm8k": "critical", "hellaswag": "critical",
+             "regression[hellaswag]": "critical"}
+    policy = DEFAULT_POLICY.model_copy(update={"tiers": tiers})
+    limits_path = tmp_path / "distribution.yaml"
+    limits_path.write_text(LIMITS)
+    limits = load_distribution_thresholds(limits_path)
+    no_dist = policy_coverage_warnings(load_matrix(write(tmp_path, BASE)), policy, limits, limits_path)
+    assert len(no_dist) == 4  # kl, top1_agreement, gsm8k, regression[hellaswag]; hellaswag is gated
+    assert any(w.startswith("policy: critical kl: this matrix has no `distribution:` section") and
+               "the run fails (exit 1)" in w for w in no_dist)
+    assert any(w.startswith("policy: critical gsm8k: this matrix has no task 'gsm8k'") for w in no_dist)
+    assert any(w.startswith("policy: critical regression[hellaswag]: task hellaswag has no regression gate")
+               for w in no_dist)
+    text = BASE.replace("metric: acc_norm}", "metric: acc_norm, gate: false, regression: true}") + DIST
+    with_dist = policy_coverage_warnings(load_matrix(write(tmp_path, text)), policy, limits, limits_path)
+    assert sorted(w.split(":")[1].strip() for w in with_dist) == ["critical gsm8k", "critical hellaswag",
+                                                                  "critical top1_agreement"]
+    assert any("sets no top1_agreement_min for format(s) ['int4']" in w for w in with_dist)
+    assert any("task hellaswag is not gated in this matrix (gate: false)" in w for w in with_dist)
+
+
+def test_empty_models_or_tasks_and_a_bf16_control_are_refused(tmp_path):
+    no_models = "models: []\ntasks:\n  - {name: hellaswag, metric: acc_norm}\n"
+    for old, new, expect in [
+        (BASE, no_models, "models: List should have at least 1 item"),
+        ("tasks:\n  - {name: hellaswag, metric: acc_norm}", "tasks: []", "tasks: List should have at least 1 item"),
+        ("{name: bf16, format: bf16}", "{name: bf16, format: bf16, control: true}",
+         "the bf16 baseline is the reference and cannot be a negative control"),
+    ]:
+        text = BASE.replace(old, new)
+        assert text != BASE
+        with pytest.raises(MatrixError, match=re.escape(expect)) as err:
+            load_matrix(write(tmp_path, text))
+        assert str(tmp_path / "m.yaml") in str(err.value)
