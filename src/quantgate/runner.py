@@ -206,7 +206,7 @@ class VariantRun:
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "serve_args": numerics_args(self.run.hw, self.serve_args),
             "max_model_len": self.model.max_model_len,
-            **({"env": self._numerics_env()} if self._numerics_env() else {}),
+            **self._env_key(),
         }
 
     def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
@@ -234,7 +234,7 @@ class VariantRun:
             "hardware": {"class": self.run.hw.hw_class, "name": self.run.hw.name},
             "kernel_path": kernel,
             "serve_args": numerics_args(self.run.hw, self.serve_args),
-            **({"env": self._numerics_env()} if self._numerics_env() else {}),
+            **self._env_key(),
         }
 
     def _known_kernel(self) -> str | None:
@@ -393,6 +393,11 @@ class VariantRun:
         for it (VLLM_BATCH_INVARIANT=1: kernels whose result does not depend on what else is in the batch, so
         greedy decoding through a batching server repeats item for item). It is part of the result keys."""
         return {"VLLM_BATCH_INVARIANT": "1"} if self.model.batch_invariant else {}
+
+    def _env_key(self) -> dict[str, Any]:
+        """The numerics environment as a result-key entry; absent when empty, so existing keys are unchanged."""
+        env = self._numerics_env()
+        return {"env": env} if env else {}
 
     def stop(self) -> None:
         if self.server is not None:
