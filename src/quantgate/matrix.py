@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
@@ -55,20 +63,21 @@ class HubSource(_Strict):
     allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
     revision: str = Field(description="the full 40-character commit; branches, tags and short hashes are refused")
 
-    @model_validator(mode="after")
-    def _commit(self) -> HubSource:
+    @field_validator("revision")
+    @classmethod
+    def _commit(cls, v: str, info: ValidationInfo) -> str:
         from quantgate.checkpoints.hub import cached_revision, is_commit
 
-        if not is_commit(self.revision):
-            known = cached_revision(self.id, self.revision)
+        if not is_commit(v):
+            repo = info.data.get("id", "<id>")
+            known = cached_revision(repo, v) if "id" in info.data else None
             hint = (f"the local Hugging Face cache resolves it to {known}" if known else
-                    f"resolve it with huggingface_hub: HfApi().model_info({self.id!r}, "
-                    f"revision={self.revision!r}).sha")
+                    f"resolve it with huggingface_hub: HfApi().model_info({repo!r}, revision={v!r}).sha")
             raise ValueError(
-                f"revision: {self.revision!r} is not a full 40-character commit hash (lowercase hex); a branch or "
-                f"tag moves and a short hash is ambiguous, so results keyed by it would mean nothing; {hint}"
+                f"revision: {v!r} is not a full 40-character commit hash (lowercase hex); a branch or tag moves "
+                f"and a short hash is ambiguous, so results keyed by it would mean nothing; {hint}"
             )
-        return self
+        return v
 
 
 class LocalSource(_Strict):

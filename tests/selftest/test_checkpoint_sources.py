@@ -82,8 +82,9 @@ def test_identity_of_compressed_tensors_and_modelopt_configs(tmp_path):
     fp4 = identify_checkpoint(write_config(tmp_path / "fp4", NVFP4_CT))
     assert (fp4.method, fp4.format, fp4.scheme, fp4.storage, fp4.group_size) == (
         "compressed-tensors", "nvfp4", "NVFP4", "nvfp4-pack-quantized", 16)
-    mo = identify_checkpoint(write_config(tmp_path / "mo", None, {"producer": {"name": "modelopt"},
-                             "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}))
+    hf_quant = {"producer": {"name": "modelopt"},
+                "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}
+    mo = identify_checkpoint(write_config(tmp_path / "mo", None, hf_quant))
     assert (mo.method, mo.format, mo.builder, mo.group_size, mo.ignore) == ("modelopt", "nvfp4", "modelopt", 16,
                                                                           ("lm_head",))
     plain = identify_checkpoint(write_config(tmp_path / "plain", None))

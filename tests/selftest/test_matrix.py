@@ -103,7 +103,8 @@ def test_baseline_required_and_builder_rules(tmp_path):
 
 def test_unpinned_revision_refused(tmp_path):
     text = BASE.replace("{kind: local, path: /nonexistent}", "{kind: hub, id: org/model, revision: main}")
-    with pytest.raises(MatrixError, match="not a commit hash"):
+    with pytest.raises(MatrixError, match="source.hub.revision: Value error, revision: 'main' is not a full "
+                                          "40-character commit hash"):
         load_matrix(write(tmp_path, text))
 
 

@@ -10,7 +10,7 @@ of a built checkpoint gets exactly the built one's kernel expectations (engines/
 
 Sources of the names: compressed-tensors 0.17 `CompressionFormat` (the `format` values) and
 `QuantizationArgs` (num_bits, type int|float, strategy, group_size); modelopt 0.47's `quant_algo` strings
-as written by its HF export (NVFP4, FP8, MXFP8, MXFP4, W4A16_AWQ, W4A8_AWQ, INT8_SQ / W8A8_SQ_PER_CHANNEL).
+as written by its HF export (model_config.py QUANTIZATION_*, upper-cased).
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ CT_FORMATS: dict[str, str | None] = {
     "mxfp4-pack-quantized": "mxfp4",
     "mxfp8-quantized": "mxfp8",
 }
+# modelopt 0.47 `modelopt/torch/export/model_config.py` QUANTIZATION_* (the HF export writes them upper-case),
+# and W8A8_SQ_PER_CHANNEL / W4A16_AWQ, the names its unified HF export uses for int8_sq / int4_awq.
 MODELOPT_ALGOS = {
-    "NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4", "FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "MXFP8": "mxfp8",
-    "MXFP4": "mxfp4", "W4A16_AWQ": "int4", "W4A8_AWQ": "int4", "INT4_AWQ": "int4", "INT8_SQ": "int8",
-    "W8A8_SQ_PER_CHANNEL": "int8",
+    "FP8": "fp8", "FP8_PB_REAL": "fp8", "FP8_PB_WO": "fp8", "FP8_PC_PT": "fp8",
+    "NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4", "NVFP4_SVDQUANT": "nvfp4", "W4A16_NVFP4": "nvfp4",
+    "W4A8_NVFP4_FP8": "nvfp4", "MXFP8": "mxfp8", "MXFP4": "mxfp4", "W4A8_MXFP4_FP8": "mxfp4",
+    "INT4_AWQ": "int4", "W4A16_AWQ": "int4", "W4A8_AWQ": "int4",
+    "INT8_SQ": "int8", "INT8_WO": "int8", "W8A8_SQ_PER_CHANNEL": "int8",
 }
 BUILDER_OF = {"compressed-tensors": "llmcompressor", "modelopt": "modelopt", None: "none"}
 
