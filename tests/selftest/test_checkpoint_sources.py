@@ -308,12 +308,10 @@ def test_missing_revision_in_offline_cache_is_named_without_the_token(hf_cache, 
     assert TOKEN not in text
 
 
-def test_redact_hides_the_token():
-    import os
-
-    os.environ.setdefault("HF_TOKEN", "")
-    assert hub.redact(f"401 for url with Authorization: Bearer {TOKEN}") == (
-        "401 for url with Authorization: Bearer <redacted>")
+def test_redact_hides_the_token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "plain-secret-without-prefix")
+    text = f"401: Authorization: Bearer plain-secret-without-prefix; stored token {TOKEN}"
+    assert hub.redact(text) == "401: Authorization: Bearer <redacted>; stored token <redacted>"
 
 
 def test_branch_resolves_from_the_offline_cache(hf_cache, tiny_ct_nvfp4):
