@@ -222,6 +222,9 @@ def trend_figure(entries: list[dict[str, Any]]) -> Figure:
             ax.scatter([drop], [100 * dp.retention[0]], marker="x", s=120, color="red")
     if not drawn:
         raise QuantgateError(f"no trend to plot: none of the {len(entries)} run(s) recorded a variant's retention")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # runs are whole lines of the history
     ax.set_xlabel("run (history.jsonl line)")
     ax.set_ylabel("retention, AVG over gated tasks (%)")
     ax.set_title("quantgate trend: retention against BF16 (95% interval; ring: a gate changed; x: first drop)")
