@@ -76,7 +76,7 @@ class Progress:
     def step(self, kind: str, what: str, total: int | None = None, unit: str = "items") -> Iterator[Step]:
         """A step for the block's duration. An exception ends it with note ``FAILED: <type>`` and propagates."""
         st = Step(kind, what, total, unit)
-        if self.live:
+        if self.live and not getattr(self.stream, "closed", False):
             fmt = ("{desc}: {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
                    if total is not None else "{desc}: {elapsed}{postfix}")
             st.bar = tqdm(total=total, desc=f"quantgate: {kind} {what}", unit=unit, file=self.stream,
@@ -93,8 +93,16 @@ class Progress:
 
     def line(self, text: str) -> None:
         """One line that is a step of its own (a gate's outcome)."""
-        self.stream.write(f"quantgate: {text}\n")
-        self.stream.flush()
+        self._write(f"quantgate: {text}\n")
+
+    def _write(self, text: str) -> None:
+        # Progress never breaks a run: a stream closed under it (an inner pytest session's) falls back to stderr.
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (ValueError, OSError):
+            self.stream, self.live = sys.stderr, False
+            sys.stderr.write(text)
 
     def _end(self, st: Step) -> None:
         if st.bar is not None:
@@ -102,8 +110,7 @@ class Progress:
                 st.bar.set_postfix_str(st.note, refresh=False)
             st.bar.close()
             return
-        self.stream.write(st.line() + "\n")
-        self.stream.flush()
+        self._write(st.line() + "\n")
 
 
 class _Sink:
@@ -137,6 +144,10 @@ class PytestTerminal:
 
     def isatty(self) -> bool:
         return _isatty(self.stream)
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self.stream, "closed", False))
 
 
 def _isatty(stream: IO[str]) -> bool:
