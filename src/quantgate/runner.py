@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantgate import progress
 from quantgate.checkpoints.cache import only_cached
 from quantgate.checkpoints.identity import EMULATABLE, checkpoint_support, identify_checkpoint, source_dir
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
@@ -188,10 +189,12 @@ class VariantRun:
             # A build may calibrate on the device: the previous variant's server must not hold it meanwhile.
             self.run.stop_servers()
             t0 = time.monotonic()
-            if base is None:
-                self._checkpoint = baseline_checkpoint(self.model)
-            else:
-                self._checkpoint = built_checkpoint(self.model, self.variant, base)
+            with progress.step("checkpoint", self.label) as st:
+                if base is None:
+                    self._checkpoint = baseline_checkpoint(self.model)
+                else:
+                    self._checkpoint = built_checkpoint(self.model, self.variant, base)
+                st.note = self._checkpoint.origin
             self.run.events.seconds["build"] += time.monotonic() - t0
         return self._checkpoint
 
@@ -205,7 +208,8 @@ class VariantRun:
             if self.support.engine == "emulated":
                 self.run.stop_servers()
                 t0 = time.monotonic()
-                self._served = emulated_checkpoint(ckpt)
+                with progress.step("emulate", self.label):
+                    self._served = emulated_checkpoint(ckpt)
                 self.run.events.seconds["build"] += time.monotonic() - t0
             else:
                 self._served = ckpt
@@ -310,24 +314,28 @@ class VariantRun:
     def _evaluate(self, task: Task, key: dict[str, Any], server: VllmServer) -> EvalResult:
         t0 = time.monotonic()
         log.warning("quantgate: evaluating %s on %s (limit=%s)", task.key, self.label, task.limit)
-        try:
-            aggregate, samples, config = run_task(
-                completions_url=server.completions_url,
-                served_name=self.label,
-                tokenizer_dir=self.served_checkpoint().path,
-                task=task,
-                generation=self.run.matrix.generation,
-                data_dir=self.run.data_dir,
-                sampling=self.run.matrix.sampling(self.model, task),
-                chat=self.run.matrix.chat(self.model, task),
-                max_length=self.model.max_model_len,
-                api_key=server.api_key,
-                trust_remote_code=self.model.trust_remote_code,
-            )
-        except EvaluationError:
-            # lm-eval reports a dead server as connection errors after its retries; name the real cause
-            server.check_alive(f"while evaluating task {task.key}")
-            raise
+        # one line for the task: lm-eval's requests done/total, requests/s, ETA (quantgate.progress)
+        with progress.step("evaluate", f"{self.label} {task.key}", unit="requests") as st, \
+                progress.counting_lm_eval_requests(st):
+            try:
+                aggregate, samples, config = run_task(
+                    completions_url=server.completions_url,
+                    served_name=self.label,
+                    tokenizer_dir=self.served_checkpoint().path,
+                    task=task,
+                    generation=self.run.matrix.generation,
+                    data_dir=self.run.data_dir,
+                    sampling=self.run.matrix.sampling(self.model, task),
+                    chat=self.run.matrix.chat(self.model, task),
+                    max_length=self.model.max_model_len,
+                    api_key=server.api_key,
+                    trust_remote_code=self.model.trust_remote_code,
+                )
+            except EvaluationError:
+                # lm-eval reports a dead server as connection errors after its retries; name the real cause
+                server.check_alive(f"while evaluating task {task.key}")
+                raise
+            st.note = f"{len({(s.get('task'), s['doc_id']) for s in samples})} items"
         seconds = time.monotonic() - t0
         self.run.events.seconds["evaluate"] += seconds
         self.run.events.evaluated.append(f"{self.label}:{task.key}")
@@ -382,7 +390,8 @@ class VariantRun:
             trust_remote_code=self.model.trust_remote_code,
         )
         t0 = time.monotonic()
-        server.__enter__()
+        with progress.step("server start", self.label):
+            server.__enter__()
         self.run.events.seconds["server_start"] += time.monotonic() - t0
         self.run.events.servers_started.append(self.label)
         self.server = server
