@@ -288,16 +288,23 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from quantgate.plan import parse_assumptions, plan_rows, render_plan
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
+    from quantgate.plan import distribution_plan_rows, parse_assumptions, parse_doc_sd, plan_rows, render_plan
 
-    m = load_matrix(Path(args.matrix))
+    matrix_path = Path(args.matrix)
+    m = load_matrix(matrix_path)
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(Path(args.thresholds))
     base = parse_assumptions(args.base, [t.name for t in m.tasks], "--base")
     disc = parse_assumptions(args.discordance, [t.name for t in m.tasks], "--discordance")
     rows = plan_rows(m, th, base, disc, power=args.power)
-    print(render_plan(rows, th.retention.level, args.power))
+    limits, limit_errors = check_distribution_limits(m, matrix_path, distribution_limits_path(Path(args.thresholds)))
+    if limit_errors:
+        raise QuantgateError("\n".join(limit_errors))
+    dist_rows = [] if limits is None else distribution_plan_rows(m, limits, args.power, parse_doc_sd(args.doc_sd))
+    print(render_plan(rows, th.retention.level, args.power, dist_rows,
+                      None if limits is None else limits.level, _policy(args)))
     return 0
 
 
@@ -331,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
                            help="assumed BF16 score (0..1) per task")
             p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+            p.add_argument("--doc-sd", default=None, metavar="GATE=SD,...",
+                           help="assumed per-document sd of a distribution gate (default: the measured one)")
         if name == "accept":
             p.add_argument("--from-store", action="store_true",
                            help="accept the stored results as they are: run nothing, build nothing, serve nothing")
