@@ -72,13 +72,19 @@ def _reading_run(matrix_path: Path, thresholds_path: Path, limit: str | None = N
     return Run(matrix, load_thresholds(thresholds_path), results or results_dir(), reuse_only=True)
 
 
-def _tables(run) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
+def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
+    """The rendered score tables, with the distribution gates where thresholds/distribution.yaml sets them."""
     from quantgate import verdicts
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
 
+    # a malformed or incomplete limits file stops `quantgate run` before it starts (cmd_run); a table is
+    # printed without distribution gates then (the path argument only names the matrix in those errors)
+    limits, errors = check_distribution_limits(run.matrix, thresholds_path, distribution_limits_path(thresholds_path))
+    limits = None if errors else limits
     out = []
     for model in run.matrix.models:
         try:
-            out.append(verdicts.score_table(run, model.name, partial=True).render())
+            out.append(verdicts.score_table(run, model.name, partial=True, distribution_limits=limits).render())
         except QuantgateError as exc:
             out.append(f"(no complete table for {model.name}: {exc})\n")
     return out
@@ -97,7 +103,7 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
     if not stored:
         return
     run = _reading_run(matrix_path, thresholds_path, limit, root)
-    for table in _tables(run):
+    for table in _tables(run, thresholds_path):
         print(table)
 
 
@@ -130,7 +136,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
     print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
     run = _reading_run(matrix_path, thresholds_path, args.qg_limit, collector.results)
-    for table in _tables(run):
+    for table in _tables(run, thresholds_path):
         print(table)
     _append_history(args, collector.verdict, collector.verdict.exit_code, wall, collector.results, run)
     return collector.verdict.exit_code
@@ -211,7 +217,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         for line in job_summary.annotations(verdict, junit):
             print(line)
         return 0
-    tables = _tables(_reading_run(*_paths(args), args.qg_limit, _results_arg(args)))
+    matrix_path, thresholds_path = _paths(args)
+    tables = _tables(_reading_run(matrix_path, thresholds_path, args.qg_limit, _results_arg(args)), thresholds_path)
     bad = [link for link in args.link if "=" not in link]
     if bad:
         raise QuantgateError(f"--link {bad[0]!r}: expected NAME=URL")
