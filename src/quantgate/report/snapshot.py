@@ -100,6 +100,19 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["low"] <= b["high"] and b["low"] <= a["high"]
 
 
+def _interval_differences(variant: str, stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Each stored interval (a score, a distribution metric) that is missing or no longer overlaps."""
+    out = []
+    for cell, iv in stored.items():
+        new_iv = new.get(cell)
+        if new_iv is None:
+            out.append(f"variant {variant}, {cell}: stored {_fmt(iv)}, missing from the new table")
+        elif not _overlap(iv, new_iv):
+            out.append(f"variant {variant}, {cell}: new {_fmt(new_iv)} does not overlap stored {_fmt(iv)} "
+                       "(beyond noise)")
+    return out
+
+
 def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Differences that reject the new table, one line each naming the cell and both values; [] accepts."""
     out: list[str] = []
@@ -133,12 +146,7 @@ def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in ("format", "engine", "kernel", "size_gb"):
             if a.get(k) != b.get(k):
                 out.append(f"variant {v}, {k}: stored {a.get(k)!r}, new {b.get(k)!r}")
-        for t, iv in a.get("scores", {}).items():
-            new_iv = b.get("scores", {}).get(t)
-            if new_iv is None:
-                out.append(f"variant {v}, {t}: stored {_fmt(iv)}, missing from the new table")
-            elif not _overlap(iv, new_iv):
-                out.append(f"variant {v}, {t}: new {_fmt(new_iv)} does not overlap stored {_fmt(iv)} (beyond noise)")
+        out += _interval_differences(v, a.get("scores", {}), b.get("scores", {}))
         ra, rb = a.get("retention"), b.get("retention")
         if (ra is None) != (rb is None) or (ra is not None and rb is not None and not _overlap(ra, rb)):
             out.append(f"variant {v}, retention (AVG): new {_fmt(rb)} does not overlap stored {_fmt(ra)}")
@@ -146,12 +154,7 @@ def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
             new_outcome = b.get("verdicts", {}).get(gate)
             if new_outcome != outcome:
                 out.append(f"variant {v}, {gate}: stored {outcome}, new {new_outcome or 'missing'}")
-        for gate, iv in a.get("distribution", {}).items():
-            new_iv = b.get("distribution", {}).get(gate)
-            if new_iv is None:
-                out.append(f"variant {v}, {gate}: stored {_fmt(iv)}, missing from the new table")
-            elif not _overlap(iv, new_iv):
-                out.append(f"variant {v}, {gate}: new {_fmt(new_iv)} does not overlap stored {_fmt(iv)} (beyond noise)")
+        out += _interval_differences(v, a.get("distribution", {}), b.get("distribution", {}))
     if "distribution" in stored and stored["distribution"] != new.get("distribution"):
         out.append(f"distribution set: stored {stored['distribution']!r}, new {new.get('distribution')!r}")
     sc, nc = stored.get("context", {}), new.get("context", {})
