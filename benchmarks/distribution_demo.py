@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from quantgate.evaluation.distribution import compare, distribution_result, settings_of
-from quantgate.gates.distribution import distribution_verdicts, overall_status
+from quantgate.gates.distribution import distribution_verdicts, overall_outcome
 from quantgate.matrix import (
     DistributionSet,
     load_distribution_thresholds,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_row("Δp", s["delta_p"], ("p1", "p50", "p99")))
             for v in verdicts:
                 print(v.message())
-            print(f"gate: {overall_status(verdicts).upper()}")
+            print(f"gate: {overall_outcome(verdicts).label}")
             print(f"kernel: {prov['variant']['kernel_path']} (engine {prov['variant']['engine']}); reference "
                   f"kernel: {prov['reference']['kernel_path']}")
             print(f"hardware: {json.dumps(prov['hardware'])}")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seconds for this variant (build, serve, score, compare): {time.monotonic() - t1:.1f}")
             report[name] = {
                 "summaries": {k: v.as_dict() for k, v in s.items()},
-                "verdicts": [{"limit": v.limit_name, "value": v.limit, "status": v.status,
+                "verdicts": [{"limit": v.limit_name, "value": v.limit, "status": v.outcome.value,
                               "required_n": v.required_n} for v in verdicts],
                 "provenance": prov,
             }

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 
 from quantgate import verdicts
+from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
 from quantgate.report.snapshot import accept_hint, record_candidate
 
 
 def test_score_table(request, qg_session, qg_run, qg_model, table_snapshot):
-    table = verdicts.score_table(qg_run, qg_model)
+    # the distribution gates (KL, top-1 agreement) join the table where thresholds/distribution.yaml sets them
+    limits, _ = check_distribution_limits(
+        qg_run.matrix, qg_session.matrix_path, distribution_limits_path(qg_session.thresholds_path)
+    )
+    table = verdicts.score_table(qg_run, qg_model, distribution_limits=limits)
     print()
     print(table.render())
     # One snapshot per matrix, in the folder of this hardware class or CPU tier (conftest.py): other kernels give

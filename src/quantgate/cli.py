@@ -72,13 +72,19 @@ def _reading_run(matrix_path: Path, thresholds_path: Path, limit: str | None = N
     return Run(matrix, load_thresholds(thresholds_path), results or results_dir(), reuse_only=True)
 
 
-def _tables(run) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
+def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantgate.runner.Run
+    """The rendered score tables, with the distribution gates where thresholds/distribution.yaml sets them."""
     from quantgate import verdicts
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
 
+    # a malformed or incomplete limits file stops `quantgate run` before it starts (cmd_run); a table is
+    # printed without distribution gates then (the path argument only names the matrix in those errors)
+    limits, errors = check_distribution_limits(run.matrix, thresholds_path, distribution_limits_path(thresholds_path))
+    limits = None if errors else limits
     out = []
     for model in run.matrix.models:
         try:
-            out.append(verdicts.score_table(run, model.name, partial=True).render())
+            out.append(verdicts.score_table(run, model.name, partial=True, distribution_limits=limits).render())
         except QuantgateError as exc:
             out.append(f"(no complete table for {model.name}: {exc})\n")
     return out
@@ -97,7 +103,7 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
     if not stored:
         return
     run = _reading_run(matrix_path, thresholds_path, limit, root)
-    for table in _tables(run):
+    for table in _tables(run, thresholds_path):
         print(table)
 
 
@@ -130,7 +136,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
     print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
     run = _reading_run(matrix_path, thresholds_path, args.qg_limit, collector.results)
-    for table in _tables(run):
+    for table in _tables(run, thresholds_path):
         print(table)
     _append_history(args, collector.verdict, collector.verdict.exit_code, wall, collector.results, run)
     return collector.verdict.exit_code
@@ -230,7 +236,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         for line in job_summary.annotations(verdict, junit):
             print(line)
         return 0
-    tables = _tables(_reading_run(*_paths(args), args.qg_limit, _results_arg(args)))
+    matrix_path, thresholds_path = _paths(args)
+    tables = _tables(_reading_run(matrix_path, thresholds_path, args.qg_limit, _results_arg(args)), thresholds_path)
     bad = [link for link in args.link if "=" not in link]
     if bad:
         raise QuantgateError(f"--link {bad[0]!r}: expected NAME=URL")
@@ -319,16 +326,23 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from quantgate.plan import parse_assumptions, plan_rows, render_plan
+    from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
+    from quantgate.plan import distribution_plan_rows, parse_assumptions, parse_doc_sd, plan_rows, render_plan
 
-    m = load_matrix(Path(args.matrix))
+    matrix_path = Path(args.matrix)
+    m = load_matrix(matrix_path)
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(Path(args.thresholds))
     base = parse_assumptions(args.base, [t.name for t in m.tasks], "--base")
     disc = parse_assumptions(args.discordance, [t.name for t in m.tasks], "--discordance")
     rows = plan_rows(m, th, base, disc, power=args.power)
-    print(render_plan(rows, th.retention.level, args.power))
+    limits, limit_errors = check_distribution_limits(m, matrix_path, distribution_limits_path(Path(args.thresholds)))
+    if limit_errors:
+        raise QuantgateError("\n".join(limit_errors))
+    dist_rows = [] if limits is None else distribution_plan_rows(m, limits, args.power, parse_doc_sd(args.doc_sd))
+    print(render_plan(rows, th.retention.level, args.power, dist_rows,
+                      None if limits is None else limits.level, _policy(args)))
     return 0
 
 
@@ -362,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
                            help="assumed BF16 score (0..1) per task")
             p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+            p.add_argument("--doc-sd", default=None, metavar="GATE=SD,...",
+                           help="assumed per-document sd of a distribution gate (default: the measured one)")
         if name == "accept":
             p.add_argument("--from-store", action="store_true",
                            help="accept the stored results as they are: run nothing, build nothing, serve nothing")

@@ -27,6 +27,7 @@ from typing import Any
 from filelock import FileLock
 
 from quantgate.errors import NotStoredError, QuantgateError
+from quantgate.jsonl import read_jsonl
 from quantgate.run_verdict import RunVerdict
 
 SCHEMA = "quantgate-history/1"
@@ -126,17 +127,10 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise QuantgateError(f"no run history at {path}: `quantgate run` appends one entry per run there")
-    entries = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuantgateError(f"{path}:{i}: not a JSON line ({exc})") from None
+    entries = read_jsonl(path, QuantgateError)
+    for i, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or entry.get("schema") != SCHEMA:
-            raise QuantgateError(f"{path}:{i}: not a {SCHEMA} entry")
-        entries.append(entry)
+            raise QuantgateError(f"{path}: entry {i}: not a {SCHEMA} entry")
     return entries
 
 

@@ -22,7 +22,7 @@ import filecmp
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,12 @@ def _same_result(a: Path, b: Path) -> list[str]:
     return diff
 
 
+def _same_server_record(a: Path, b: Path) -> list[str]:
+    """The fields result keys depend on (``SERVER_RECORD_FIELDS``) that differ between two server records."""
+    ra, rb = _read_json(a), _read_json(b)
+    return [f for f in SERVER_RECORD_FIELDS if ra.get(f) != rb.get(f)]
+
+
 def _check_server_record(path: Path) -> dict[str, Any]:
     record = _read_json(path)
     if not isinstance(record, dict) or "key" not in record:
@@ -148,35 +154,27 @@ def merge_results(sources: Sequence[Path], into: Path) -> MergeReport:
             records[rec.relative_to(into)] = rec
     plan: list[tuple[Path, Path]] = []
     logs: set[str] = set()
+
+    def _take(rel: Path, src: Path, known: dict[Path, Path], differs: Callable[[Path, Path], list[str]]) -> None:
+        """Plan copying `src` to `into/rel`, unless `rel` is known already: then it must hold the same."""
+        if rel not in known:
+            known[rel] = src
+            plan.append((src, into / rel))
+        elif diff := differs(known[rel], src):
+            conflicts.append(f"{rel}: {', '.join(diff)} differ between {known[rel]} and {src}")
+        else:
+            report.identical.append(str(rel))
+
     for s in sources:
         found = False
         for entry in _result_entries(s):
             found = True
             _check_entry(entry)
-            rel = entry.relative_to(s)
-            if rel in chosen:
-                diff = _same_result(chosen[rel], entry)
-                if diff:
-                    conflicts.append(f"{rel}: {', '.join(diff)} differ between {chosen[rel]} and {entry}")
-                else:
-                    report.identical.append(str(rel))
-                continue
-            chosen[rel] = entry
-            plan.append((entry, into / rel))
+            _take(entry.relative_to(s), entry, chosen, _same_result)
         for rec in sorted((s / SERVERS).glob("*.json")):
             found = True
-            record = _check_server_record(rec)
-            rel = rec.relative_to(s)
-            if rel in records:
-                other = _read_json(records[rel])
-                diff = [f for f in SERVER_RECORD_FIELDS if other.get(f) != record.get(f)]
-                if diff:
-                    conflicts.append(f"{rel}: {', '.join(diff)} differ between {records[rel]} and {rec}")
-                else:
-                    report.identical.append(str(rel))
-                continue
-            records[rel] = rec
-            plan.append((rec, into / rel))
+            _check_server_record(rec)
+            _take(rec.relative_to(s), rec, records, _same_server_record)
         for log in sorted((s / SERVER_LOGS).glob("*")):
             # logs are kept for people (each result holds its own server.log): the first of a name is kept
             if log.is_file() and not (into / log.relative_to(s)).exists() and log.name not in logs:

@@ -17,6 +17,7 @@ from quantgate.atomic import atomic_write_json
 from quantgate.engines.vllm_server import numerics_args
 from quantgate.errors import NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
+from quantgate.gates.distribution import DistributionVerdict, distribution_verdicts
 from quantgate.gates.regression import RegressionVerdict, regression_gate
 from quantgate.gates.retention import GateVerdict, retention_gate
 from quantgate.gates.stats import (
@@ -25,7 +26,7 @@ from quantgate.gates.stats import (
     paired_retention_average,
     paired_retention_clustered,
 )
-from quantgate.matrix import Task
+from quantgate.matrix import DistributionThresholds, Task
 from quantgate.paths import project_root
 from quantgate.report.table import Cell, Row, ScoreTable, mean_halfwidth
 from quantgate.runner import EvalResult, Run
@@ -213,11 +214,32 @@ def key_changes(before: dict[str, Any], after: dict[str, Any], width: int = 60) 
 # ------------------------------------------------------------------------------------------ table
 
 
-def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
+def distribution_verdicts_of(
+    run: Run, model: str, variant: str, limits: DistributionThresholds, stored_only: bool = False
+) -> list[DistributionVerdict]:
+    """The variant's distribution gates against BF16 (one per limit its format sets in `limits`), as
+    tests/test_distribution.py judges them. `stored_only`: raise NotStoredError rather than score."""
+    from quantgate.evaluation.distribution import compare
+
+    vr = run.variant(model, variant)
+    comparison = compare(run, model, variant, level=limits.level, stored_only=stored_only)
+    return distribution_verdicts(comparison.summaries, limits.limits(vr.variant.format), label=vr.label)
+
+
+def score_table(
+    run: Run, model_name: str, partial: bool = False, distribution_limits: DistributionThresholds | None = None
+) -> ScoreTable:
     """The model's table. `partial`: leave out (and name in the footer) quantized variants whose results are
-    not all available, as after `pytest -m nvfp4`; the baseline is always required."""
+    not all available, as after `pytest -m nvfp4`; the baseline is always required.
+
+    `distribution_limits` (thresholds/distribution.yaml), with a gated `distribution:` section in the matrix:
+    each quantized variant's distribution gates (KL, top-1 agreement) join its row, as intervals over documents
+    with their outcomes; in a partial table a variant whose distribution results are not stored shows none."""
     model = run.model(model_name)
     left_out: list[str] = []
+    no_distribution: list[str] = []
+    dist = run.matrix.distribution
+    gate_distribution = distribution_limits is not None and dist is not None and dist.gate
     tasks = _selected_tasks(run)
     rows: list[Row] = []
     kernels: dict[str, str] = {}
@@ -258,6 +280,16 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
                 if t.gate
             }
             gates["retention[AVG]"] = gate.outcome.value
+        distribution: dict[str, tuple[float, float, float]] = {}
+        if gate_distribution and v.format != "bf16":
+            try:
+                for dv in distribution_verdicts_of(run, model.name, v.name, distribution_limits, partial):
+                    distribution[dv.gate_name] = (dv.summary.mean, dv.summary.low, dv.summary.high)
+                    gates[dv.gate_name] = dv.outcome.value
+            except NotStoredError:
+                if not partial:
+                    raise
+                no_distribution.append(v.name)
         rows.append(
             Row(
                 model.name,
@@ -270,6 +302,7 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
                 retention,
                 verdict,
                 gates,
+                distribution,
             )
         )
     th = run.thresholds.retention
@@ -287,6 +320,18 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
     }
     if left_out:
         footer["left out (no stored results with these settings)"] = ", ".join(left_out)
+    # The distribution legend is not part of `footer`, the snapshot's compared context: snapshots recorded
+    # before the table showed distribution gates must still match (quantgate.report.snapshot).
+    legend: dict[str, str] = {}
+    if gate_distribution:
+        legend["distribution"] = (
+            f"against BF16 on {dist.dataset}, {dist.documents} documents x {dist.tokens} tokens, top-{dist.top_k}:"
+            " mean KL(P_bf16 || Q) in nats (top-k with a tail bucket, a lower bound of the full KL) and top-1"
+            f" agreement, [{100 * distribution_limits.level:.0f}% t interval over documents] and the gate's"
+            " outcome against thresholds/distribution.yaml"
+        )
+        if no_distribution:
+            legend["distribution not stored"] = ", ".join(no_distribution)
     volatile = {
         "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
@@ -305,6 +350,10 @@ def score_table(run: Run, model_name: str, partial: bool = False) -> ScoreTable:
         task_info=task_info,
         level=th.level,
         hardware_class=run.hw.hw_class,
+        legend=legend,
+        distribution=None if not gate_distribution else {
+            **dist.model_dump(exclude={"gate"}), "level": distribution_limits.level,
+        },
     )
 
 

@@ -15,11 +15,12 @@ from quantgate.gates.distribution import (
     distribution_gate,
     distribution_verdicts,
     mean_interval,
-    overall_status,
+    overall_outcome,
     pair_documents,
     summarize,
     topk_tail_kl,
 )
+from quantgate.gates.outcome import Outcome
 from quantgate.matrix import DistributionLimits, DistributionSet, Matrix
 
 V, K = 40, 4
@@ -89,8 +90,8 @@ def test_identical_distributions_give_zero_kl_and_full_agreement():
     assert s["top1_agree"].mean == 1.0 and s["top1_agree"].low == 1.0
     assert s["delta_logp"].mean == 0.0
     verdicts = distribution_verdicts(s, DistributionLimits(mean_kl_max=0.01, top1_agreement_min=0.95, source="t"))
-    assert [v.status for v in verdicts] == ["pass", "pass"]
-    assert overall_status(verdicts) == "pass"
+    assert [v.outcome for v in verdicts] == [Outcome.PASS, Outcome.PASS]
+    assert overall_outcome(verdicts) is Outcome.PASS
 
 
 def test_degraded_distribution_fails_the_gate():
@@ -98,8 +99,8 @@ def test_degraded_distribution_fails_the_gate():
     s = summarize(pair_documents(ref, var))
     assert s["top1_agree"].high < 0.9
     verdicts = distribution_verdicts(s, DistributionLimits(mean_kl_max=0.05, top1_agreement_min=0.9, source="t"))
-    assert [v.status for v in verdicts] == ["fail", "fail"]
-    assert overall_status(verdicts) == "fail"
+    assert [v.outcome for v in verdicts] == [Outcome.FAIL, Outcome.FAIL]
+    assert overall_outcome(verdicts) is Outcome.FAIL
     with pytest.raises(AssertionError, match="evidence of loss"):
         verdicts[0].raise_for_status()
 
@@ -111,13 +112,13 @@ def test_interval_straddling_the_limit_is_inconclusive_with_the_n_that_resolves_
     assert kl.low < kl.mean < kl.high
     limit = kl.mean + 0.25 * kl.half_width  # inside the interval, just above the estimate
     v = distribution_gate(s, "mean_kl_max", limit)
-    assert v.status == "inconclusive"
+    assert v.outcome is Outcome.INCONCLUSIVE
     # n * (half width / gap)^2 = 4 * 16 = 64 documents (65 when the float gap rounds down)
     assert v.required_n in (64, 65)
     with pytest.raises(InconclusiveError, match="straddles"):
         v.raise_for_status()
-    assert distribution_gate(s, "mean_kl_max", kl.high * 1.01).status == "pass"
-    assert distribution_gate(s, "mean_kl_max", kl.low * 0.99).status == "fail"
+    assert distribution_gate(s, "mean_kl_max", kl.high * 1.01).outcome is Outcome.PASS
+    assert distribution_gate(s, "mean_kl_max", kl.low * 0.99).outcome is Outcome.FAIL
 
 
 def test_mean_interval_covers_at_its_level():

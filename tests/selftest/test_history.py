@@ -105,7 +105,7 @@ def test_trend_plot_has_one_series_per_quantized_variant(three_runs, capsys):
 def test_a_bad_history_line_is_named(tmp_path):
     path = tmp_path / "history.jsonl"
     path.write_text('{"schema": "quantgate-history/1"}\nnot json\n')
-    with pytest.raises(QuantgateError, match=r"history.jsonl:2: not a JSON line"):
+    with pytest.raises(QuantgateError, match=r"history.jsonl:2 is not JSON"):
         history.read_history(path)
     with pytest.raises(QuantgateError, match="no run history"):
         history.read_history(tmp_path / "none.jsonl")

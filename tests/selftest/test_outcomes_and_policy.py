@@ -18,8 +18,16 @@ from quantgate.gates.outcome import Gate, GateParameters, Outcome
 from quantgate.gates.regression import regression_gate
 from quantgate.gates.retention import retention_gate
 from quantgate.gates.stats import minimum_detectable_drop, paired_retention, required_n
-from quantgate.matrix import load_matrix, load_thresholds
-from quantgate.plan import parse_assumptions, plan_rows, render_plan
+from quantgate.matrix import Matrix, load_distribution_thresholds, load_matrix, load_thresholds
+from quantgate.plan import (
+    MEASURED_DISTRIBUTION,
+    distribution_plan_rows,
+    documents_needed,
+    parse_assumptions,
+    parse_doc_sd,
+    plan_rows,
+    render_plan,
+)
 from quantgate.policy import DEFAULT_POLICY, Policy, load_policy, missing_gates
 from quantgate.run_verdict import EXIT_ERROR, EXIT_FAIL, EXIT_INCONCLUSIVE, EXIT_PASS, summarize
 
@@ -328,10 +336,63 @@ class TestPlan:
         with pytest.raises(MatrixError, match=match):
             parse_assumptions(spec, ["hellaswag", "gsm8k"], "--base")
 
+    def test_every_metric_of_a_multi_metric_task_gets_a_row(self):
+        doc = load_matrix(ROOT / "fixtures" / "demo.yaml").model_dump()
+        doc["tasks"] = [{"name": "ifeval", "metrics": ["inst_level_strict_acc", "prompt_level_strict_acc"],
+                         "limit": 40}]
+        m = Matrix.model_validate(doc)
+        th = load_thresholds(ROOT / "thresholds" / "retention.yaml")
+        rows = {(r.subject, r.gate): r for r in plan_rows(m, th, {"ifeval": 0.3}, {"ifeval": 0.2})}
+        gated = rows[("smollm2-135m/w8a8-int8", "retention[ifeval]")]
+        reported = rows[("smollm2-135m/w8a8-int8", "retention[ifeval:prompt_level_strict_acc,none]")]
+        assert reported.n_needed == gated.n_needed and reported.mdd == gated.mdd
+        assert reported.note.startswith("reported, not gated")
+        text = render_plan(list(rows.values()), 0.95, 0.8, policy=DEFAULT_POLICY)
+        assert "retention[ifeval:prompt_level_strict_acc,none]  reported" in text
+
+    def test_distribution_rows_use_the_t_interval_over_documents(self):
+        m = load_matrix(ROOT / "fixtures" / "demo.yaml")
+        limits = load_distribution_thresholds(ROOT / "thresholds" / "distribution.yaml")
+        rows = {(r.subject, r.gate): r for r in distribution_plan_rows(m, limits)}
+        quantized = [v.name for v in m.models[0].variants if v.format != "bf16"]
+        assert {s.split("/")[1] for s, _ in rows} == set(quantized)  # every variant, no baseline
+        assert all((f"smollm2-135m/{v}", g) in rows for v in quantized for g in ("kl", "top1_agreement"))
+        r = rows[("smollm2-135m/fp8-dynamic", "top1_agreement")]
+        mean, sd = MEASURED_DISTRIBUTION["fp8"][1]["top1_agreement"]
+        assert (r.mean, r.sd, r.n, r.limit, r.side) == (mean, sd, 32, 0.88, "min")
+        # the gate's own t interval just clears the limit at n_needed and not one document earlier
+        half = lambda n: stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
+        assert half(r.n_needed) < mean - 0.88 <= half(r.n_needed - 1)
+        assert r.mdd == pytest.approx((Z95 + Z80) * sd / math.sqrt(32))
+        assert r.resolved is True and r.expected == "PASS"
+        control = rows[("smollm2-135m/w4a16-channel-control", "kl")]
+        assert control.control and control.expected == "FAIL" and control.resolved
+        # a looser sd from the command line: more documents needed
+        wide = {(x.subject, x.gate): x for x in distribution_plan_rows(m, limits, doc_sd={"top1_agreement": 0.1})}
+        assert wide[("smollm2-135m/fp8-dynamic", "top1_agreement")].n_needed > 32
+        assert "--doc-sd" in wide[("smollm2-135m/fp8-dynamic", "top1_agreement")].source
+        policy = load_policy(ROOT / "thresholds" / "policy.yaml")
+        text = render_plan([], 0.95, 0.8, list(wide.values()), 0.95, policy)
+        assert "INCONCLUSIVE expected" in text and "negative control" in text
+        assert "smollm2-135m/fp8-dynamic            top1_agreement  critical" in text
+
+    def test_documents_needed_edges(self):
+        assert documents_needed(0.5, 0.1, 0.5, 0.95) is None  # on the limit: no n resolves it
+        assert documents_needed(0.0, 0.1, 1.0, 0.95) == 2  # far from the limit: the smallest t interval
+        assert documents_needed(0.0, 1.0, 1e-4, 0.95, n_max=100) is None
+
+    @pytest.mark.parametrize("spec, match", [("kl", "GATE=SD"), ("foo=1", "GATE=SD"), ("kl=x", "not a number"),
+                                             ("kl=0", "must be > 0")])
+    def test_bad_doc_sd(self, spec, match):
+        with pytest.raises(MatrixError, match=match):
+            parse_doc_sd(spec)
+
     def test_cli_plan_and_usage_errors(self, capsys, monkeypatch):
         monkeypatch.chdir(ROOT)
         assert cli.main(["plan", "fixtures/gpu.yaml", "--base", "0.41", "--discordance", "0.1"]) == 0
-        assert "smollm2-135m/fp8-modelopt" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "smollm2-135m/fp8-modelopt" in out
+        assert "smollm2-135m/fp8-modelopt    kl" in out and "critical" in out and "distribution gates" in out
         with pytest.raises(SystemExit) as info:
             cli.main(["check", "--bogus"])
         assert info.value.code == EXIT_ERROR

@@ -113,7 +113,9 @@ def test_extension_compares_within_noise_and_explains():
 def test_committed_snapshots_are_the_new_form_and_kept_their_numbers(path):
     doc = json.loads(path.read_text())
     assert doc["schema"] == SCHEMA and compare(doc, doc) == []
-    assert all(set(v) == {"format", "engine", "kernel", "size_gb", "scores", "retention", "verdicts"}
+    # "distribution" is optional: snapshots recorded before the table showed distribution gates have none
+    assert all(set(v) - {"distribution"} == {"format", "engine", "kernel", "size_gb", "scores", "retention",
+                                             "verdicts"}
                for v in doc["variants"].values())
     if path.parent.name == "cpu-avx2":  # the numbers of the Markdown snapshot they were converted from
         w8a8 = doc["variants"]["w8a8-int8"]
@@ -121,6 +123,75 @@ def test_committed_snapshots_are_the_new_form_and_kept_their_numbers(path):
         assert w8a8["verdicts"] == {"retention[AVG]": "INCONCLUSIVE"}
         assert doc["tasks"]["gsm8k"] == {"metric": "exact_match,strict-match", "n": 40, "num_fewshot": 5,
                                          "gated": False}
+
+
+DIST_SET = {"dataset": "wikitext2", "documents": 32, "tokens": 256, "top_k": 20, "level": 0.95}
+
+
+def with_distribution(table: ScoreTable, kl: tuple[float, float, float] = (0.0134, 0.0126, 0.0142),
+                      kl_outcome: str = "PASS") -> ScoreTable:
+    """The table as score_table builds it with distribution limits: gates and intervals on quantized rows."""
+    for r in table.rows:
+        if r.fmt != "bf16":
+            r.distribution = {"kl": kl, "top1_agreement": (0.909, 0.902, 0.917)}
+            r.gates.update({"kl": kl_outcome, "top1_agreement": "PASS"})
+    table.distribution = dict(DIST_SET)
+    return table
+
+
+def test_distribution_gates_are_recorded_and_rendered():
+    table = with_distribution(make_table())
+    doc = table_document(table)
+    w8a8 = doc["variants"]["w8a8-int8"]
+    assert w8a8["distribution"]["kl"] == {"score": 0.0134, "low": 0.0126, "high": 0.0142}
+    assert w8a8["verdicts"]["kl"] == "PASS" and doc["distribution"] == DIST_SET
+    assert doc["variants"]["bf16"]["distribution"] == {}
+    text = table.render(stable=True)
+    header = next(line for line in text.splitlines() if line.startswith("| Model"))
+    assert header.endswith("| Verdict | KL vs BF16 (nats) | Top-1 agreement |")
+    assert "| 0.0134 [0.0126, 0.0142] PASS | 90.9% [90.2, 91.7] PASS |" in text
+    assert "| — | — |" in text  # the baseline row
+    assert "distribution" not in doc["context"]  # the legend is not compared context
+
+
+@pytest.mark.parametrize("path", sorted(SNAPSHOTS.glob("*/*.json")), ids=lambda p: p.parent.name)
+def test_snapshots_without_distribution_gates_accept_a_table_that_has_them(path):
+    # A committed snapshot from before the table showed distribution gates: they are additive, not compared.
+    stored = json.loads(path.read_text())
+    new = copy.deepcopy(stored)
+    for v in new["variants"].values():
+        v["distribution"] = {} if v["format"] == "bf16" else {"kl": {"score": 0.5, "low": 0.4, "high": 0.6}}
+        if v["format"] != "bf16":
+            v["verdicts"]["kl"] = "FAIL"
+    new["distribution"] = dict(DIST_SET)
+    assert compare(stored, new) == []
+
+
+def test_recorded_distribution_gates_are_compared_within_noise():
+    stored = table_document(with_distribution(make_table()))
+    # overlapping intervals: noise
+    assert compare(stored, table_document(with_distribution(make_table(), kl=(0.0140, 0.0131, 0.0149)))) == []
+    moved = table_document(with_distribution(make_table(), kl=(0.0300, 0.0290, 0.0310), kl_outcome="FAIL"))
+    assert compare(stored, moved) == [
+        "variant w8a8-int8, kl: stored PASS, new FAIL",
+        "variant w8a8-int8, kl: new 0.03 [0.029, 0.031] does not overlap stored 0.0134 [0.0126, 0.0142] "
+        "(beyond noise)",
+    ]
+    assert compare(stored, table_document(make_table())) == [
+        "variant w8a8-int8, kl: stored PASS, new missing",
+        "variant w8a8-int8, top1_agreement: stored PASS, new missing",
+        "variant w8a8-int8, kl: stored 0.0134 [0.0126, 0.0142], missing from the new table",
+        "variant w8a8-int8, top1_agreement: stored 0.909 [0.902, 0.917], missing from the new table",
+        "distribution set: stored {'dataset': 'wikitext2', 'documents': 32, 'tokens': 256, 'top_k': 20, "
+        "'level': 0.95}, new None",
+    ]
+    more = with_distribution(make_table())
+    more.distribution = {**DIST_SET, "documents": 64}
+    assert compare(stored, table_document(more)) == [
+        "distribution set: stored {'dataset': 'wikitext2', 'documents': 32, 'tokens': 256, 'top_k': 20, "
+        "'level': 0.95}, new {'dataset': 'wikitext2', 'documents': 64, 'tokens': 256, 'top_k': 20, "
+        "'level': 0.95}"
+    ]
 
 
 def test_candidate_for_hardware_without_a_snapshot(tmp_path):

@@ -213,11 +213,12 @@ def result_key(vr: VariantRun, settings: DistributionSet, kernel: str) -> dict[s
 _memo: weakref.WeakKeyDictionary[Run, dict[tuple[str, str], StoredResult]] = weakref.WeakKeyDictionary()
 
 
-def distribution_result(run: Run, model: str, variant: str) -> StoredResult:
+def distribution_result(run: Run, model: str, variant: str, stored_only: bool = False) -> StoredResult:
     """The variant's stored teacher-forced logprobs, from the store where the key matches, else scored now.
 
     The text is always tokenized with the BF16 baseline's tokenizer, so every variant of a model is sent the
-    same token ids. Raises NotStoredError in a reuse-only run when nothing is stored.
+    same token ids. Raises NotStoredError when nothing is stored in a reuse-only run, or with ``stored_only``
+    (a reader such as the score table, which must not start a server).
     """
     memo = _memo.setdefault(run, {})
     if (model, variant) in memo:
@@ -238,7 +239,7 @@ def distribution_result(run: Run, model: str, variant: str) -> StoredResult:
             run.events.reused.append(f"{vr.label}:{task}")
             memo[(model, variant)] = hit
             return hit
-    if run.reuse_only:
+    if run.reuse_only or stored_only:
         raise NotStoredError(f"{vr.label}: no stored result for {task}")
     server = vr.ensure_server()
     key = result_key(vr, settings, kernel_path(server.log_text()))
@@ -326,11 +327,14 @@ class Comparison:
         }
 
 
-def compare(run: Run, model: str, variant: str, level: float = 0.95) -> Comparison:
-    """Pair the variant's stored logprobs with the baseline's, document by document, and summarize."""
+def compare(run: Run, model: str, variant: str, level: float = 0.95, stored_only: bool = False) -> Comparison:
+    """Pair the variant's stored logprobs with the baseline's, document by document, and summarize.
+
+    ``stored_only``: raise NotStoredError rather than score what is not stored (see ``distribution_result``).
+    """
     base = run.model(model).baseline.name
-    reference = distribution_result(run, model, base)
-    compared = distribution_result(run, model, variant)
+    reference = distribution_result(run, model, base, stored_only)
+    compared = distribution_result(run, model, variant, stored_only)
     ref_docs = [DocumentLogprobs.from_record(r) for r in reference.samples]
     var_docs = [DocumentLogprobs.from_record(r) for r in compared.samples]
     summaries = summarize(pair_documents(ref_docs, var_docs), level=level)

@@ -25,6 +25,7 @@ import numpy as np
 
 from quantgate.errors import EvaluationError
 from quantgate.matrix import Chat, Generation, Task
+from quantgate.redaction import redact, secret_redacted_from_logs
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ def server_api_key(api_key: str | None) -> Iterator[None]:
     lm-eval 0.4.13 takes the key from env OPENAI_API_KEY (LocalCompletionsAPI.api_key, read into the cached
     `header` on the first request); the alternative, a `header` model argument, would be logged and stored
     with lm-eval's config. The previous value is restored afterwards, so the key outlives no evaluation.
+    lm-eval logs a failed request's headers (quantgate.redaction): while the block runs, the key is redacted
+    from every log record.
     """
     if api_key is None:
         yield
@@ -209,7 +212,8 @@ def server_api_key(api_key: str | None) -> Iterator[None]:
     previous = os.environ.get("OPENAI_API_KEY")
     os.environ["OPENAI_API_KEY"] = api_key
     try:
-        yield
+        with secret_redacted_from_logs(api_key):
+            yield
     finally:
         if previous is None:
             os.environ.pop("OPENAI_API_KEY", None)
@@ -273,7 +277,8 @@ def run_task(
                 fewshot_random_seed=seed,
             )
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
-        raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {type(exc).__name__}: {exc}") from exc
+        detail = redact(f"{type(exc).__name__}: {exc}", api_key)
+        raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}") from exc
     if not out or name not in out.get("results", {}):
         raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
     aggregate = out["results"][name]

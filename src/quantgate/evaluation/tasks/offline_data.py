@@ -53,10 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:  # quantgate is normally importable where lm-eval runs; the module also works without it
-    from quantgate.errors import QuantgateError as _ErrorBase
-except Exception:  # noqa: BLE001
-    _ErrorBase = RuntimeError
+# Every loader imports this module as quantgate.evaluation.tasks.offline_data (lm-eval's task configs reach it
+# through the overrides of quantgate.evaluation.lmeval_runner), so quantgate itself is always importable here.
+from quantgate.errors import QuantgateError as _ErrorBase
+from quantgate.jsonl import read_jsonl
 
 CACHE_ENV = "QUANTGATE_CACHE"
 
@@ -154,14 +154,7 @@ class Mirror:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise OfflineDataError(f"{path}:{lineno} is not valid JSON ({err})") from None
+    rows = read_jsonl(path, OfflineDataError)
     if not rows:
         raise OfflineDataError(f"{path} holds no rows")
     return rows
@@ -381,11 +374,6 @@ class _IFEvalModules:
         self.instructions_registry = instructions_registry
         self.instructions_util = instructions_util
         self.punkt_dir = punkt_dir
-
-
-def _cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "quantgate")
-    return Path(root)
 
 
 def _punkt_files(params) -> dict[str, str]:
