@@ -343,6 +343,13 @@ class Bench:
             summary["tasks"][task] = [
                 {**{k: v for k, v in r.items() if k not in ("outcomes", "answers")}, **(
                     ratios(r, off_s) if not r.get("error") else {})} for r in runs]
+        for r in self.records:
+            if r.get("kind") in ("server", "skipped", "offline"):
+                what = (f"error: {r['error'][-200:]}" if r.get("error") else r.get("why")
+                        or (f"started in {r['start_s']:.1f} s" if "start_s" in r else f"rc {r.get('rc')}"))
+                parts.append(f"- {r['kind']} {r.get('server') or ''} {r.get('lever') or ''}: "
+                             f"{' '.join(str(what).split())}")
+        parts.append("")
         if self.fixed:
             parts += ["Once per process (not in any row): " + ", ".join(
                 f"{k} {v:.2f} s" for k, v in self.fixed.items()), ""]
