@@ -267,22 +267,22 @@ class MetricsSampler(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.headers, self.period = f"{base_url}/metrics", _auth(api_key), period
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import requests
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 text = requests.get(self.url, headers=self.headers, timeout=5).text
                 m = parse_metrics(text, ("vllm:num_requests_running", "vllm:num_requests_waiting"))
                 self.samples.append((time.monotonic(), sum(m.values())))
             except Exception:  # noqa: BLE001 - a missed sample only coarsens the estimate
                 pass
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> float:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
         return sum(t1 - t0 for (t0, n), (t1, _) in zip(self.samples, self.samples[1:], strict=False) if n > 0)
 
