@@ -96,12 +96,18 @@ class Policy(_Strict):
     # ------------------------------------------------------------------------------------------ lookups
 
     def tier(self, gate_name: str) -> Tier:
-        """The tier of a gate: its exact name, else the task in its brackets, else ``default_tier``."""
+        """The tier of a gate: its exact name, else the task in its brackets, else (for a task's other metric,
+        `retention[task:label]`) the gate of the task's first metric or the task, else ``default_tier``."""
         if gate_name in self.tiers:
             return self.tiers[gate_name]
         m = re.match(r"^[^\[]+\[(.+)\]$", gate_name)
         if m and m.group(1) in self.tiers:
             return self.tiers[m.group(1)]
+        if m and ":" in m.group(1):  # a task's other metric (retention[task:label]): the task's tier
+            task = m.group(1).split(":", 1)[0]
+            for key in (f"{gate_name.split('[', 1)[0]}[{task}]", task):
+                if key in self.tiers:
+                    return self.tiers[key]
         return self.default_tier
 
     def disposition(self, outcome: Outcome, tier: str, cadence: str, control: bool = False) -> Disposition:

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats
 
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
+from quantgate.evaluation.responses import ResponseCounters
 
 
 def mean_halfwidth(o: ItemOutcomes, level: float = 0.95) -> float:
@@ -57,6 +58,8 @@ class Row:
     retention: tuple[float, float, float] | None  # estimate, low, high (fractions) of the AVG column
     verdict: str = ""  # the AVG retention gate's outcome (PASS, FAIL, INCONCLUSIVE, NOT GATED) or "baseline"
     gates: dict[str, str] = field(default_factory=dict)  # gate name -> outcome value, every gate of the row
+    # task key -> response counters of a generative task (quantgate.evaluation.responses)
+    counters: dict[str, ResponseCounters] = field(default_factory=dict)
 
     def average(self, columns: list[str]) -> float:
         vals = [self.cells[c].score for c in columns if c in self.cells and self.cells[c].percent]
@@ -74,9 +77,15 @@ class ScoreTable:
     task_info: dict[str, dict[str, object]] = field(default_factory=dict)
     level: float = 0.95
     hardware_class: str = ""
+    # The columns the AVG is over (each task's first metric); None: every column. A task's other metrics have
+    # columns `task:label` of their own, outside the AVG.
+    avg_columns: list[str] | None = None
 
     def render(self, stable: bool = False) -> str:
-        avg_cols = [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
+        avg_cols = [
+            t for t in (self.tasks if self.avg_columns is None else self.avg_columns)
+            if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)
+        ]
         header = [
             "Model",
             "Variant",
@@ -120,8 +129,34 @@ class ScoreTable:
                 + " |"
             )
         lines.append("")
+        lines += self.render_counters()
         footer = dict(self.footer)
         if not stable:
             footer.update(self.volatile_footer)
         lines += [f"- {k}: {v}" for k, v in footer.items()]
         return "\n".join(lines) + "\n"
+
+    def render_counters(self) -> list[str]:
+        """The response counters of generative tasks, each variant's beside the baseline's (first row), as a
+        second table; [] when no row has any."""
+        tasks = [t for t in dict.fromkeys(k for r in self.rows for k in r.counters)]
+        if not tasks:
+            return []
+        base = self.rows[0] if self.rows and self.rows[0].retention is None else None
+        lines = [
+            "Responses: cut at max_gen_toks (finish_reason length) · empty answer · unparsed answer (e.g. GSM8K "
+            "[invalid]) · mean output tokens" + (f"; {base.variant}'s in brackets" if base else ""),
+            "",
+            "| " + " | ".join(["Variant", *tasks]) + " |",
+            "|" + "|".join("---" for _ in range(len(tasks) + 1)) + "|",
+        ]
+        for r in self.rows:
+            cells = []
+            for t in tasks:
+                c = r.counters.get(t)
+                text = "—" if c is None else c.text()
+                if base is not None and r is not base and t in base.counters:
+                    text += f" ({base.counters[t].text()})"
+                cells.append(text)
+            lines.append("| " + " | ".join([f"{r.variant} ({r.fmt})", *cells]) + " |")
+        return [*lines, ""]
