@@ -125,8 +125,8 @@ class _Recording:
         else:
             _stops.set(None)
         prompts = payload.get("prompt")
-        if generate and isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) \
-                and len(prompts) > 1:
+        # lm-eval hands a batch of text prompts as a tuple, a batch of token ids as a list of lists
+        if generate and isinstance(prompts, (list, tuple)) and len(prompts) > 1 and not isinstance(prompts[0], int):
             # several prompts in one request: usage sums over them, so ask vLLM for each choice's token ids
             payload["return_token_ids"] = True
         return payload

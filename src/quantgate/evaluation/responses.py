@@ -125,7 +125,9 @@ def parse_choice(
     sep = server_reasoning(choice)
     if reasoning:
         answer, thought = split_reasoning(text, sep, tags)
-        answer = cut_at_stop(answer, stops)
+        # the whitespace between reasoning and answer (vLLM's parser leaves "\n\n" at the start of content)
+        # separates, it does not answer; left there, a "\n\n" stop string would empty every answer
+        answer = cut_at_stop(answer.lstrip() if thought is not None else answer, stops)
     else:
         answer, thought = text or "", sep
     return Response(answer, thought, choice.get("finish_reason"), choice_tokens(choice, usage, n_choices))
