@@ -33,7 +33,8 @@ OnInconclusive = Literal["fail", "warn", "pass-with-note"]
 # FAIL it has stopped catching the damage ("control-missed"), which fails the run.
 Disposition = Literal["pass", "fail", "warn", "note", "not-gated", "expected-fail", "control-missed"]
 
-_GATE_KEY = re.compile(r"^[A-Za-z0-9_.-]+(\[[A-Za-z0-9_.-]+\])?$")
+# a task, a gate kind, or kind[task] / kind[task:metric label] (a task's other metrics, Task.gate_keys)
+_GATE_KEY = re.compile(r"^[A-Za-z0-9_.-]+(\[[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?\])?$")
 
 
 class _Strict(BaseModel):

@@ -189,3 +189,15 @@ tasks:
     assert code == 0
     assert got.ids == ["test_retention[m/int8-hellaswag]", "test_retention[m/int8-hellaswag:acc_norm]",
                        "test_retention[m/int8-gsm8k]"]
+
+
+def test_policy_may_name_an_extra_metric_gate_and_check_knows_it(run):
+    from quantgate.matrix_checks import policy_coverage_warnings
+    from quantgate.policy import Policy
+
+    policy = Policy.model_validate({**DEFAULT_POLICY.model_dump(), "tiers": {
+        "retention[hellaswag:acc_norm]": "critical", "retention[hellaswag:nope]": "critical"}})
+    assert policy.tier("retention[hellaswag:acc_norm]") == "critical"
+    problems = policy_coverage_warnings(run.matrix, policy, None)
+    assert any("no metric gate 'hellaswag:nope'" in p for p in problems), problems
+    assert not any("critical retention[hellaswag:acc_norm]" in p for p in problems), problems
