@@ -178,10 +178,10 @@ tasks:
   - {{name: hellaswag, metrics: [acc, acc_norm]}}
   - {{name: gsm8k, metric: "exact_match,strict-match"}}
 """)
-    (tmp_path / "test_suite.py").write_text("def test_retention(qg_variant, qg_task):\n    pass\n")
+    (tmp_path / "test_metric_ids_suite.py").write_text("def test_retention(qg_variant, qg_task):\n    pass\n")
     got = _Items()
     code = pytest.main(
-        [str(tmp_path / "test_suite.py"), "--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir",
+        [str(tmp_path / "test_metric_ids_suite.py"), "--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir",
          str(tmp_path), "--qg-matrix", str(tmp_path / "matrix.yaml"),
          "--qg-thresholds", str(ROOT / "thresholds" / "retention.yaml")],
         plugins=[got],
