@@ -81,11 +81,14 @@ class ScoreTable:
     # columns `task:label` of their own, outside the AVG.
     avg_columns: list[str] | None = None
 
+    def average_columns(self) -> list[str]:
+        """The columns the AVG averages: each task's first metric (`avg_columns`, else every column), those
+        scored in percent in every row (perplexities are not)."""
+        columns = self.tasks if self.avg_columns is None else self.avg_columns
+        return [t for t in columns if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
+
     def render(self, stable: bool = False) -> str:
-        avg_cols = [
-            t for t in (self.tasks if self.avg_columns is None else self.avg_columns)
-            if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)
-        ]
+        avg_cols = self.average_columns()
         header = [
             "Model",
             "Variant",
