@@ -177,10 +177,27 @@ class Chat(_Strict):
 
     endpoint: Literal["completions", "chat-completions"] = "completions"
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reasoning: bool = Field(
+        False, description="the model writes a reasoning trace before its answer (a thinking model with thinking "
+        "on): scoring sees only the answer (the server's `reasoning` field under --reasoning-parser, else the "
+        "text after `</think>`), the reasoning is kept in the per-item record, and the task's stop strings are "
+        "applied to the answer on the client instead of being sent, so they never cut inside the reasoning "
+        "(quantgate.evaluation.responses)")
+    think_tags: tuple[str, str] = Field(
+        ("<think>", "</think>"), description="start and end tags of inline reasoning (used with reasoning: true)")
+
+    # Fields added after results were first stored: they enter result keys only when set, so results stored
+    # before they existed keep their keys.
+    _KEY_IF_SET: ClassVar[tuple[str, ...]] = ("reasoning", "think_tags")
 
     @property
     def is_chat(self) -> bool:
         return self.endpoint == "chat-completions"
+
+    def key_fields(self) -> dict[str, Any]:
+        """The request path as a result-key entry (fields in _KEY_IF_SET only when not at their default)."""
+        at_default = {k for k in self._KEY_IF_SET if getattr(self, k) == type(self).model_fields[k].default}
+        return self.model_dump(exclude=at_default)
 
 
 class Task(_Strict):
@@ -193,7 +210,9 @@ class Task(_Strict):
         None, description="lm-eval metric and filter, e.g. 'acc_norm,none' or 'exact_match,strict-match'"
     )
     metrics: list[str | DerivedMetric] = Field(
-        default_factory=list, description="several metrics; the first is the one gated, all are reported"
+        default_factory=list,
+        description="several metrics, each gated and reported; the first is the task's column, its AVG entry and "
+        "its regression baseline, the others get columns and gates of their own (`<task>:<label>`)",
     )
     limit: int | None = Field(None, gt=0, description="first N items; None = all")
     num_fewshot: int | None = Field(0, ge=0, description="None keeps the task's own few-shot count")
@@ -224,6 +243,11 @@ class Task(_Strict):
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"task {self.key!r} lists metric(s) {dupes} twice")
+        labels = self.metric_labels
+        clash = sorted({x for x in labels if labels.count(x) > 1})
+        if clash:
+            raise ValueError(f"task {self.key!r}: metrics {clash} share a label (the name in gate and column keys); "
+                             "give a derived metric another name")
         return self
 
     @property
@@ -246,6 +270,33 @@ class Task(_Strict):
     def metric_key(self) -> str:
         """The gated metric (the first one)."""
         return self.metric_keys[0]
+
+    @property
+    def metric_labels(self) -> list[str]:
+        """Each metric's short name, as in gate names and columns: a derived metric's `name`, else lm-eval's
+        metric name, with `.filter` appended unless the filter is `none` (exact_match.strict-match)."""
+        out = []
+        for m in self.metrics if self.metric is None else [self.metric]:
+            if isinstance(m, DerivedMetric):
+                out.append(m.name)
+            else:
+                metric, _, flt = _metric_key(m).partition(",")
+                out.append(metric if flt == "none" else f"{metric}.{flt}")
+        return [re.sub(r"[^A-Za-z0-9_.-]", "_", x) for x in out]
+
+    @property
+    def gate_keys(self) -> list[str]:
+        """One key per metric, for gate names, test ids and table columns: the first metric's is the task key
+        itself (so the ids, snapshots and accepted baselines of one-metric tasks never change), the others'
+        `<task key>:<metric label>`."""
+        return [self.key] + [f"{self.key}:{label}" for label in self.metric_labels[1:]]
+
+    def metric_of(self, gate_key: str) -> str:
+        """The metric key ('metric,filter' or 'mean:...') that gate key `gate_key` gates; MatrixError if none."""
+        for key, metric in zip(self.gate_keys, self.metric_keys, strict=True):
+            if key == gate_key:
+                return metric
+        raise MatrixError(f"task {self.key!r} has no metric gate {gate_key!r}; its gates: {self.gate_keys}")
 
     def lm_eval_metric_keys(self) -> set[str]:
         """The metric keys lm-eval must produce for this task (the parts of derived metrics included)."""
@@ -419,6 +470,14 @@ class Matrix(_Strict):
     def task(self, key: str) -> Task:
         """The task whose key (`id`, else `name`) is `key`."""
         return next(t for t in self.tasks if t.key == key)
+
+    def gate_target(self, gate_key: str) -> tuple[Task, str]:
+        """(task, metric key) of a per-metric gate key (`task` or `task:label`, Task.gate_keys)."""
+        task_key = gate_key.split(":", 1)[0]
+        for t in self.tasks:
+            if t.key == task_key:
+                return t, t.metric_of(gate_key)
+        raise MatrixError(f"no task {task_key!r} in the matrix (gate key {gate_key!r})")
 
     def sampling(self, model: Model, task: Task) -> dict[str, Any]:
         """Resolved sampling for one (model, task): matrix defaults < model's `generation` < task's `generation`."""

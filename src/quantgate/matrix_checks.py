@@ -307,8 +307,11 @@ def policy_coverage_warnings(
                 task_key = key[len(prefix):-1]
         if task_key == "AVG":
             continue
-        task = tasks.get(task_key)
-        if task is None:
+        task = tasks.get(task_key.split(":", 1)[0])
+        if task is not None and ":" in task_key and f"{task.key}:{task_key.split(':', 1)[1]}" not in task.gate_keys:
+            out.append(f"policy: critical {key}: task {task.key} has no metric gate {task_key!r}, so {fails}; "
+                       f"its metric gates: {task.gate_keys}")
+        elif task is None:
             out.append(f"policy: critical {key}: this matrix has no task {task_key!r}, so {fails}; its tasks: "
                        f"{sorted(t.key for t in matrix.tasks)}")
         elif key.startswith("regression[") and not task.regression:

@@ -5,7 +5,8 @@ Fixtures a suite uses:
   qg_run        the session's Run (results store, servers, events)
   qg_variant    each quantized variant of each model (param), markers from its format
   qg_any_variant  every variant including the BF16 baselines
-  qg_task       each gated task (param); qg_regression_task each task with `regression: true`
+  qg_task       each metric of each gated task (param: Task.gate_keys, `task` for the first metric, `task:label`
+                for the others); qg_regression_task each task with `regression: true`
   qg_model      each model (param)
   qg_judge      judge(gate_name, subject, judgement): the policy's tier and disposition applied to the test
 Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly.
@@ -226,7 +227,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ]
         metafunc.parametrize(name, params)
     if "qg_task" in metafunc.fixturenames:
-        metafunc.parametrize("qg_task", [t.key for t in m.tasks if t.gate])
+        # one retention gate per metric: the first metric's id is the task key (stable), others `task:label`
+        metafunc.parametrize("qg_task", [key for t in m.tasks if t.gate for key in t.gate_keys])
     if "qg_regression_task" in metafunc.fixturenames:
         metafunc.parametrize("qg_regression_task", [t.key for t in m.tasks if t.regression])
     if "qg_model" in metafunc.fixturenames:

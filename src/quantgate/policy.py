@@ -33,7 +33,8 @@ OnInconclusive = Literal["fail", "warn", "pass-with-note"]
 # FAIL it has stopped catching the damage ("control-missed"), which fails the run.
 Disposition = Literal["pass", "fail", "warn", "note", "not-gated", "expected-fail", "control-missed"]
 
-_GATE_KEY = re.compile(r"^[A-Za-z0-9_.-]+(\[[A-Za-z0-9_.-]+\])?$")
+# a task, a gate kind, or kind[task] / kind[task:metric label] (a task's other metrics, Task.gate_keys)
+_GATE_KEY = re.compile(r"^[A-Za-z0-9_.-]+(\[[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?\])?$")
 
 
 class _Strict(BaseModel):
@@ -96,12 +97,18 @@ class Policy(_Strict):
     # ------------------------------------------------------------------------------------------ lookups
 
     def tier(self, gate_name: str) -> Tier:
-        """The tier of a gate: its exact name, else the task in its brackets, else ``default_tier``."""
+        """The tier of a gate: its exact name, else the task in its brackets, else (for a task's other metric,
+        `retention[task:label]`) the gate of the task's first metric or the task, else ``default_tier``."""
         if gate_name in self.tiers:
             return self.tiers[gate_name]
         m = re.match(r"^[^\[]+\[(.+)\]$", gate_name)
         if m and m.group(1) in self.tiers:
             return self.tiers[m.group(1)]
+        if m and ":" in m.group(1):  # a task's other metric (retention[task:label]): the task's tier
+            task = m.group(1).split(":", 1)[0]
+            for key in (f"{gate_name.split('[', 1)[0]}[{task}]", task):
+                if key in self.tiers:
+                    return self.tiers[key]
         return self.default_tier
 
     def disposition(self, outcome: Outcome, tier: str, cadence: str, control: bool = False) -> Disposition:

@@ -37,6 +37,7 @@ from quantgate.evaluation.provenance import (
     git_state,
     versions,
 )
+from quantgate.evaluation.responses import ResponseCounters, metric_filter, response_counters
 from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
 from quantgate.evaluation.task_data import task_data_fingerprint
 from quantgate.evaluation.task_registry import task_config_digest
@@ -104,6 +105,16 @@ class EvalResult:
 
     def score(self, metric_key: str) -> float:
         return float(self.stored.aggregate[metric_key])
+
+    def counters(self, metric_key: str) -> ResponseCounters | None:
+        """Response counters of this result (None for a task that generates no text), read from its samples
+        with the filter of `metric_key` deciding what is unparsed."""
+        return response_counters(self.stored.samples, metric_filter(metric_key))
+
+
+def _counters_json(samples: list[dict[str, Any]], metric_key: str) -> dict[str, Any] | None:
+    counters = response_counters(samples, metric_filter(metric_key))
+    return None if counters is None else counters.as_json()
 
 
 @dataclass
@@ -244,12 +255,12 @@ class VariantRun:
             "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name),
             "client": client_settings(self.run.matrix.generation, chat=chat, max_length=self.model.max_model_len,
                                       seed=gen.get("seed")),
-            "scoring_code_sha256": scoring_code_sha256(),
+            "scoring_code_sha256": scoring_code_sha256(chat.reasoning),
             "limit": task.limit,
             "num_fewshot": task.num_fewshot,
             "apply_chat_template": task.apply_chat_template or chat.is_chat,
             "generation": gen,
-            "chat": chat.model_dump(),
+            "chat": chat.key_fields(),
             "max_length": self.model.max_model_len,
             "lm_eval": versions()["lm_eval"],
             "vllm": versions()["vllm"],
@@ -359,6 +370,7 @@ class VariantRun:
             "git": git_state(),
             "lm_eval_config": config,
             "n_items": len({s["doc_id"] for s in samples}),
+            "responses": _counters_json(samples, task.metric_key),
             "seconds": {"evaluate": round(seconds, 2), "server_start": round(server.startup_seconds or 0, 2)},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

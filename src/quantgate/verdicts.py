@@ -40,10 +40,14 @@ def variant_results(run: Run, model: str, variant: str) -> dict[str, EvalResult]
     return run.variant(model, variant).results(_selected_tasks(run))
 
 
-def paired_outcomes(run: Run, model: str, variant: str, task: Task) -> tuple[ItemOutcomes, ItemOutcomes]:
+def paired_outcomes(
+    run: Run, model: str, variant: str, task: Task, metric_key: str | None = None
+) -> tuple[ItemOutcomes, ItemOutcomes]:
+    """Baseline's and variant's per-item values of one metric (default: the task's first) on their common items."""
+    metric_key = metric_key or task.metric_key
     base_name = run.model(model).baseline.name
-    base = variant_results(run, model, base_name)[task.key].outcomes(task.metric_key)
-    var = variant_results(run, model, variant)[task.key].outcomes(task.metric_key)
+    base = variant_results(run, model, base_name)[task.key].outcomes(metric_key)
+    var = variant_results(run, model, variant)[task.key].outcomes(metric_key)
     common = tuple(d for d in base.ids if d in set(var.ids))
     if not common:
         raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.key}")
@@ -61,8 +65,9 @@ def subject_clusters(task: Task, ids: tuple[str, ...]) -> dict[str, str] | None:
     return None
 
 
-def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEstimate:
-    base, var = paired_outcomes(run, model, variant, task)
+def task_retention(run: Run, model: str, variant: str, task: Task, metric_key: str | None = None) -> PairedEstimate:
+    """Paired retention of one metric of `task` (default: its first), variant over baseline."""
+    base, var = paired_outcomes(run, model, variant, task, metric_key)
     level = run.thresholds.retention.level
     clusters = subject_clusters(task, base.ids) if base.weights is None and base.kind != "perplexity" else None
     if clusters is not None and task.higher_is_better:
@@ -85,11 +90,14 @@ def task_retention(run: Run, model: str, variant: str, task: Task) -> PairedEsti
 
 
 def retention_verdict(run: Run, model: str, variant: str, task_name: str) -> GateVerdict:
-    task = run.task(task_name)
+    """The retention gate of one metric: `task_name` is a gate key (Task.gate_keys), the task key for its first
+    metric or `task:label` for another. Its floor is thresholds' task_floors[gate key], else [task], else the
+    format's."""
+    task, metric_key = run.matrix.gate_target(task_name)
     fmt = next(v.format for v in run.model(model).variants if v.name == variant)
-    est = task_retention(run, model, variant, task)
+    est = task_retention(run, model, variant, task, metric_key)
     th = run.thresholds.retention
-    return retention_gate(est, th.floor(fmt, task.key), th.mode)
+    return retention_gate(est, th.floor(fmt, task_name if task_name in th.task_floors else task.key), th.mode)
 
 
 def _per_item_score(o: ItemOutcomes) -> np.ndarray:
@@ -258,11 +266,13 @@ def score_table(
             continue
         cells: dict[str, Cell] = {}
         for t in tasks:
-            o = results[t.key].outcomes(t.metric_key)
-            n_items[t.key] = len(o.ids)
-            ppl = o.kind == "perplexity"
-            score = o.score() if ppl else 100 * o.score()
-            cells[t.key] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
+            for column, metric_key in zip(t.gate_keys, t.metric_keys, strict=True):
+                o = results[t.key].outcomes(metric_key)
+                n_items[column] = len(o.ids)
+                ppl = o.kind == "perplexity"
+                score = o.score() if ppl else 100 * o.score()
+                cells[column] = Cell(score, 100 * mean_halfwidth(o), len(o.ids), percent=not ppl)
+        counters = {t.key: c for t in tasks if (c := results[t.key].counters(t.metric_key)) is not None}
         any_result = next(iter(results.values()))
         prov = any_result.provenance
         kernels[v.name] = any_result.kernel_path
@@ -275,9 +285,10 @@ def score_table(
             gate = average_retention_verdict(run, model.name, v.name)
             verdict = f"control: {gate.outcome.label}" if v.control else gate.outcome.label
             gates = {
-                f"retention[{t.key}]": retention_verdict(run, model.name, v.name, t.key).outcome.value
+                f"retention[{key}]": retention_verdict(run, model.name, v.name, key).outcome.value
                 for t in tasks
                 if t.gate
+                for key in t.gate_keys
             }
             gates["retention[AVG]"] = gate.outcome.value
         distribution: dict[str, tuple[float, float, float]] = {}
@@ -303,12 +314,14 @@ def score_table(
                 verdict,
                 gates,
                 distribution,
+                counters,
             )
         )
     th = run.thresholds.retention
+    columns = [(t, column, metric) for t in tasks for column, metric in zip(t.gate_keys, t.metric_keys, strict=True)]
     footer = {
         "metrics": ", ".join(
-            f"{t.key}={t.metric_key} (n={n_items.get(t.key)}, {t.num_fewshot}-shot)" for t in tasks
+            f"{column}={metric} (n={n_items.get(column)}, {t.num_fewshot}-shot)" for t, column, metric in columns
         ),
         "cells": "score ± 95% interval half-width, in points; Retention = paired ratio of the AVG over "
         "gated tasks, [95% interval]",
@@ -338,12 +351,12 @@ def score_table(
         "git": json.dumps(prov.get("git", {})),
     }
     task_info: dict[str, dict[str, object]] = {
-        t.key: {"metric": t.metric_key, "n": n_items.get(t.key), "num_fewshot": t.num_fewshot, "gated": t.gate}
-        for t in tasks
+        column: {"metric": metric, "n": n_items.get(column), "num_fewshot": t.num_fewshot, "gated": t.gate}
+        for t, column, metric in columns
     }
     return ScoreTable(
         f"{model.name} on {run.hw.hw_class}",
-        [t.key for t in tasks],
+        [column for _, column, _ in columns],
         rows,
         footer,
         volatile,
@@ -354,6 +367,7 @@ def score_table(
         distribution=None if not gate_distribution else {
             **dist.model_dump(exclude={"gate"}), "level": distribution_limits.level,
         },
+        avg_columns=[t.key for t in tasks],
     )
 
 

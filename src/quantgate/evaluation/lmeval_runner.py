@@ -97,15 +97,32 @@ def model_args(
     if not chat.is_chat:
         args["tokenizer"] = str(tokenizer_dir)
         args["trust_remote_code"] = trust_remote_code
+    if chat.reasoning:  # quantgate.evaluation.recording_api: stop strings go to the answer, not the server
+        args |= {"reasoning": True, "think_start": chat.think_tags[0], "think_end": chat.think_tags[1]}
     return args
 
 
+def lm_eval_model(chat: Chat) -> str:
+    """The registered lm-eval model that runs the requests: lm-eval's `local-completions` or
+    `local-chat-completions` subclassed to record finish_reason, output tokens and reasoning per generation
+    (quantgate.evaluation.recording_api). They send what lm-eval's own classes send (but `stop` for a thinking
+    model), so result keys name lm-eval's classes (client_settings)."""
+    from quantgate.evaluation import recording_api
+
+    return recording_api.CHAT_COMPLETIONS if chat.is_chat else recording_api.COMPLETIONS
+
+
 @functools.cache
-def scoring_code_sha256() -> str:
+def scoring_code_sha256(reasoning: bool = False) -> str:
     """sha256 of quantgate's code that turns lm-eval samples into per-item outcomes and scores:
     ItemOutcomes, item_outcomes and _answer here, and the tasks' Python (tasks/offline_data.py: the offline
-    mirrors and the IFEval checkers' set-up). A change to any of it is a different measurement."""
+    mirrors and the IFEval checkers' set-up). A change to any of it is a different measurement. With
+    `reasoning` (Chat.reasoning) the code that splits reasoning from the answer and applies the stop strings
+    (responses.py, recording_api.py) is included too; without it that code changes no answer."""
     h = hashlib.sha256()
+    if reasoning:
+        for name in ("responses.py", "recording_api.py"):
+            h.update((Path(__file__).parent / name).read_bytes())
     for obj in (ItemOutcomes, item_outcomes, _answer):
         h.update(inspect.getsource(obj).encode())
     for f in sorted((Path(__file__).parent / "tasks").glob("*.py")):
@@ -253,11 +270,13 @@ def run_task(
     name = task.lm_eval_name
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
+    from quantgate.evaluation.recording_api import attach_responses, recording
+
     try:
-        with server_api_key(api_key):
+        with server_api_key(api_key), recording() as recorder:
             spec = lm_eval_task_spec(name, data_dir)
             out = simple_evaluate(
-                model="local-chat-completions" if chat.is_chat else "local-completions",
+                model=lm_eval_model(chat),
                 model_args=model_args(
                     completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
                     seed=seed, trust_remote_code=trust_remote_code,
@@ -288,6 +307,10 @@ def run_task(
     samples = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
     if not samples:
         raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
+    unmatched = attach_responses(samples, recorder)
+    if unmatched:
+        log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, tokens)",
+                    unmatched, task.key)
     missing = sorted(task.lm_eval_metric_keys() - set(aggregate))
     if missing:
         raise EvaluationError(
@@ -299,7 +322,7 @@ def run_task(
         "n-samples": out.get("n-samples", {}).get(name),
         "versions": {sub: out.get("versions", {}).get(sub) for sub in subtasks},
         "offline": not isinstance(spec, str),
-        "model": "local-chat-completions" if chat.is_chat else "local-completions",
+        "model": lm_eval_model(chat),
         "gen_kwargs": gen_kwargs(sampling, chat),
         "max_length": max_length,
     }

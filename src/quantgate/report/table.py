@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats
 
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
+from quantgate.evaluation.responses import ResponseCounters
 
 
 def mean_halfwidth(o: ItemOutcomes, level: float = 0.95) -> float:
@@ -61,6 +62,8 @@ class Row:
     gates: dict[str, str] = field(default_factory=dict)  # gate name -> outcome value, every gate of the row
     # distribution gate name (kl, top1_agreement, ...) -> (mean, low, high) over documents, in the metric's unit
     distribution: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # task key -> response counters of a generative task (quantgate.evaluation.responses)
+    counters: dict[str, ResponseCounters] = field(default_factory=dict)
 
     def average(self, columns: list[str]) -> float:
         vals = [self.cells[c].score for c in columns if c in self.cells and self.cells[c].percent]
@@ -87,10 +90,15 @@ class ScoreTable:
         """The distribution gates some row has, in a fixed order (``DISTRIBUTION_COLUMNS`` first)."""
         names = {g for r in self.rows for g in r.distribution}
         return [g for g in DISTRIBUTION_COLUMNS if g in names] + sorted(names - set(DISTRIBUTION_COLUMNS))
+    # The columns the AVG is over (each task's first metric); None: every column. A task's other metrics have
+    # columns `task:label` of their own, outside the AVG.
+    avg_columns: list[str] | None = None
 
     def average_columns(self) -> list[str]:
-        """The tasks the AVG column averages: those scored in percent in every row (perplexities are not)."""
-        return [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
+        """The columns the AVG averages: each task's first metric (`avg_columns`, else every column), those
+        scored in percent in every row (perplexities are not)."""
+        columns = self.tasks if self.avg_columns is None else self.avg_columns
+        return [t for t in columns if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
 
     def render(self, stable: bool = False) -> str:
         avg_cols = self.average_columns()
@@ -140,12 +148,38 @@ class ScoreTable:
                 + " |"
             )
         lines.append("")
+        lines += self.render_counters()
         footer = dict(self.footer)
         if not stable:
             footer.update(self.volatile_footer)
         footer.update(self.legend)
         lines += [f"- {k}: {v}" for k, v in footer.items()]
         return "\n".join(lines) + "\n"
+
+    def render_counters(self) -> list[str]:
+        """The response counters of generative tasks, each variant's beside the baseline's (first row), as a
+        second table; [] when no row has any."""
+        tasks = [t for t in dict.fromkeys(k for r in self.rows for k in r.counters)]
+        if not tasks:
+            return []
+        base = self.rows[0] if self.rows and self.rows[0].retention is None else None
+        lines = [
+            "Responses: cut at max_gen_toks (finish_reason length) · empty answer · unparsed answer (e.g. GSM8K "
+            "[invalid]) · mean output tokens" + (f"; {base.variant}'s in brackets" if base else ""),
+            "",
+            "| " + " | ".join(["Variant", *tasks]) + " |",
+            "|" + "|".join("---" for _ in range(len(tasks) + 1)) + "|",
+        ]
+        for r in self.rows:
+            cells = []
+            for t in tasks:
+                c = r.counters.get(t)
+                text = "—" if c is None else c.text()
+                if base is not None and r is not base and t in base.counters:
+                    text += f" ({base.counters[t].text()})"
+                cells.append(text)
+            lines.append("| " + " | ".join([f"{r.variant} ({r.fmt})", *cells]) + " |")
+        return [*lines, ""]
 
 
 # Column titles of the distribution gates (gates.distribution.GATE_NAMES), in the order they are shown.
