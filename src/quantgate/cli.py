@@ -110,9 +110,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     _, limit_errors = check_distribution_limits(matrix, matrix_path, distribution_limits_path(thresholds_path))
     if limit_errors:  # found here, not at the first distribution test after hours of builds
         raise QuantgateError("\n".join(limit_errors))
-    tests = Path(args.tests)
-    if not tests.is_dir():
-        raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
+    if args.tests is not None and not Path(args.tests).is_dir():
+        raise QuantgateError(f"no test suite at {args.tests} (--tests)")
     collector = _VerdictCollector()
     t0 = time.monotonic()
     code = pytest.main(_suite_argv(args, *extra), plugins=[collector])
@@ -154,14 +153,20 @@ def _append_history(args: argparse.Namespace, verdict: RunVerdict | None, exit_c
 
 
 def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
-    """pytest's arguments for the regression suite (never the selftests) on this matrix."""
+    """pytest's arguments for the regression suite (never the selftests) on this matrix: the suite installed
+    with quantgate (`--pyargs quantgate.suite`, so pytest's rootdir and ini file are the project's), or the
+    folder --tests names."""
     matrix_path, thresholds_path = _paths(args)
-    tests = Path(args.tests)
+    if args.tests is None:
+        suite = ["--pyargs", "quantgate.suite"]
+    else:
+        tests = Path(args.tests)
+        suite = [str(tests), "--ignore", str(tests / "selftest")]
     limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
     path = _policy_path(args)
     policy = ["--qg-policy", str(path.resolve())] if path is not None else []
     return [
-        str(tests), "--ignore", str(tests / "selftest"),
+        *suite,
         "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
         "--qg-cadence", args.qg_cadence, "-p", "no:cacheprovider", *policy, *limit, *extra,
     ]
@@ -322,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
         p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
         p.add_argument("--thresholds", default="thresholds/retention.yaml")
-        p.add_argument("--tests", default="tests")
+        p.add_argument("--tests", default=None, metavar="DIR",
+                       help="a test folder to run instead of the installed suite (quantgate.suite)")
         p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
                        help="only the first N items of each task (or the named ones); passed on to pytest")
         if name == "plan":
