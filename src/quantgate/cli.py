@@ -1,7 +1,7 @@
 """The `quantgate` console script, a front door over the same pytest suite and the same library.
 
 quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
-quantgate report [--matrix M]                                  print the score table from stored results
+quantgate report [--matrix M] [--out DIR]                      print the score tables; write figures + report.md
 quantgate accept [--matrix M]                                  record current results as accepted baselines
 quantgate check  [--matrix M] [--thresholds T]                 validate the matrix, thresholds and policy only
 quantgate plan   [--matrix M] [--discordance D] [--base S]     n each gate needs, and its mdd at the matrix's n
@@ -175,7 +175,26 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    _print_tables(*_paths(args), args.qg_limit, _results_arg(args))
+    matrix_path, thresholds_path = _paths(args)
+    results = _results_arg(args)
+    _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
+    if args.no_figures or not any((results / m.name).is_dir() for m in load_matrix(matrix_path).models):
+        return 0
+    from quantgate import history
+    from quantgate.matrix import load_distribution_thresholds
+    from quantgate.matrix_checks import distribution_limits_path
+    from quantgate.report.document import write_report
+
+    limits_path = distribution_limits_path(thresholds_path)
+    limits = load_distribution_thresholds(limits_path) if limits_path.exists() else None
+    hist = history.history_path(results)
+    entries = history.read_history(hist) if hist.exists() else None
+    out = Path(args.out) if args.out else results / "report"
+    files = write_report(_reading_run(matrix_path, thresholds_path, args.qg_limit, results), out,
+                         distribution_limits=limits, history_entries=entries)
+    for name, reason in files.missing.items():
+        print(f"(no {name} figure: {reason})")
+    print(f"report: {files.page} ({len(files.figures)} figures)")
     return 0
 
 
@@ -223,8 +242,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if bad:
         raise QuantgateError(f"--link {bad[0]!r}: expected NAME=URL")
     links = dict(link.split("=", 1) for link in args.link)
-    print(job_summary.markdown(verdict, junit, tables, policy, links))
+    print(job_summary.markdown(verdict, junit, tables, policy, links, _figure_links(args)))
     return 0
+
+
+def _figure_links(args: argparse.Namespace) -> dict[str, str]:
+    """The figures `quantgate report` wrote into <results>/report, linked under --report-url (where the report
+    is published, e.g. the uploaded artifact), else named by their path inside the results directory."""
+    from quantgate.report.document import REPORT_FILE
+
+    report = _results_arg(args) / "report"
+    if not (report / REPORT_FILE).exists():
+        return {}
+    base = args.report_url.rstrip("/") + "/" if args.report_url else "report/"
+    return {p.name: base + p.name for p in [report / REPORT_FILE, *sorted(report.glob("*.png"))]}
 
 
 def cmd_trend(args: argparse.Namespace) -> int:
@@ -392,12 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("accept", "summary", "report"):
             p.add_argument("--results", default=None, metavar="DIR",
                            help="results directory (default: $QUANTGATE_RESULTS or results/)")
+        if name == "report":
+            p.add_argument("--out", default=None, metavar="DIR",
+                           help="where the figures and report.md go (default <results>/report)")
+            p.add_argument("--no-figures", action="store_true", help="print the tables only")
         if name == "summary":
             p.add_argument("--junit", required=True, metavar="XML", help="the JUnit XML of the run (--junitxml)")
             p.add_argument("--annotations", action="store_true",
                            help="print GitHub ::error/::warning workflow commands instead of the Markdown summary")
             p.add_argument("--link", action="append", default=[], metavar="NAME=URL",
                            help="a link listed under Artifacts (repeatable)")
+            p.add_argument("--report-url", default=None, metavar="URL",
+                           help="where <results>/report is published: the summary links its figures there")
             p.set_defaults(qg_cadence=None)  # the run's own cadence, from its JUnit properties
     trend = sub.add_parser("trend", help="scores and retention over the runs of <results>/history.jsonl")
     trend.add_argument("--results", default=None, metavar="DIR",

@@ -212,47 +212,11 @@ def render_trend(entries: list[dict[str, Any]]) -> str:
 
 
 def plot_trend(entries: list[dict[str, Any]], png: Path) -> Path:
-    """Retention (AVG, with its interval as error bars) per quantized variant over the runs, written to `png`.
+    """The trend plot (quantgate.report.plots.trend_figure) written to `png`. Raises QuantgateError when
+    matplotlib is not installed or no run recorded a retention."""
+    from quantgate.report import plots
 
-    A run where a gate changed outcome is marked with a ring, the first drop with a red cross. Raises
-    QuantgateError when matplotlib is not installed (``pip install matplotlib``).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a CI runner
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise QuantgateError(f"the trend plot needs matplotlib ({exc}): pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for subject, points in trend(entries).items():
-        pts = [p for p in points if p.retention and p.retention[0] is not None]
-        if not pts:
-            continue
-        x = [p.run for p in pts]
-        y = [100 * p.retention[0] for p in pts]
-        lo = [100 * (p.retention[0] - p.retention[1]) if p.retention[1] is not None else 0 for p in pts]
-        hi = [100 * (p.retention[2] - p.retention[0]) if p.retention[2] is not None else 0 for p in pts]
-        line = ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=subject)
-        changed = {r for r, *_ in gate_changes(points)}
-        cx = [p.run for p in pts if p.run in changed]
-        ax.scatter(cx, [100 * p.retention[0] for p in pts if p.run in changed], s=160, facecolors="none",
-                   edgecolors=line[0].get_color(), linewidths=1.5)
-        drop = first_drop(points)
-        if drop is not None:
-            dp = next(p for p in pts if p.run == drop)
-            ax.scatter([drop], [100 * dp.retention[0]], marker="x", s=120, color="red")
-    ax.set_xlabel("run (history.jsonl line)")
-    ax.set_ylabel("retention, AVG over gated tasks (%)")
-    ax.set_title("quantgate trend: retention against BF16 (95% interval)")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return png
+    return plots.save(plots.trend_figure(entries), png)
 
 
 def _num(x: float) -> float | None:

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
@@ -53,13 +61,22 @@ class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     id: str
     allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
-    revision: str = Field(description="a pinned commit; branch names are refused because they move")
+    revision: str = Field(description="the full 40-character commit; branches, tags and short hashes are refused")
 
     @field_validator("revision")
     @classmethod
-    def _commit(cls, v: str) -> str:
-        if len(v) < 7 or any(c not in "0123456789abcdef" for c in v.lower()):
-            raise ValueError(f"revision {v!r} is not a commit hash; pin one so the cache key means something")
+    def _commit(cls, v: str, info: ValidationInfo) -> str:
+        from quantgate.checkpoints.hub import cached_revision, is_commit
+
+        if not is_commit(v):
+            repo = info.data.get("id", "<id>")
+            known = cached_revision(repo, v) if "id" in info.data else None
+            hint = (f"the local Hugging Face cache resolves it to {known}" if known else
+                    f"resolve it with huggingface_hub: HfApi().model_info({repo!r}, revision={v!r}).sha")
+            raise ValueError(
+                f"revision: {v!r} is not a full 40-character commit hash (lowercase hex); a branch or tag moves "
+                f"and a short hash is ambiguous, so results keyed by it would mean nothing; {hint}"
+            )
         return v
 
 

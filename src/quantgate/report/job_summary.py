@@ -85,9 +85,10 @@ def _not_passed(verdict: RunVerdict) -> list[tuple[Gate, str]]:
 
 
 def markdown(verdict: RunVerdict, run: JunitRun, tables: list[str], policy: Policy | None = None,
-             links: dict[str, str] | None = None) -> str:
+             links: dict[str, str] | None = None, figures: dict[str, str] | None = None) -> str:
     """The job summary: headline, gate counts, a table of the gates that did not pass (each failing one with
-    its message, flipped items included, in a collapsed block), other failures, then the score tables."""
+    its message, flipped items included, in a collapsed block), other failures, then the score tables and
+    links to the report's figures (`figures`: name -> URL, or a path inside the uploaded results)."""
     icon = {"PASS": ":white_check_mark:", "FAIL": ":x:", "INCONCLUSIVE": ":grey_question:"}[verdict.headline]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(verdict.counts().items())) or "none judged"
     lines = [f"## {icon} quantgate: {verdict.headline} (exit {verdict.exit_code})", "",
@@ -117,6 +118,8 @@ def markdown(verdict: RunVerdict, run: JunitRun, tables: list[str], policy: Poli
         lines += ["### Scores", ""]
         for t in tables:
             lines += [t.replace("### ", "#### ", 1), ""]
+    if figures:
+        lines += ["### Figures", ""] + [f"- [{k}]({v})" for k, v in figures.items()] + [""]
     if links:
         lines += ["### Artifacts", ""] + [f"- [{k}]({v})" for k, v in links.items()] + [""]
     return "\n".join(lines)

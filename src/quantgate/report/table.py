@@ -75,8 +75,12 @@ class ScoreTable:
     level: float = 0.95
     hardware_class: str = ""
 
+    def average_columns(self) -> list[str]:
+        """The tasks the AVG column averages: those scored in percent in every row (perplexities are not)."""
+        return [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
+
     def render(self, stable: bool = False) -> str:
-        avg_cols = [t for t in self.tasks if all(r.cells.get(t, Cell(0, 0, 0)).percent for r in self.rows)]
+        avg_cols = self.average_columns()
         header = [
             "Model",
             "Variant",
