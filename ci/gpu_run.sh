@@ -15,8 +15,8 @@ export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-} QUANTGATE_CACHE=/tmp/qgcache QUA
 export QUANTGATE_RESULTS=/tmp/qgres QUANTGATE_VLLM_ARGS=${QUANTGATE_VLLM_ARGS:---enforce-eager}
 mkdir -p /tmp/qgcache/downloads /tmp/qgres "$OUT"
 [ -f /tmp/qgcache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf ] || cp "$QG_GGUF" /tmp/qgcache/downloads/
-PYTEST=(python3 -m pytest -p quantgate.plugin -p no:cacheprovider --qg-matrix fixtures/gpu.yaml tests
-        --ignore tests/selftest -v -s -rA)
+PYTEST=(python3 -m pytest -p quantgate.plugin -p no:cacheprovider --qg-matrix fixtures/gpu.yaml --pyargs quantgate.suite
+        -v -s -rA)
 note() { echo "$*" | tee -a /tmp/qgres/summary.txt; }
 cold() {
   "${PYTEST[@]}" -m "not slow or perf" --qg-accept --snapshot-update --benchmark-json /tmp/qgres/bench-sm.json \

@@ -30,7 +30,7 @@ if [ ! -f "$QUANTGATE_CACHE/downloads/SmolLM2-135M-Instruct.Q4_1.gguf" ] && [ -n
   cp "$QG_GGUF" "$QUANTGATE_CACHE/downloads/"
 fi
 SEL="smollm2-135m/bf16 or fp8-modelopt or nvfp4-modelopt"
-PYTEST=(python3 -m pytest -p quantgate.plugin -p no:cacheprovider tests --ignore tests/selftest -v -rA
+PYTEST=(python3 -m pytest -p quantgate.plugin -p no:cacheprovider --pyargs quantgate.suite -v -rA
         -m "not perf and not slow" --qg-limit "$LIMIT")
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 placement_start() {  # $1: name; samples NVML into $OUT/placement-$1.jsonl until placement_stop

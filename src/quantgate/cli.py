@@ -9,6 +9,8 @@ quantgate merge SRC... --into DST                              merge shards' res
 quantgate accept --from-store [--matrix M]                     promote stored results to accepted baselines, no run
 quantgate summary --junit J [--results DIR] [--annotations]    a CI job summary (Markdown) or ::error annotations
 quantgate trend [--results DIR] [--png P]                      scores and retention over the runs in history.jsonl
+quantgate init [DIR] [--force]                                 scaffold a project: matrix, thresholds, workflows
+quantgate data [--matrix M] [--fetch]                          the datasets the matrix needs; fetch missing ones
 
 `quantgate run` appends one line per run to <results>/history.jsonl (quantgate.history).
 
@@ -116,9 +118,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     _, limit_errors = check_distribution_limits(matrix, matrix_path, distribution_limits_path(thresholds_path))
     if limit_errors:  # found here, not at the first distribution test after hours of builds
         raise QuantgateError("\n".join(limit_errors))
-    tests = Path(args.tests)
-    if not tests.is_dir():
-        raise QuantgateError(f"no regression suite at {tests}: run from the project root or pass --tests")
+    if args.tests is not None and not Path(args.tests).is_dir():
+        raise QuantgateError(f"no test suite at {args.tests} (--tests)")
     collector = _VerdictCollector()
     t0 = time.monotonic()
     code = pytest.main(_suite_argv(args, *extra), plugins=[collector])
@@ -160,14 +161,20 @@ def _append_history(args: argparse.Namespace, verdict: RunVerdict | None, exit_c
 
 
 def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
-    """pytest's arguments for the regression suite (never the selftests) on this matrix."""
+    """pytest's arguments for the regression suite (never the selftests) on this matrix: the suite installed
+    with quantgate (`--pyargs quantgate.suite`, so pytest's rootdir and ini file are the project's), or the
+    folder --tests names."""
     matrix_path, thresholds_path = _paths(args)
-    tests = Path(args.tests)
+    if args.tests is None:
+        suite = ["--pyargs", "quantgate.suite"]
+    else:
+        tests = Path(args.tests)
+        suite = [str(tests), "--ignore", str(tests / "selftest")]
     limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
     path = _policy_path(args)
     policy = ["--qg-policy", str(path.resolve())] if path is not None else []
     return [
-        str(tests), "--ignore", str(tests / "selftest"),
+        *suite,
         "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
         "--qg-cadence", args.qg_cadence, "-p", "no:cacheprovider", *policy, *limit, *extra,
     ]
@@ -354,6 +361,53 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from quantgate.scaffold import init_project
+
+    report = init_project(Path(args.dir), force=args.force)
+    for line in report.lines():
+        print(line)
+    print(f"quantgate project in {report.root}. The regression suite is installed with quantgate "
+          "(quantgate.suite): `quantgate check`, then `quantgate run`, there.")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Exit 0 when everything the matrix reads is here (after --fetch), 1 when something is missing."""
+    from quantgate.evaluation import hub_data
+    from quantgate.paths import data_dir
+
+    needs = hub_data.matrix_needs(load_matrix(Path(args.matrix)))
+    data, cache = data_dir(required=False), hub_data.hub_cache_dir()
+    lines, missing_hub, missing_files = hub_data.report_lines(needs, data, cache)
+    print("\n".join(lines))
+    if missing_hub and args.fetch:
+        why = hub_data.hub_unreachable(missing_hub[0])
+        if why is not None:
+            print(f"cannot fetch: the Hugging Face Hub is not reachable ({why})")
+        else:
+            for ds in list(missing_hub):
+                print(f"fetching {ds.label} ...", flush=True)
+                try:
+                    hub_data.fetch(ds)
+                except Exception as exc:  # noqa: BLE001 - one dataset's failure is reported; the others go on
+                    print(f"  failed: {type(exc).__name__}: {exc}")
+                    continue
+                missing_hub.remove(ds)
+                print("  fetched")
+    if missing_files:
+        print(f"missing {len(missing_files)} data-folder file(s): put the offline bundle (shared/data) there or "
+              "set QUANTGATE_DATA_DIR to it")
+    if missing_hub:
+        print(f"missing {len(missing_hub)} Hub dataset(s): " + ", ".join(d.label for d in missing_hub)
+              + ("" if args.fetch else "; `quantgate data --fetch` downloads them where the Hub is reachable,"
+                 " or put the offline bundle in QUANTGATE_DATA_DIR"))
+    if missing_hub or missing_files:
+        return 1
+    print("all evaluation data the matrix needs is here")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (the selftests parse the workflows' command lines with it)."""
     ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
         p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
         p.add_argument("--thresholds", default="thresholds/retention.yaml")
-        p.add_argument("--tests", default="tests")
+        p.add_argument("--tests", default=None, metavar="DIR",
+                       help="a test folder to run instead of the installed suite (quantgate.suite)")
         p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
                        help="only the first N items of each task (or the named ones); passed on to pytest")
         if name == "plan":
@@ -404,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the trend plot here (default <results>/trend.png when matplotlib is installed)")
     trend.add_argument("--last", type=int, default=None, metavar="N", help="only the last N runs")
     trend.add_argument("--cadence", choices=CADENCES, default=None, help="only the runs at this cadence")
+    init = sub.add_parser("init", help="scaffold a project: matrix, thresholds, CI workflows, pytest.ini, .gitignore")
+    init.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
+    data = sub.add_parser("data", help="the evaluation datasets the matrix needs, which are here; --fetch the rest")
+    data.add_argument("--matrix", "--qg-matrix", dest="matrix", default="fixtures/demo.yaml")
+    data.add_argument("--fetch", action="store_true",
+                      help="download the missing Hub datasets (datasets.load_dataset) when the Hub is reachable")
     merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
     merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
     merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
@@ -432,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_summary(args)
         if args.cmd == "trend":
             return cmd_trend(args)
+        if args.cmd == "init":
+            return cmd_init(args)
+        if args.cmd == "data":
+            return cmd_data(args)
         if args.cmd == "plan":
             return cmd_plan(args)
         return cmd_check(args)

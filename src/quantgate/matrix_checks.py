@@ -240,7 +240,7 @@ def _sampling_defaults(ckpt: Path) -> dict[str, Any]:
 
 
 def distribution_limits_path(thresholds_path: Path) -> Path:
-    """thresholds/distribution.yaml: beside the retention thresholds in use (as tests/test_distribution.py)."""
+    """thresholds/distribution.yaml: beside the retention thresholds in use (as quantgate.suite.test_distribution)."""
     return Path(thresholds_path).parent / "distribution.yaml"
 
 

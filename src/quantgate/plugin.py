@@ -9,6 +9,8 @@ Fixtures a suite uses:
                 for the others); qg_regression_task each task with `regression: true`
   qg_model      each model (param)
   qg_judge      judge(gate_name, subject, judgement): the policy's tier and disposition applied to the test
+  table_snapshot  syrupy's snapshot for score tables, stored in the project's snapshot folder
+The regression suite itself is the package quantgate.suite (`pytest --pyargs quantgate.suite`).
 Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly.
 """
 
@@ -112,9 +114,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="which cadence's policy applies (what INCONCLUSIVE does per tier): commit (default), nightly, weekly",
     )
     group.addoption("--qg-policy", default=None, help="policy YAML (default: ini quantgate_policy)")
+    group.addoption("--qg-snapshots", default=None,
+                    help="score-table snapshot folder (default: ini quantgate_snapshots, tests/__snapshots__)")
     parser.addini("quantgate_matrix", "matrix YAML", default="fixtures/demo.yaml")
     parser.addini("quantgate_policy", "gating policy YAML", default="thresholds/policy.yaml")
     parser.addini("quantgate_thresholds", "thresholds YAML", default="thresholds/retention.yaml")
+    parser.addini("quantgate_snapshots", "score-table snapshot folder, in the project (table_snapshot)",
+                  default="tests/__snapshots__")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -333,6 +339,17 @@ def qg_session(request: pytest.FixtureRequest) -> QuantgateSession:
 @pytest.fixture(scope="session")
 def qg_run(qg_session: QuantgateSession) -> Run:
     return qg_session.get_run()
+
+
+@pytest.fixture
+def table_snapshot(snapshot, qg_run: Run, request: pytest.FixtureRequest):  # noqa: ANN201 - syrupy's fixture
+    """syrupy's snapshot, storing score tables as JSON in the project's snapshot folder (ini
+    ``quantgate_snapshots``, default tests/__snapshots__; never inside the installed package), one folder per
+    hardware class or CPU tier (`sm90`, `cpu-avx2`), compared within noise (quantgate.report.snapshot)."""
+    from quantgate.report.snapshot import per_hardware
+
+    root = _resolve(request.config, "--qg-snapshots", "quantgate_snapshots")
+    return snapshot.use_extension(per_hardware(qg_run.hw.keys[0], root))
 
 
 @pytest.fixture

@@ -222,13 +222,22 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+# Calibration datasets: the data-folder file each reads (relative to the data folder), and a JSONL's text field.
+CALIBRATION_FILES: dict[str, str] = {
+    "wikitext2": "wikitext2/wiki.test.raw",
+    "gsm8k-train": "gsm8k/train.jsonl",
+    "ifeval": "ifeval/input_data.jsonl",
+}
+_CALIBRATION_FIELDS = {"gsm8k-train": "question", "ifeval": "prompt"}
+
+
 def calibration_spec(cal: Calibration) -> dict[str, Any]:
     data = data_dir()
-    files = {
-        "wikitext2": {"text_file": data / "wikitext2" / "wiki.test.raw"},
-        "gsm8k-train": {"jsonl_file": data / "gsm8k" / "train.jsonl", "field": "question"},
-        "ifeval": {"jsonl_file": data / "ifeval" / "input_data.jsonl", "field": "prompt"},
-    }[cal.dataset]
+    rel = CALIBRATION_FILES[cal.dataset]
+    field = _CALIBRATION_FIELDS.get(cal.dataset)
+    files: dict[str, Any] = (
+        {"jsonl_file": data / rel, "field": field} if field else {"text_file": data / rel}
+    )
     path = next(iter(v for v in files.values() if isinstance(v, Path)))
     if not path.exists():
         raise BuildError(f"calibration data {cal.dataset}: {path} not found")

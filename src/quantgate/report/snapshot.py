@@ -196,17 +196,24 @@ class ScoreTableExtension(SingleFileSnapshotExtension):
             yield f"  {line}"
 
 
-def per_hardware(hw_key: str) -> type[ScoreTableExtension]:
+def per_hardware(hw_key: str, root: Path | None = None) -> type[ScoreTableExtension]:
     """The extension storing snapshots in a folder of their own per hardware class or CPU tier.
 
     Other hardware gives other, equally valid numbers, so each keeps its own snapshot. The folder matters:
     `--snapshot-update` deletes every snapshot in the scanned folder that the session did not use, and a CPU
     session must not delete the H100's.
+
+    `root` is the project's snapshot folder (the plugin passes ini ``quantgate_snapshots``, default
+    ``tests/__snapshots__``): snapshots go to ``<root>/<test module>/<hw_key>/``. The suite's modules are
+    installed with quantgate, so syrupy's own default (``__snapshots__`` beside the module) would be inside
+    site-packages; None keeps that default (for a test module of the project's own).
     """
 
     class PerHardwareTable(ScoreTableExtension):
         @classmethod
         def dirname(cls, *, test_location: Any) -> str:
+            if root is not None:
+                return str(Path(root) / test_location.basename / hw_key)
             return str(Path(super().dirname(test_location=test_location)) / hw_key)
 
     return PerHardwareTable
@@ -229,5 +236,5 @@ def record_candidate(snapshot_path: Path, table: ScoreTable) -> Path:
 def accept_hint(snapshot_path: Path, candidate: Path) -> str:
     return (
         f"accept it with `mv '{candidate}' '{snapshot_path}'` and commit it, or record a fresh one with "
-        "`pytest tests/test_score_table.py --snapshot-update`"
+        "`quantgate run -k test_score_table --snapshot-update`"
     )

@@ -11,7 +11,7 @@ import pytest
 from quantgate.evaluation.distribution import compare
 from quantgate.gates.distribution import LIMITS, distribution_gate
 from quantgate.matrix import load_distribution_thresholds
-from tests._support import runnable
+from quantgate.suite._support import runnable
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ def test_score_table(request, qg_session, qg_run, qg_model, table_snapshot):
     table = verdicts.score_table(qg_run, qg_model, distribution_limits=limits)
     print()
     print(table.render())
-    # One snapshot per matrix, in the folder of this hardware class or CPU tier (conftest.py): other kernels give
-    # other (equally valid) numbers.
+    # One snapshot per matrix, in the project's folder for this hardware class or CPU tier (table_snapshot,
+    # quantgate.plugin): other kernels give other (equally valid) numbers.
     snap = table_snapshot(name=qg_session.matrix_path.stem)
     where = Path(snap.extension.get_location(test_location=snap.test_location, index=snap.index))
     if not where.exists() and not request.config.getoption("--snapshot-update"):

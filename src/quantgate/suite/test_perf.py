@@ -33,7 +33,7 @@ from quantgate.perf.serve_bench import (
 )
 from quantgate.plugin import STASH
 from quantgate.runner import Run, VariantRun
-from tests._support import runnable
+from quantgate.suite._support import runnable
 
 pytestmark = [pytest.mark.perf]
 PERF_FILE = "perf.yaml"

@@ -8,7 +8,7 @@ import pytest
 
 from quantgate import verdicts
 from quantgate.engines.kernels import kernel_mismatch
-from tests._support import runnable
+from quantgate.suite._support import runnable
 
 
 def test_accuracy_retention(qg_run, qg_variant, qg_task, qg_judge):

@@ -6,7 +6,7 @@ import pytest
 
 from quantgate import verdicts
 from quantgate.gates.stats import format_interval
-from tests._support import runnable
+from quantgate.suite._support import runnable
 
 
 def test_emulation_matches_real_kernels(qg_run, qg_variant):
