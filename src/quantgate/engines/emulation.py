@@ -333,16 +333,19 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     """A tensor's stored bits with their storage dtype (uint16 for BF16, uint8 for FP8)."""
     from safetensors import SafetensorError, safe_open
 
+    # numpy holds every safetensors dtype but BF16 and the FP8s: those go through torch, which is not imported
+    # for the small integer tensors that checking a cached checkpoint reads (weight_shape).
+    framework = "pt" if info.dtype in _RAW_BITS else "np"
     try:
-        with safe_open(str(info.file), framework="pt") as f:
+        with safe_open(str(info.file), framework=framework) as f:
             t = f.get_tensor(info.name)
     except SafetensorError as e:
         raise ValueError(f"{info.file.name}: tensor {info.name!r}: {e}") from None
-    if info.dtype in _RAW_BITS:
-        import torch
+    if framework == "np":
+        return t
+    import torch
 
-        t = t.view(getattr(torch, _RAW_BITS[info.dtype]))
-    return t.numpy()
+    return t.view(getattr(torch, _RAW_BITS[info.dtype])).numpy()
 
 
 class CheckpointTensors:

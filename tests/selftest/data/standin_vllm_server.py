@@ -1,4 +1,4 @@
-"""A stand-in for `python -m vllm.entrypoints.openai.api_server`, for fault injection (no model, no vLLM).
+"""A stand-in for `vllm serve MODEL ...` (quantgate.engines.vllm_cli), for fault injection (no model, no vLLM).
 
 It takes vLLM's command line (only --port is read), spawns a child that sleeps (as vLLM spawns its engine
 core) in its process group, and then behaves as env STANDIN_MODE says:
