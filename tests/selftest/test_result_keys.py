@@ -88,3 +88,25 @@ def test_scoring_digest_changes_with_the_scoring_code(monkeypatch):
         assert lmeval_runner.scoring_code_sha256() != before
     finally:
         lmeval_runner.scoring_code_sha256.cache_clear()
+
+
+def test_task_digest_carries_no_install_location(tmp_path):
+    """The same lm-eval in two virtual environments gives the same task digest (found when a fresh clone's
+    results never matched another clone's: hellaswag's `process_docs` carried the venv's absolute path)."""
+    import json
+    from pathlib import Path
+
+    import lm_eval
+
+    from quantgate.evaluation.task_registry import leaves, location_free
+
+    root = "/venv-a/lib/python3.11/site-packages/lm_eval"
+    text = json.dumps({"process_docs": f"{root}/tasks/hellaswag/utils.process_docs", "x": f"{root}/api/x"})
+    out = location_free(text, root, f"{root}/tasks/hellaswag/hellaswag.yaml")
+    assert "venv-a" not in out and "<task_dir>/utils.process_docs" in out and "<lm_eval>/api/x" in out
+
+    real_root = str(Path(lm_eval.__file__).resolve().parent)
+    for leaf in leaves("hellaswag"):
+        text = json.dumps(leaf.config, sort_keys=True, default=str)
+        assert real_root in text  # the control: lm-eval does put the location in
+        assert real_root not in location_free(text, real_root, leaf.yaml_path)

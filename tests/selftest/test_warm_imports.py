@@ -83,7 +83,7 @@ def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
 
     env = dict(os.environ, QUANTGATE_CACHE=str(cache), QUANTGATE_RESULTS=str(results),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    argv = [str(ROOT / "tests"), "--ignore", str(ROOT / "tests" / "selftest"), "--qg-matrix", str(matrix),
+    argv = [str(ROOT / "src" / "quantgate" / "suite"), "--qg-matrix", str(matrix),
             "--qg-thresholds", str(thresholds), "-p", "no:cacheprovider", "-q",
             # the stand-in checkpoints hold no weights to inspect; the inspection's own cache is tested below
             "-k", "not test_checkpoint_structure"]

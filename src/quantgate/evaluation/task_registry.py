@@ -206,13 +206,30 @@ def dataset_paths(name: str) -> set[str]:
     return {str(leaf.config["dataset_path"]) for leaf in leaves(name) if leaf.config.get("dataset_path")}
 
 
+def location_free(text: str, package_root: str, yaml_path: str | None) -> str:
+    """`text` (a serialized task config) with the install location taken out.
+
+    lm-eval resolves a config's `!function utils.process_docs` to a callable whose text form carries the absolute
+    path of the file (`/venv/.../lm_eval/tasks/hellaswag/utils.process_docs`). Left in, the digest would differ
+    between two checkouts or virtual environments of the same lm-eval, and no stored result or accepted baseline
+    would be reused across machines. The task's own folder becomes `<task_dir>`, lm-eval's package `<lm_eval>`.
+    """
+    if yaml_path:
+        text = text.replace(str(Path(yaml_path).resolve().parent), "<task_dir>")
+    return text.replace(package_root, "<lm_eval>")
+
+
 def _compute_config_digest(name: str) -> str:
     import hashlib
     import json
 
+    import lm_eval
+
+    package_root = str(Path(lm_eval.__file__).resolve().parent)
     h = hashlib.sha256()
     for leaf in sorted(leaves(name), key=lambda x: x.name):
-        h.update(json.dumps(leaf.config, sort_keys=True, default=str).encode())
+        text = json.dumps(leaf.config, sort_keys=True, default=str)
+        h.update(location_free(text, package_root, leaf.yaml_path).encode())
         if leaf.yaml_path:
             for py in sorted(Path(leaf.yaml_path).parent.glob("*.py")):
                 h.update(py.name.encode())
@@ -220,7 +237,7 @@ def _compute_config_digest(name: str) -> str:
     return h.hexdigest()
 
 
-TASK_FACTS_VERSION = 1  # bump when what task_facts records, or how, changes
+TASK_FACTS_VERSION = 2  # bump when what task_facts records, or how, changes
 
 
 @functools.cache
