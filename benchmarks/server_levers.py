@@ -32,6 +32,7 @@ running step; each step has a timeout and --deadline-s skips what no longer fits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -560,11 +561,17 @@ class Bench:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-offline", str(spec_path), str(result_path)]
         timeout = min(self.args.offline_timeout_s, max(self.left(), 1))
         self.log(f"offline engine: {shlex.join(cmd)} (timeout {timeout:.0f} s)")
+        # Its own session, so that a timeout takes down the engine core the child spawned too: killing the child
+        # alone (subprocess.run's timeout) left vLLM's EngineCore orphaned, holding memory (seen on 2 cores).
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, start_new_session=True)
-            rc: int | str = proc.returncode
+            rc: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         if result_path.exists():
             self.offline.update(json.loads(result_path.read_text()))
         self.save({"kind": "offline", "rc": rc, "tasks": self.offline})
