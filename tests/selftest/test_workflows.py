@@ -161,6 +161,7 @@ def test_workflow_commands_run_against_a_stored_result_set(workflow, tmp_path, m
             assert "::error title=quantgate test failed::tests.test_accuracy::test_kernel_path[m/fp8]" in printed.out
         elif argv[0] == "summary":
             md = printed.out
+            (out / f"summary-{workflow.stem}.md").write_text(md)  # kept for rendering (ci/render_summary.sh)
             assert "quantgate: FAIL (exit 1)" in md and "| FAIL | `m/int8` | `retention[hellaswag]`" in md
             assert "flipped: doc 1 'A' -> 'B'" in md and "| m | bf16 (bf16)" in md
             assert "[artifacts](https://github.example/o/r/actions/runs/1)" in md
