@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ THRESHOLDS: dict[str, Any] = {"retention": {"floors": {"int8": 0.9}}}
 
 # Per task name, the prompt the stand-in lm-eval sends; "die" makes the stand-in server crash mid-request.
 PROMPTS: dict[str, str] = {}
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT. A shell that runs a job in the background
+    (`pytest ... &`, as nohup'd CI scripts do) starts it with SIGINT ignored, children inherit that, and
+    Python then installs no KeyboardInterrupt handler: the signal would do nothing and the test would time out."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def standin_env() -> dict[str, str]:

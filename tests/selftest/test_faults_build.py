@@ -143,7 +143,7 @@ def _start_child(tmp_path: Path, variants: list[str], **env: str) -> subprocess.
         full.pop(k, None)
     return subprocess.Popen([sys.executable, "-m", "tests.selftest.fault_harness", str(tmp_path / "store"),
                              *variants], cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=fh.default_sigint)
 
 
 def _signal_once(proc: subprocess.Popen, ready: Path, sig: signal.Signals) -> tuple[str, str]:

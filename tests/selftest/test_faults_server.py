@@ -224,7 +224,8 @@ def test_signal_during_server_start(tmp_path, standin, sig):
            "QUANTGATE_SERVER_START_TIMEOUT": "60", "STANDIN_TASK_DIGESTS": json.dumps(fh.task_digests()),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "tests.selftest.fault_harness", str(store), "bf16", "w8a8"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=fh.default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
