@@ -347,7 +347,8 @@ def test_check_warns_when_a_variants_generation_config_differs(tmp_path):
                for w in report.warnings)
 
 
-@pytest.mark.parametrize("name", ["qwen3-nvfp4-baseten.yaml", "qwen3-math500.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["qwen3-nvfp4-baseten.yaml", "qwen3-math500.yaml", "qwen3-int8-smoothquant.yaml",
+                                  "qwen3-nvfp4-compressible.yaml", "demo.yaml"])
 def test_shipped_seed_matrices_pass_check_without_network(name):
     from quantgate.matrix_checks import check_matrix
 
