@@ -211,13 +211,13 @@ def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
         from quantgate.promote import accept_stored
 
         run = _reading_run(*_paths(args), args.qg_limit, _results_arg(args))
-        promotion = accept_stored(run)
+        promotion = accept_stored(run, force=args.force)
         for path in promotion.accepted:
             print(f"accepted: {path}")
         for line in promotion.skipped:
             print(f"skipped: {line}")
         for line in promotion.missing:
-            print(f"not stored: {line}")
+            print(f"not accepted: {line}")
         print(promotion.summary())
         return 0
     return int(pytest.main(_suite_argv(args, "--qg-accept", "-k", "regression", *extra)))
@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "accept":
             p.add_argument("--from-store", action="store_true",
                            help="accept the stored results as they are: run nothing, build nothing, serve nothing")
+            p.add_argument("--force", action="store_true",
+                           help="replace an accepted baseline even by a result of fewer items (a --qg-limit run)")
         if name in ("accept", "summary", "report"):
             p.add_argument("--results", default=None, metavar="DIR",
                            help="results directory (default: $QUANTGATE_RESULTS or results/)")

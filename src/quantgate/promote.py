@@ -25,12 +25,13 @@ class Promotion:
                 f"cannot run, {len(self.missing)} not stored")
 
 
-def accept_stored(run) -> Promotion:  # noqa: ANN001 - a quantgate.runner.Run (imported lazily by callers)
+def accept_stored(run, force: bool = False) -> Promotion:  # noqa: ANN001 - a quantgate.runner.Run (imported lazily by callers)
     """Accept every stored (model, variant, regression task) result of `run`.
 
     Raises QuantgateError when `run` is not reuse_only (it could then build or serve), or when nothing at all
     could be accepted (the store is empty for these settings: a different --qg-limit, hardware or matrix).
-    A partly stored run accepts what is stored and lists the rest in ``missing``.
+    A partly stored run accepts what is stored and lists the rest in ``missing``; so does a baseline that a
+    smaller result would replace (``force`` replaces it).
     """
     from quantgate import verdicts
 
@@ -48,7 +49,7 @@ def accept_stored(run) -> Promotion:  # noqa: ANN001 - a quantgate.runner.Run (i
                 continue
             for task in tasks:
                 try:
-                    out.accepted.append(verdicts.accept(run, model.name, v.name, task.key))
+                    out.accepted.append(verdicts.accept(run, model.name, v.name, task.key, replace_larger=force))
                 except (NotStoredError, QuantgateError) as exc:
                     out.missing.append(f"{model.name}/{v.name}/{task.key}: {exc}")
     if not out.accepted:

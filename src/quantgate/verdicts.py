@@ -135,12 +135,27 @@ def accepted_path(run: Run, model: str, variant: str, task: str) -> Path:
     return root / run.hw.keys[0] / model / variant / f"{task}.json"
 
 
-def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
-    """Record the current result as the accepted one, with its provenance, for version control."""
+def accept(run: Run, model: str, variant: str, task_name: str, replace_larger: bool = False) -> Path:
+    """Record the current result as the accepted one, with its provenance, for version control.
+
+    Raises QuantgateError, writing nothing, when an accepted baseline of more items already exists there (a quick
+    `--qg-limit` run would otherwise silently replace a full baseline), unless `replace_larger`.
+    """
     task = run.task(task_name)
     res = variant_results(run, model, variant)[task_name]
     o = res.outcomes(task.metric_key)
     prov = res.provenance
+    path = accepted_path(run, model, variant, task_name)
+    if path.exists() and not replace_larger:
+        try:
+            held = len(read_accepted(path)["items"])
+        except QuantgateError:
+            held = 0  # an unreadable baseline is replaced
+        if held > len(o.ids):
+            raise QuantgateError(
+                f"{path}: the accepted baseline has n={held} items; this result has n={len(o.ids)} (a --qg-limit "
+                "run?). Not replaced: accept a run of at least that size, or pass --force to replace it"
+            )
     doc = {
         "model": model,
         "variant": variant,
@@ -152,7 +167,6 @@ def accept(run: Run, model: str, variant: str, task_name: str) -> Path:
         "items": o.as_map(),
         "answers": {d: a[:300] for d, a in o.answers.items()},
     }
-    path = accepted_path(run, model, variant, task_name)
     atomic_write_json(path, doc, indent=1, sort_keys=True)
     return path
 

@@ -36,3 +36,25 @@ def test_accept_from_store_names_what_is_not_stored(tmp_path, make_run, monkeypa
     with pytest.raises(QuantgateError, match="reuse_only"):
         accept_stored(make_run(tmp_path / "empty", reuse_only=False))
     assert not (tmp_path / "project").exists()
+
+
+def test_a_smaller_result_never_silently_replaces_an_accepted_baseline(tmp_path, make_run, monkeypatch, capsys):  # noqa: F811
+    """Found by a new user: `accept --from-store --qg-limit 8` replaced the committed 400-item baseline."""
+    import json
+
+    results = write_store(make_run(tmp_path / "results", reuse_only=False))
+    monkeypatch.setenv("QUANTGATE_PROJECT", str(tmp_path / "project"))
+    run = make_run(results)
+    path = verdicts.accepted_path(run, "m", "bf16", "hellaswag")
+    accept_stored(run)
+    stored = json.loads(path.read_text())
+    bigger = {**stored, "items": {**stored["items"], **{f"extra{i}": 1 for i in range(50)}}}
+    path.write_text(json.dumps(bigger))  # as if a larger run had been accepted before
+    with pytest.raises(QuantgateError, match=r"n=\d+ items; this result has n=\d+ .*--force"):
+        verdicts.accept(run, "m", "bf16", "hellaswag")
+    assert json.loads(path.read_text()) == bigger  # untouched
+    promotion = accept_stored(run)
+    assert path not in promotion.accepted and any("--force" in m for m in promotion.missing)
+    assert json.loads(path.read_text()) == bigger
+    assert path in accept_stored(run, force=True).accepted
+    assert json.loads(path.read_text())["items"] == stored["items"]
