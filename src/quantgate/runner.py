@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate import progress
-from quantgate.checkpoints.cache import only_cached
+from quantgate.checkpoints.cache import MANIFEST, only_cached
 from quantgate.checkpoints.identity import EMULATABLE, checkpoint_support, identify_checkpoint, source_dir
 from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_checkpoint, emulated_checkpoint
 from quantgate.devices import server_env, tensor_parallel_args, visible_devices
@@ -199,13 +199,16 @@ class VariantRun:
                 base = self.run.variant(self.model.name, self.model.baseline.name).checkpoint()
             # A build may calibrate on the device: the previous variant's server must not hold it meanwhile.
             self.run.stop_servers()
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             with progress.step("checkpoint", self.label) as st:
                 if base is None:
                     self._checkpoint = baseline_checkpoint(self.model)
                 else:
                     self._checkpoint = built_checkpoint(self.model, self.variant, base)
-                st.note = self._checkpoint.origin
+                # The manifest is written last by a build, so an older one means the cache held it already.
+                manifest = Path(self._checkpoint.path) / MANIFEST
+                made_now = not manifest.exists() or manifest.stat().st_mtime >= wall0 - 1
+                st.note = self._checkpoint.origin + ("" if made_now else ", from the cache")
             self.run.events.seconds["build"] += time.monotonic() - t0
         return self._checkpoint
 
