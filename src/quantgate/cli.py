@@ -88,7 +88,8 @@ def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantg
         try:
             out.append(verdicts.score_table(run, model.name, partial=True, distribution_limits=limits).render())
         except QuantgateError as exc:
-            out.append(f"(no complete table for {model.name}: {exc})\n")
+            out.append(f"(no complete table for {model.name}: {exc}; a run made with --qg-limit is read back "
+                       "with the same --qg-limit)\n")
     return out
 
 

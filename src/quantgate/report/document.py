@@ -122,8 +122,9 @@ def write_report(run: Any, out_dir: Path, *, distribution_limits: DistributionTh
         for name, caption, draw in drawers:
             lines += _figure(files, out_dir, name, caption, draw)
     if not reported:
-        raise QuantgateError("no model of the matrix has stored baseline results: nothing to report "
-                             "(`quantgate run` stores them)")
+        raise QuantgateError("no model of the matrix has stored baseline results for these settings: nothing to "
+                             "report. `quantgate run` stores them; a run made with --qg-limit is read back with the "
+                             "same --qg-limit (the limit is part of every result's key)")
     if history_entries is not None:
         lines += ["## Trend", ""]
         lines += _figure(files, out_dir, "trend", "Retention over the run history",
