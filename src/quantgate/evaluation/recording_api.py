@@ -108,15 +108,33 @@ def attach_responses(samples: list[dict[str, Any]], recorder: ResponseRecorder) 
 
 
 class _Recording:
-    """What both API models share: the stop field held back for a thinking model, and recorded parsing."""
+    """What both API models share, placed before lm-eval's class in their bases (so `super()` reaches it): the
+    stop field held back for a thinking model, the request contexts kept for the concurrent path, and recorded
+    parsing."""
 
     reasoning: bool
     think_tags: tuple[str, str]
 
-    def _init_recording(self, reasoning: bool | str, think_start: str, think_end: str) -> None:
+    def __init__(self, *args: Any, reasoning: bool | str = False, think_start: str = "<think>",
+                 think_end: str = "</think>", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # lm-eval passes model_args given as a string as strings; quantgate passes a dict, but accept both
         self.reasoning = reasoning is True or str(reasoning).lower() == "true"
         self.think_tags = (think_start, think_end)
+
+    def _create_payload(self, messages: Any, generate: bool = False, gen_kwargs: dict | None = None,
+                        seed: int = 1234, eos: Any = None, **kwargs: Any) -> dict:
+        payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
+                                          **kwargs)
+        return self._hold_stops(payload, generate)
+
+    async def amodel_call(self, session: Any, sem: Any, messages: Any, *, generate: bool = True,
+                          cache_keys: list | None = None, **kwargs: Any) -> Any:
+        _contexts.set([k[0] for k in cache_keys] if cache_keys else None)
+        return await super().amodel_call(session, sem, messages, generate=generate, cache_keys=cache_keys, **kwargs)
+
+    def parse_generations(self, outputs: Any, contexts: Any = None, **kwargs: Any) -> list[str | None]:
+        return self._parse(outputs, contexts)
 
     def _hold_stops(self, payload: dict[str, Any], generate: bool) -> dict[str, Any]:
         if generate and self.reasoning:
@@ -153,46 +171,8 @@ class _Recording:
 class RecordingCompletionsAPI(_Recording, LocalCompletionsAPI):
     """lm-eval's `local-completions`, recording finish_reason, output tokens and reasoning per generation."""
 
-    def __init__(self, *args: Any, reasoning: bool | str = False, think_start: str = "<think>",
-                 think_end: str = "</think>", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_recording(reasoning, think_start, think_end)
-
-    def _create_payload(self, messages: Any, generate: bool = False, gen_kwargs: dict | None = None,
-                        seed: int = 1234, eos: Any = None, **kwargs: Any) -> dict:
-        payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
-                                          **kwargs)
-        return self._hold_stops(payload, generate)
-
-    async def amodel_call(self, session: Any, sem: Any, messages: Any, *, generate: bool = True,
-                          cache_keys: list | None = None, **kwargs: Any) -> Any:
-        _contexts.set([k[0] for k in cache_keys] if cache_keys else None)
-        return await super().amodel_call(session, sem, messages, generate=generate, cache_keys=cache_keys, **kwargs)
-
-    def parse_generations(self, outputs: Any, contexts: Any = None, **kwargs: Any) -> list[str | None]:
-        return self._parse(outputs, contexts)
-
 
 @register_model(CHAT_COMPLETIONS)
 class RecordingChatCompletion(_Recording, LocalChatCompletion):
     """lm-eval's `local-chat-completions`, recording as RecordingCompletionsAPI does; the server's `reasoning`
     field (vLLM --reasoning-parser) is recorded, never scored."""
-
-    def __init__(self, *args: Any, reasoning: bool | str = False, think_start: str = "<think>",
-                 think_end: str = "</think>", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_recording(reasoning, think_start, think_end)
-
-    def _create_payload(self, messages: Any, generate: bool = False, gen_kwargs: dict | None = None,
-                        seed: int = 1234, eos: Any = None, **kwargs: Any) -> dict:
-        payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
-                                          **kwargs)
-        return self._hold_stops(payload, generate)
-
-    async def amodel_call(self, session: Any, sem: Any, messages: Any, *, generate: bool = True,
-                          cache_keys: list | None = None, **kwargs: Any) -> Any:
-        _contexts.set([k[0] for k in cache_keys] if cache_keys else None)
-        return await super().amodel_call(session, sem, messages, generate=generate, cache_keys=cache_keys, **kwargs)
-
-    def parse_generations(self, outputs: Any, contexts: Any = None, **kwargs: Any) -> list[str | None]:
-        return self._parse(outputs, contexts)
