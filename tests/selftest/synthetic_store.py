@@ -43,10 +43,9 @@ def samples(correct: list[int], variant: str, task: str) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def make_run(tmp_path, monkeypatch):
-    """``make_run(root, reuse_only=True)``: a Run over a results directory with stand-in checkpoints; the matrix
-    file is ``tmp_path / "matrix.yaml"``."""
+def stand_in_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's baseline and built checkpoints stood in for by empty folders under tmp_path/ckpt (a config.json
+    each, sha `sha-<variant>`): nothing is converted or built."""
 
     def checkpoint(name: str) -> runner_mod.Checkpoint:
         d = tmp_path / "ckpt" / name
@@ -56,6 +55,14 @@ def make_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner_mod, "baseline_checkpoint", lambda model: checkpoint("bf16"))
     monkeypatch.setattr(runner_mod, "built_checkpoint", lambda model, v, base: checkpoint(v.name))
+
+
+@pytest.fixture
+def make_run(tmp_path, monkeypatch):
+    """``make_run(root, reuse_only=True)``: a Run over a results directory with stand-in checkpoints; the matrix
+    file is ``tmp_path / "matrix.yaml"``."""
+
+    stand_in_checkpoints(tmp_path, monkeypatch)
     source = tmp_path / "source"  # a local checkpoint folder that `quantgate check` finds; never loaded
     source.mkdir(exist_ok=True)
     (source / "config.json").write_text("{}")

@@ -13,6 +13,7 @@ from quantgate.cli import main as cli_main
 from quantgate.evaluation.provenance import versions
 from quantgate.matrix import load_matrix, load_thresholds
 from quantgate.merge import MergeError, merge_results
+from tests.selftest.synthetic_store import stand_in_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 MATRIX = """
@@ -46,13 +47,7 @@ def _samples(variant: str, task: str) -> list[dict]:
 def make_run(tmp_path, monkeypatch):
     """A reading Run over a results directory, its checkpoints stood in for (no build, no server)."""
 
-    def checkpoint(name: str) -> runner_mod.Checkpoint:
-        d = tmp_path / "ckpt" / name
-        d.mkdir(parents=True, exist_ok=True)
-        return runner_mod.Checkpoint(d, f"sha-{name}", "built")
-
-    monkeypatch.setattr(runner_mod, "baseline_checkpoint", lambda model: checkpoint("bf16"))
-    monkeypatch.setattr(runner_mod, "built_checkpoint", lambda model, v, base: checkpoint(v.name))
+    stand_in_checkpoints(tmp_path, monkeypatch)
     (tmp_path / "matrix.yaml").write_text(MATRIX)
     matrix = load_matrix(tmp_path / "matrix.yaml")
     thresholds = load_thresholds(ROOT / "thresholds" / "retention.yaml")

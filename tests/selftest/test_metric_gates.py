@@ -14,6 +14,7 @@ from quantgate.evaluation.provenance import versions
 from quantgate.matrix import Matrix, load_thresholds
 from quantgate.policy import DEFAULT_POLICY
 from quantgate.report.snapshot import table_document
+from tests.selftest.synthetic_store import stand_in_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 40
@@ -62,14 +63,7 @@ def _samples(task: str, variant: str) -> list[dict]:
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    def checkpoint(name: str) -> runner_mod.Checkpoint:
-        d = tmp_path / "ckpt" / name
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text("{}")
-        return runner_mod.Checkpoint(d, f"sha-{name}", "built")
-
-    monkeypatch.setattr(runner_mod, "baseline_checkpoint", lambda model: checkpoint("bf16"))
-    monkeypatch.setattr(runner_mod, "built_checkpoint", lambda model, v, base: checkpoint(v.name))
+    stand_in_checkpoints(tmp_path, monkeypatch)
     source = tmp_path / "source"
     source.mkdir()
     r = runner_mod.Run(_matrix(source), load_thresholds(ROOT / "thresholds" / "retention.yaml"),
