@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate.atomic import WriteError, atomic_write_json
 from quantgate.engines.emulation import (
     EMULATION_FILE,
     FLOAT_DTYPES,
@@ -306,11 +306,8 @@ def inspect_checkpoint_cached(directory: str | Path, sha256: str, baseline_dir: 
         pass  # missing or from another version of the report: inspected again below
     report = inspect_checkpoint(directory, baseline_dir)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "report": report.to_dict()}, default=str))
-        tmp.replace(path)
-    except OSError:
+        atomic_write_json(path, {"key": key, "report": report.to_dict()})
+    except (OSError, WriteError):
         pass  # a read-only cache only costs the next run the inspection
     return report
 

@@ -75,15 +75,11 @@ def _read_cached(path: Path) -> Any:
 def _write_cached(path: Path, value: Any) -> None:
     """Write `value` as JSON atomically (a concurrent reader sees the old file or the whole new one); a
     read-only cache only costs the next process the recomputation."""
-    import json
-    import os
+    from quantgate.atomic import WriteError, atomic_write_json
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value, sort_keys=True))
-        tmp.replace(path)
-    except OSError as err:
+        atomic_write_json(path, value, sort_keys=True)
+    except (OSError, WriteError) as err:
         log.warning("quantgate: cannot cache lm-eval task facts at %s: %s", path, err)
 
 
