@@ -22,6 +22,7 @@ import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantgate.atomic import atomic_write_text
 from quantgate.errors import QuantgateError
 
 # template (relative to quantgate/templates) -> destination (relative to the project)
@@ -96,9 +97,6 @@ def init_project(root: Path, force: bool = False) -> InitReport:
         if path.exists() and not force:
             report.kept.append(dest)
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, text)
         report.written.append(dest)
     return report

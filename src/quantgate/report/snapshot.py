@@ -34,6 +34,7 @@ from typing import Any
 
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
+from quantgate.atomic import atomic_write_text
 from quantgate.report.table import ScoreTable
 
 SCHEMA = "quantgate-score-table/2"
@@ -225,12 +226,7 @@ def candidate_path(snapshot_path: Path) -> Path:
 
 def record_candidate(snapshot_path: Path, table: ScoreTable) -> Path:
     """Write the table as ``<snapshot>.candidate`` (not a snapshot syrupy reads) and return its path."""
-    path = candidate_path(snapshot_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(table_document(table)))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(candidate_path(snapshot_path), dumps(table_document(table)))
 
 
 def accept_hint(snapshot_path: Path, candidate: Path) -> str:
