@@ -55,12 +55,5 @@ def hardware() -> dict[str, Any]:
     return detect().as_dict()
 
 
-def task_definition_hash(lm_eval_task: str) -> str:
-    """Digest of lm-eval's resolved config of the task and the Python files it calls (task_config_digest)."""
-    from quantgate.evaluation.task_registry import task_config_digest
-
-    return task_config_digest(lm_eval_task)
-
-
 def key_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

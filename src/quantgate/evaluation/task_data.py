@@ -71,8 +71,6 @@ def _file_sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=512)
 def _hash_cached(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file, once per (path, size, mtime) per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    from quantgate.checkpoints.cache import hash_file
+
+    return hash_file(Path(path))
