@@ -131,6 +131,10 @@ class Sampling(_Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     max_gen_toks: int | None = Field(None, gt=0, description="cap on generated tokens; None keeps the task's own")
     seed: int | None = None
+    repeats: int | None = Field(
+        None, ge=1, le=64, description="k samples per item: the task runs k times, request seeds seed, seed+1, "
+        "..., seed+k-1 (the prompts, few-shot examples included, stay the same); each item's value is its mean "
+        "over the k, so paired statistics use all k. Needs temperature > 0")
 
     SAMPLING_FIELDS: ClassVar[tuple[str, ...]] = (
         "temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "max_gen_toks", "seed",
@@ -155,8 +159,9 @@ class Generation(Sampling):
     TRANSPORT: ClassVar[frozenset[str]] = frozenset({"concurrency", "batch_size"})
 
     def result_settings(self) -> dict[str, Any]:
-        """The matrix-wide settings that can change an answer."""
-        return self.model_dump(exclude=set(self.TRANSPORT))
+        """The matrix-wide settings that can change an answer (`repeats` only when set, so that keys written
+        before it existed stay valid)."""
+        return self.model_dump(exclude=set(self.TRANSPORT) | ({"repeats"} if self.repeats is None else set()))
 
     def resolved(self, *overrides: Sampling | None) -> dict[str, Any]:
         """Every sampling field (None = not sent), later overrides winning; what each result's key records."""
@@ -485,6 +490,14 @@ class Matrix(_Strict):
     def sampling(self, model: Model, task: Task) -> dict[str, Any]:
         """Resolved sampling for one (model, task): matrix defaults < model's `generation` < task's `generation`."""
         return self.generation.resolved(model.generation, task.generation)
+
+    def repeats(self, model: Model, task: Task) -> int:
+        """Samples per item for one (model, task): the most specific `repeats` of matrix < model < task, else 1."""
+        k = 1
+        for level in (self.generation, model.generation, task.generation):
+            if level is not None and level.repeats is not None:
+                k = level.repeats
+        return k
 
     def chat(self, model: Model, task: Task) -> Chat:
         """The request path for one (model, task): the task's `chat`, else the model's, else completions."""

@@ -125,6 +125,14 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
                     f"{where}: max_gen_toks {toks} >= max_model_len {model.max_model_len} of model {model.name}; "
                     "the prompt would have no room"
                 )
+            repeats = matrix.repeats(model, task)
+            temperature = matrix.sampling(model, task).get("temperature")
+            if repeats > 1 and not temperature:
+                report.errors.append(
+                    f"{where}: repeats {repeats} with temperature {temperature} for model {model.name}: greedy "
+                    f"decoding gives one answer {repeats} times; set temperature > 0 where repeats is set, or drop "
+                    "repeats"
+                )
     report.notes.append(f"offline data ({data_dir}): {', '.join(offline) or 'none'}")
     if hub:
         report.notes.append(f"need the Hugging Face Hub (no offline data here): {', '.join(hub)}")

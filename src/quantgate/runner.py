@@ -29,7 +29,7 @@ from quantgate.errors import EvaluationError, NotStoredError, QuantgateError
 from quantgate.evaluation.lmeval_runner import (
     ItemOutcomes,
     client_settings,
-    item_outcomes,
+    outcomes_over_repeats,
     run_task,
     scoring_code_sha256,
 )
@@ -101,7 +101,7 @@ class EvalResult:
         return self.provenance["key"]["engine"]
 
     def outcomes(self, metric_key: str) -> ItemOutcomes:
-        return item_outcomes(self.stored.samples, metric_key)
+        return outcomes_over_repeats(self.stored.samples, metric_key)
 
     def score(self, metric_key: str) -> float:
         return float(self.stored.aggregate[metric_key])
@@ -248,6 +248,7 @@ class VariantRun:
     def eval_key(self, task: Task, kernel: str) -> dict[str, Any]:
         gen = self.run.matrix.sampling(self.model, task)
         chat = self.run.matrix.chat(self.model, task)
+        repeats = self.run.matrix.repeats(self.model, task)
         return {
             "checkpoint_sha256": self.checkpoint().sha256,
             "served_sha256": self.served_checkpoint().sha256,
@@ -258,11 +259,12 @@ class VariantRun:
             "data": task_data_fingerprint(self.run.data_dir, task.lm_eval_name),
             "client": client_settings(self.run.matrix.generation, chat=chat, max_length=self.model.max_model_len,
                                       seed=gen.get("seed")),
-            "scoring_code_sha256": scoring_code_sha256(chat.reasoning),
+            "scoring_code_sha256": scoring_code_sha256(chat.reasoning, repeats > 1),
             "limit": task.limit,
             "num_fewshot": task.num_fewshot,
             "apply_chat_template": task.apply_chat_template or chat.is_chat,
             "generation": gen,
+            **({"repeats": repeats} if repeats > 1 else {}),  # only when set: keys from before it stay valid
             "chat": chat.key_fields(),
             "max_length": self.model.max_model_len,
             "lm_eval": versions()["lm_eval"],
@@ -344,6 +346,7 @@ class VariantRun:
                     max_length=self.model.max_model_len,
                     api_key=server.api_key,
                     trust_remote_code=self.model.trust_remote_code,
+                    repeats=self.run.matrix.repeats(self.model, task),
                 )
             except EvaluationError:
                 # lm-eval reports a dead server as connection errors after its retries; name the real cause
@@ -372,7 +375,7 @@ class VariantRun:
             "attention_backend": attention_backend(server.log_text()),
             "git": git_state(),
             "lm_eval_config": config,
-            "n_items": len({s["doc_id"] for s in samples}),
+            "n_items": len({(s.get("task"), s["doc_id"]) for s in samples}),  # a group's items: (subtask, doc)
             "responses": _counters_json(samples, task.metric_key),
             "seconds": {"evaluate": round(seconds, 2), "server_start": round(server.startup_seconds or 0, 2)},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -74,3 +74,38 @@ def test_lm_evals_request_payloads_carry_sampling_and_chat_template_kwargs():
     plain = LocalCompletionsAPI(base_url="http://127.0.0.1:1/v1/completions", model="m", tokenizer_backend=None)
     payload = plain._create_payload("Q:", generate=True, gen_kwargs=gen_kwargs(sampling) | {"until": ["Q:"]}, seed=5)
     assert payload["top_k"] == 20 and payload["stop"] == ["Q:"] and "chat_template_kwargs" not in payload
+
+
+def test_repeats_pool_each_item_over_its_k_samples():
+    from quantgate.evaluation.lmeval_runner import mean_of_aggregates, outcomes_over_repeats
+
+    # 3 items x 2 repeats of a mean metric, and of a ratio-of-sums metric (instructions per prompt)
+    rows = {0: [(1.0, [True, True]), (0.0, [True, False])],
+            1: [(0.0, [False]), (0.0, [False])],
+            2: [(1.0, [True, False, True]), (1.0, [True, True, True])]}
+    samples = [
+        {"doc_id": d, "repeat": r, "exact_match": v, "inst_level_strict_acc": inst, "resps": [[f"d{d}r{r}"]]}
+        for d, reps in rows.items() for r, (v, inst) in enumerate(reps)
+    ]
+    em = outcomes_over_repeats(samples, "exact_match,none")
+    assert em.ids == ("0", "1", "2") and em.values.tolist() == [0.5, 0.0, 1.0]
+    assert em.answers["0"] == "d0r0"  # the first repeat's answer is the one shown
+    inst = outcomes_over_repeats(samples, "inst_level_strict_acc,none")
+    # pooled ratio: (2+1 + 0+0 + 2+3) / (2+2 + 1+1 + 3+3) = 8/12, the mean of the two repeats' scores (5/6, 3/6)
+    assert inst.score() == pytest.approx(8 / 12) == pytest.approx((5 / 6 + 3 / 6) / 2)
+    assert inst.as_map()["2"] == pytest.approx(5 / 6)
+    # without repeat tags: exactly item_outcomes
+    plain = [s for s in samples if s["repeat"] == 0]
+    assert outcomes_over_repeats(plain, "exact_match,none").values.tolist() == [1.0, 0.0, 1.0]
+    # lm-eval's aggregates of the k runs: numbers averaged, the rest kept
+    agg = mean_of_aggregates([{"exact_match,none": 2 / 3, "alias": "gsm8k"}, {"exact_match,none": 1 / 3,
+                                                                             "alias": "gsm8k"}])
+    assert agg == {"exact_match,none": pytest.approx(0.5), "alias": "gsm8k"}
+
+
+def test_repeats_that_hold_different_items_are_refused():
+    from quantgate.evaluation.lmeval_runner import outcomes_over_repeats
+
+    samples = [{"doc_id": 0, "repeat": 0, "acc": 1.0}, {"doc_id": 1, "repeat": 1, "acc": 1.0}]
+    with pytest.raises(EvaluationError, match="repeats .* do not hold the same items"):
+        outcomes_over_repeats(samples, "acc,none")

@@ -223,6 +223,30 @@ def test_sampling_resolves_matrix_then_model_then_task(tmp_path):
     assert m.chat(model, plain).chat_template_kwargs == {"enable_thinking": False}
 
 
+def test_repeats_resolve_like_sampling_and_enter_keys_only_when_set(tmp_path):
+    m = load_matrix(write(tmp_path, SEED_002_SAMPLING.replace(
+        "generation: {temperature: 0.6, top_p: 0.95}", "generation: {temperature: 0.6, top_p: 0.95, repeats: 4}")
+        .replace("generation: {seed: 7, repetition_penalty: 1.0}", "generation: {seed: 7, repeats: 2}")))
+    model = m.models[0]
+    assert m.repeats(model, m.task("thinking")) == 4  # the task's own
+    assert m.repeats(model, m.task("non-thinking")) == 2  # the matrix default
+    assert "repeats" not in m.sampling(model, m.task("thinking"))  # not a request field: never sent to vLLM
+    assert m.generation.result_settings()["repeats"] == 2
+    plain = load_matrix(write(tmp_path, SEED_002_SAMPLING))
+    assert plain.repeats(plain.models[0], plain.task("gsm8k")) == 1
+    assert "repeats" not in plain.generation.result_settings()  # keys written before repeats existed stay valid
+
+
+def test_check_refuses_repeats_with_greedy_decoding(tmp_path):
+    from quantgate.matrix_checks import check_matrix
+
+    path = write(tmp_path, SEED_002_SAMPLING.replace(
+        "generation: {seed: 7, repetition_penalty: 1.0}", "generation: {seed: 7, repeats: 3}"))
+    report = check_matrix(load_matrix(path), path, None)
+    assert any("repeats 3 with temperature 0.0" in e and "gsm8k" in e for e in report.errors), report.errors
+    assert not any("thinking" in e and "repeats" in e for e in report.errors)  # sampled tasks may repeat
+
+
 def test_gen_kwargs_carry_every_sampling_field_to_every_generative_task(tmp_path):
     from quantgate.evaluation.lmeval_runner import gen_kwargs
 

@@ -113,13 +113,15 @@ def lm_eval_model(chat: Chat) -> str:
 
 
 @functools.cache
-def scoring_code_sha256(reasoning: bool = False) -> str:
+def scoring_code_sha256(reasoning: bool = False, repeats: bool = False) -> str:
     """sha256 of quantgate's code that turns lm-eval samples into per-item outcomes and scores:
     ItemOutcomes, item_outcomes and _answer here, and the tasks' Python (tasks/offline_data.py: the offline
     mirrors and the IFEval checkers' set-up). A change to any of it is a different measurement. With
     `reasoning` (Chat.reasoning) the code that splits reasoning from the answer and applies the stop strings
     (responses.py, recording_api.py) is included too; without it that code changes no answer."""
     h = hashlib.sha256()
+    if repeats:  # how k samples per item pool (outcomes_over_repeats); without repeats it changes nothing
+        h.update(inspect.getsource(outcomes_over_repeats).encode())
     if reasoning:
         for name in ("responses.py", "recording_api.py"):
             h.update((Path(__file__).parent / name).read_bytes())
@@ -251,6 +253,7 @@ def run_task(
     max_length: int | None = None,
     api_key: str | None = None,
     trust_remote_code: bool = False,
+    repeats: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
 
@@ -260,6 +263,10 @@ def run_task(
     `sampling` is Matrix.sampling(model, task) (default: the matrix-wide block), `chat` Matrix.chat(model,
     task), `max_length` the model's max_model_len. For a group, aggregate holds the group's metrics and
     samples every subtask's items, each tagged with its subtask (`task`), so items are (subtask, doc id).
+
+    `repeats` (Matrix.repeats) k > 1 runs the task k times with request seeds seed + i; every sample is
+    tagged `repeat: i`, and aggregate holds each metric's mean over the k runs (outcomes_over_repeats gives the
+    per-item values). lm-eval's own `repeats` is not used: with a per-request seed its k samples would be one.
     """
     from lm_eval import simple_evaluate
 
@@ -272,45 +279,52 @@ def run_task(
     seed = generation.seed if seed is None else seed
     from quantgate.evaluation.recording_api import attach_responses, recording
 
-    try:
-        with server_api_key(api_key), recording() as recorder:
-            spec = lm_eval_task_spec(name, data_dir)
-            out = simple_evaluate(
-                model=lm_eval_model(chat),
-                model_args=model_args(
-                    completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
-                    seed=seed, trust_remote_code=trust_remote_code,
-                ),
-                tasks=[spec],
-                num_fewshot=task.num_fewshot,
-                limit=task.limit,
-                log_samples=True,
-                bootstrap_iters=0,  # quantgate computes its own paired intervals
-                apply_chat_template=task.apply_chat_template or chat.is_chat,
-                gen_kwargs=gen_kwargs(sampling, chat) or None,
-                task_manager=task_manager(),
-                confirm_run_unsafe_code=task.allow_code_execution,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-    except Exception as exc:  # noqa: BLE001 - re-raised with the task named
-        detail = redact(f"{type(exc).__name__}: {exc}", api_key)
-        raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}") from exc
-    if not out or name not in out.get("results", {}):
-        raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
-    aggregate = out["results"][name]
-    # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
-    logged = out.get("samples", {})
-    subtasks = sorted(logged)
-    samples = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
-    if not samples:
-        raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
-    unmatched = attach_responses(samples, recorder)
-    if unmatched:
-        log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, tokens)",
-                    unmatched, task.key)
+    aggregates: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    for repeat in range(repeats):
+        # the prompts (few-shot examples included) stay the same across repeats; only the request seed moves
+        request_seed = None if seed is None else seed + repeat
+        try:
+            with server_api_key(api_key), recording() as recorder:
+                spec = lm_eval_task_spec(name, data_dir)
+                out = simple_evaluate(
+                    model=lm_eval_model(chat),
+                    model_args=model_args(
+                        completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
+                        seed=request_seed, trust_remote_code=trust_remote_code,
+                    ),
+                    tasks=[spec],
+                    num_fewshot=task.num_fewshot,
+                    limit=task.limit,
+                    log_samples=True,
+                    bootstrap_iters=0,  # quantgate computes its own paired intervals
+                    apply_chat_template=task.apply_chat_template or chat.is_chat,
+                    gen_kwargs=gen_kwargs(sampling, chat) or None,
+                    task_manager=task_manager(),
+                    confirm_run_unsafe_code=task.allow_code_execution,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+        except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+            detail = redact(f"{type(exc).__name__}: {exc}", api_key)
+            raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}") from exc
+        if not out or name not in out.get("results", {}):
+            raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
+        aggregates.append(out["results"][name])
+        # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
+        logged = out.get("samples", {})
+        subtasks = sorted(logged)
+        run = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
+        if not run:
+            raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
+        unmatched = attach_responses(run, recorder)
+        if unmatched:
+            log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, tokens)",
+                        unmatched, task.key)
+        samples += [{**s, "repeat": repeat} for s in run] if repeats > 1 else run
+    aggregate = aggregates[0] if repeats == 1 else mean_of_aggregates(aggregates)
     missing = sorted(task.lm_eval_metric_keys() - set(aggregate))
     if missing:
         raise EvaluationError(
@@ -325,8 +339,21 @@ def run_task(
         "model": lm_eval_model(chat),
         "gen_kwargs": gen_kwargs(sampling, chat),
         "max_length": max_length,
+        **({"repeats": repeats, "request_seeds": [None if seed is None else seed + i for i in range(repeats)]}
+           if repeats > 1 else {}),
     }
     return aggregate, samples, config
+
+
+def mean_of_aggregates(aggregates: list[dict[str, Any]]) -> dict[str, Any]:
+    """lm-eval's aggregate metrics of k repeated runs as their mean (numbers only; the rest from the first run)."""
+    out = dict(aggregates[0])
+    for key, value in aggregates[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [a.get(key) for a in aggregates]
+            if all(isinstance(v, (int, float)) for v in values):
+                out[key] = float(np.mean(values))
+    return out
 
 
 @dataclass(frozen=True)
@@ -427,6 +454,30 @@ def item_outcomes(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcome
         kind,
         metric,
     )
+
+
+def outcomes_over_repeats(samples: list[dict[str, Any]], metric_key: str) -> ItemOutcomes:
+    """Per-item values of `metric_key` over every repeat of a task (run_task's `repeats`).
+
+    Without repeat tags this is item_outcomes. With k repeats each item's value pools its k samples: the mean
+    of a mean metric; for ratio-of-sums and perplexity metrics the sums of values and of weights (so the task
+    score is the pooled ratio, which equals the mean of the k scores, every repeat having the same weights).
+    Paired gates then compare per-item means over k samples, which is how they use all k.
+    Raises EvaluationError when the repeats do not hold the same items.
+    """
+    tags = sorted({s["repeat"] for s in samples if "repeat" in s})
+    if not tags:
+        return item_outcomes(samples, metric_key)
+    runs = [item_outcomes([s for s in samples if s.get("repeat") == r], metric_key) for r in tags]
+    first = runs[0]
+    if any(set(r.ids) != set(first.ids) for r in runs):
+        raise EvaluationError(f"the {len(runs)} repeats of a result do not hold the same items")
+    aligned = [r.aligned(first.ids) for r in runs]
+    values = np.sum([r.values for r in aligned], axis=0)
+    if first.weights is None:
+        return ItemOutcomes(first.ids, values / len(runs), None, first.answers, first.kind, first.metric)
+    weights = np.sum([r.weights for r in aligned], axis=0)
+    return ItemOutcomes(first.ids, values, weights, first.answers, first.kind, first.metric)
 
 
 def derived_mean(parts: list[ItemOutcomes]) -> ItemOutcomes:
