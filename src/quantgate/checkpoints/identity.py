@@ -71,8 +71,14 @@ class CheckpointIdentity:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        """The recipe fields missing_kernel reads (`scheme`: weight-only or not), as a built variant has them."""
-        return {"scheme": self.scheme.split("-g")[0]} if self.method == "compressed-tensors" and self.scheme else {}
+        """The recipe fields missing_kernel reads, as a built variant has them: a compressed-tensors `scheme`
+        (weight-only or not) and weight `strategy` (FP8 per-tensor or per-channel), or the modelopt `quant_algo`
+        (engines/kernel_table.py `mode_of`)."""
+        if self.method == "modelopt" and self.scheme:
+            return {"quant_algo": self.scheme.upper()}
+        if self.method != "compressed-tensors" or not self.scheme:
+            return {}
+        return {"scheme": self.scheme.split("-g")[0], **({"strategy": self.strategy} if self.strategy else {})}
 
 
 def _bad(where: str, key: str, value: Any, allowed: Any) -> BuildError:
