@@ -217,3 +217,27 @@ def test_every_kernel_cited_for_vllm_026_exists_in_the_gpu_bundle_wheel():
                              if n.startswith("vllm/model_executor/") and n.endswith(".py"))
     cited = kernel_table.cited_kernel_names("0.26")
     assert cited and not cited - names, f"vLLM 0.26 has no class {sorted(cited - names)}"
+
+
+def test_docs_print_the_current_table():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "kernels.md").read_text()
+    assert kernel_table.table_markdown() in doc, "docs/kernels.md is stale: paste kernel_table.table_markdown()"
+
+
+@pytest.mark.parametrize("fixture", sorted((Path(__file__).resolve().parents[2] / "fixtures").glob("*.yaml")))
+def test_fixture_expectations_accept_what_the_table_says_vllm_selects(fixture):
+    """A declared GPU expectation that refuses vLLM's own first choice (or, for 0.26, its fallback order) would
+    fail on a machine that runs it correctly."""
+    for model in load_matrix(fixture).models:
+        for v in model.variants:
+            for hw, exp in v.expected_kernels.items():
+                if not hw.startswith("sm") or exp.emulated or v.emulate:
+                    continue
+                for version in kernel_table.VLLM_VERSIONS:
+                    row = lookup(v.format, v.builder, v.recipe_spec, hw, version)
+                    if row is None or row.missing:
+                        continue
+                    for k in row.kernels:
+                        if not any(f.lower() in k.lower() for f in row.forbid):
+                            assert kernel_mismatch(exp, f"{k} (method)", "vllm") is None, (
+                                fixture.name, v.name, hw, version, k)

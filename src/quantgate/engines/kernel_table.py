@@ -339,3 +339,16 @@ def derived_expectation(fmt: str, builder: str, recipe: dict, hw_class: str,
     if row is None or row.missing is not None or not row.kernels:
         return None
     return KernelExpectation(any=list(row.kernels), forbid=list(row.forbid), derived=True, source=row.source)
+
+
+def table_markdown() -> str:
+    """The table as Markdown rows for docs/kernels.md (a selftest keeps the two in step)."""
+    lines = ["| builder | format | mode | SM | vLLM | kernels (preferred first) or why none | forbid |",
+             "|---|---|---|---|---|---|---|"]
+    for (builder, fmt, mode), by_sm in TABLE.items():
+        for sm, rows in by_sm.items():
+            for r in rows:
+                what = ", ".join(f"`{k}`" for k in r.kernels) if r.kernels else f"**no kernel**: {r.missing}"
+                lines.append(f"| {builder} | {fmt} | {mode} | sm{sm} | {' / '.join(r.versions)} | {what} | "
+                             f"{', '.join(r.forbid)} |")
+    return "\n".join(lines)
