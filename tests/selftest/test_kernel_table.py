@@ -241,3 +241,10 @@ def test_fixture_expectations_accept_what_the_table_says_vllm_selects(fixture):
                         if not any(f.lower() in k.lower() for f in row.forbid):
                             assert kernel_mismatch(exp, f"{k} (method)", "vllm") is None, (
                                 fixture.name, v.name, hw, version, k)
+
+
+def test_a_compressed_tensors_fp8_checkpoint_is_keyed_by_its_weight_strategy():
+    tensor = CheckpointIdentity("compressed-tensors", "fp8", "FP8-W8A8", "float-quantized", 8, "tensor")
+    channel = CheckpointIdentity("compressed-tensors", "fp8", "FP8-W8A8", "float-quantized", 8, "channel")
+    assert lookup("fp8", tensor.builder, tensor.recipe, "sm100").kernels[0] == "FlashInferFP8ScaledMMLinearKernel"
+    assert lookup("fp8", channel.builder, channel.recipe, "sm100").kernels == ("CutlassFP8ScaledMMLinearKernel",)
