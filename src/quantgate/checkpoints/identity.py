@@ -72,8 +72,8 @@ class CheckpointIdentity:
     @property
     def recipe(self) -> dict[str, Any]:
         """The recipe fields missing_kernel reads, as a built variant has them: a compressed-tensors `scheme`
-        (weight-only or not) and, for FP8, the weight `strategy` (per-tensor or per-channel), or the modelopt `quant_algo`
-        (engines/kernel_table.py `mode_of`)."""
+        (weight-only or not) and, for FP8, the weight `strategy` (per-tensor or per-channel), or the modelopt
+        `quant_algo` (engines/kernel_table.py `mode_of`)."""
         if self.method == "modelopt" and self.scheme:
             return {"quant_algo": self.scheme.upper()}
         if self.method != "compressed-tensors" or not self.scheme:
