@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from quantgate.engines.hardware import HARDWARE_KEY
+from quantgate.engines.kernels import KernelExpectation, expectation
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
 from quantgate.errors import MatrixError
 from quantgate.recipes import Recipe
@@ -320,10 +321,13 @@ class Variant(_Strict):
     )
     source: Source | None = Field(None, description="a prebuilt checkpoint instead of a build")
     calibration: Calibration = Calibration()
-    expected_kernels: dict[str, str] = Field(
+    expected_kernels: dict[str, KernelExpectation] = Field(
         default_factory=dict,
         description="hardware class (cpu, sm90, sm100) or CPU tier (cpu-avx2, cpu-avx512, cpu-avx512bf16) -> "
-        "substring of the kernel vLLM must log; 'emulated' means this hardware evaluates the variant by emulation",
+        "the kernel vLLM must log: a substring, 're:<pattern>', a list of either (any one will do), or "
+        "{any: [...], forbid: [...]}; 'emulated' means this hardware evaluates the variant by emulation "
+        "(engines/kernels.py KernelExpectation). A GPU without an entry gets the one derived from vLLM's code "
+        "(engines/kernel_table.py)",
     )
     cadence: Cadence = "commit"
     emulate: bool = Field(False, description="evaluate by weight-only emulation even where a kernel exists")
@@ -344,9 +348,16 @@ class Variant(_Strict):
                              "(every server listens on 127.0.0.1 only, with its own API key)")
         return value
 
+    @field_validator("expected_kernels", mode="before")
+    @classmethod
+    def _expectation_shapes(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected_kernels must map hardware keys to kernel expectations, not {value!r}")
+        return {hw: expectation(v, f"expected_kernels.{hw}") for hw, v in value.items()}
+
     @field_validator("expected_kernels")
     @classmethod
-    def _hardware_keys(cls, value: dict[str, str]) -> dict[str, str]:
+    def _hardware_keys(cls, value: dict[str, KernelExpectation]) -> dict[str, KernelExpectation]:
         bad = sorted(k for k in value if not re.match(HARDWARE_KEY, k))
         if bad:
             raise ValueError(f"unknown hardware key(s) {bad}: use cpu, cpu-avx2, cpu-avx512, cpu-avx512bf16, "

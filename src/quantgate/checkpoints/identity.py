@@ -71,8 +71,15 @@ class CheckpointIdentity:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        """The recipe fields missing_kernel reads (`scheme`: weight-only or not), as a built variant has them."""
-        return {"scheme": self.scheme.split("-g")[0]} if self.method == "compressed-tensors" and self.scheme else {}
+        """The recipe fields missing_kernel reads, as a built variant has them: a compressed-tensors `scheme`
+        (weight-only or not) and, for FP8, the weight `strategy` (per-tensor or per-channel), or the modelopt
+        `quant_algo` (engines/kernel_table.py `mode_of`)."""
+        if self.method == "modelopt" and self.scheme:
+            return {"quant_algo": self.scheme.upper()}
+        if self.method != "compressed-tensors" or not self.scheme:
+            return {}
+        fp8_scales = {"strategy": self.strategy} if self.format == "fp8" and self.strategy else {}
+        return {"scheme": self.scheme.split("-g")[0], **fp8_scales}
 
 
 def _bad(where: str, key: str, value: Any, allowed: Any) -> BuildError:

