@@ -7,7 +7,6 @@ before anything is built or served.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from quantgate.config_errors import format_validation_errors
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
 from quantgate.errors import MatrixError
@@ -554,26 +554,6 @@ class DistributionThresholds(_Strict):
         return self.formats[fmt]  # type: ignore[index]
 
 
-def format_validation_errors(
-    path: Path,
-    err: ValidationError,
-    what: str = "configuration",
-    locate: Callable[[list[Any]], list[Any]] | None = None,
-) -> str:
-    """One line per bad key, `file: invalid <what>` first; `locate` may rewrite a location to name its item."""
-    lines = [f"{path}: invalid {what}"]
-    for e in err.errors():
-        loc = locate(list(e["loc"])) if locate else list(e["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not allowed here)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise MatrixError(f"{path}: file not found")
@@ -585,10 +565,11 @@ def _read_yaml(path: Path) -> Any:
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return Matrix.model_validate(_read_yaml(path))
+        return Matrix.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err, "matrix", schema=Matrix, data=data)) from None
 
 
 def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
@@ -622,15 +603,19 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
 
 def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return Thresholds.model_validate(_read_yaml(path))
+        return Thresholds.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err, "thresholds", schema=Thresholds, data=data)) from None
 
 
 def load_distribution_thresholds(path: str | Path) -> DistributionThresholds:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return DistributionThresholds.model_validate(_read_yaml(path))
+        return DistributionThresholds.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(
+            format_validation_errors(path, err, "distribution thresholds", schema=DistributionThresholds, data=data)
+        ) from None
