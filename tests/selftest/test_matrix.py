@@ -312,7 +312,7 @@ def test_model_args_pick_the_endpoint_and_pass_max_length(tmp_path):
         ("format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}",
          "format: nvfp4, builder: modelopt, recipe: {format: nvfp5}",
          "modelopt format 'nvfp5' is unknown; allowed: fp8, nvfp4"),
-        ("group_size: 64}", "group_size: 64, algorithm: awq}", 
+        ("group_size: 64}", "group_size: 64, algorithm: awq}",
          "models.m.variants.q.recipe.algorithm: Input should be 'rtn' or 'gptq'; value given: 'awq'"),
         (", builder: llmcompressor", "", "has a recipe"),
     ],
