@@ -34,7 +34,7 @@ import pytest
 from quantgate.errors import QuantgateError
 from quantgate.matrix import load_matrix, load_thresholds, with_task_limits
 from quantgate.paths import results_dir
-from quantgate.plugin import STASH
+from quantgate.plugin import CALLER_PRINTS_VERDICT, STASH
 from quantgate.policy import CADENCES, Policy, load_policy
 from quantgate.run_verdict import EXIT_ERROR, RunVerdict
 
@@ -47,6 +47,9 @@ class _VerdictCollector:
         self.policy: Policy | None = None
         self.results: Path | None = None  # the session's results directory (--qg-results or QUANTGATE_RESULTS)
         self.skips: dict[str, list[str]] = {}
+
+    def pytest_configure(self, config) -> None:  # noqa: ANN001 - pytest hook
+        config.stash[CALLER_PRINTS_VERDICT] = True  # cmd_run prints the VERDICT line last, once
 
     def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
         if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
