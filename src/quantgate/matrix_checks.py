@@ -321,3 +321,21 @@ def policy_coverage_warnings(
             out.append(f"policy: critical {key}: task {task.key} is not gated in this matrix (gate: false), so "
                        f"{fails}")
     return out
+
+
+def matrix_gate_names(matrix: Matrix) -> set[str]:
+    """The names of the gates a run of `matrix` judges (as quantgate.suite names them): ``retention[<gate key>]``
+    per metric of each gated task and ``retention[AVG]``, ``regression[<task key>]`` per task with
+    ``regression: true``, and the distribution gates (``kl``, ...) when the matrix has a gated section."""
+    from quantgate.gates.distribution import GATE_NAMES
+
+    names: set[str] = set()
+    for task in matrix.tasks:
+        if task.gate:
+            names.update(f"retention[{key}]" for key in task.gate_keys)
+            names.add("retention[AVG]")
+        if task.regression:
+            names.add(f"regression[{task.key}]")
+    if matrix.distribution is not None and matrix.distribution.gate:
+        names.update(GATE_NAMES.values())
+    return names
