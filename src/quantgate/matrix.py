@@ -59,9 +59,25 @@ _ALLOW_PICKLE = ("load pickled weights (.bin, .pt, .pth) from this source; off b
 
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
-    id: str
+    id: str = Field(description="the Hub model id, namespace/name (e.g. Qwen/Qwen3-0.6B)")
     allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
     revision: str = Field(description="the full 40-character commit; branches, tags and short hashes are refused")
+
+    @field_validator("id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # huggingface_hub's own rule for repo ids (characters, length, one '/'); a bare name (gpt2) is a legacy
+        # alias the Hub redirects, so a namespace is required: results and snapshots are keyed by this id
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(v)
+        except HFValidationError as exc:
+            raise ValueError(f"id {v!r} is not a Hub repo id: {exc}") from None
+        if "/" not in v:
+            raise ValueError(f"id {v!r} has no namespace: write the Hub model id as namespace/name "
+                             "(e.g. Qwen/Qwen3-0.6B), as its page on huggingface.co shows it")
+        return v
 
     @field_validator("revision")
     @classmethod
