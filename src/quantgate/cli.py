@@ -100,8 +100,9 @@ def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantg
 
 
 def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
-                  results: Path | None = None) -> None:
-    """The score tables of the models with stored results; the others are named. Creates no results folder."""
+                  results: Path | None = None):  # noqa: ANN202 - the reading quantgate.runner.Run, or None
+    """The score tables of the models with stored results; the others are named. Creates no results folder.
+    Returns the reading Run (None when no model has stored results)."""
     root = results or results_dir(create=False)
     names = [m.name for m in load_matrix(matrix_path).models]
     stored = [n for n in names if (root / n).is_dir()]
@@ -110,10 +111,33 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
             print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run` stores them, "
                   "QUANTGATE_RESULTS names another results directory)")
     if not stored:
-        return
+        return None
     run = _reading_run(matrix_path, thresholds_path, limit, root)
     for table in _tables(run, thresholds_path):
         print(table)
+    return run
+
+
+def _not_cached(run) -> str | None:  # noqa: ANN001 - a reading quantgate.runner.Run
+    """Why variants with stored results were left out of the tables: each result's key names its checkpoint's
+    sha256, which a reading run takes from the checkpoint cache and never builds; None when no such variant's
+    checkpoint was missing from the cache."""
+    from quantgate.checkpoints.cache import NotCachedError
+    from quantgate.paths import cache_dir
+
+    # only variants with stored results: one never run is left out of a partial table, and is no error
+    missing = [vr for m in run.matrix.models for v in m.variants
+               if isinstance((vr := run.variant(m.name, v.name)).failure, NotCachedError)
+               and (run.store.root / m.name / v.name).is_dir()]
+    if not missing:
+        return None
+    lines = [f"  {vr.label}: {vr.failure}" for vr in missing]
+    return "\n".join([
+        f"{len(missing)} variant(s) left out of the report: their checkpoints are not in the checkpoint cache "
+        f"({cache_dir()}, QUANTGATE_CACHE), and a stored result is found by its checkpoint's sha256:", *lines,
+        "point QUANTGATE_CACHE at the cache the run used, or `quantgate run` the same matrix to rebuild the "
+        "checkpoints (a rebuilt checkpoint with the same sha256 finds its stored results again)",
+    ])
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -190,9 +214,11 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
 def cmd_report(args: argparse.Namespace) -> int:
     matrix_path, thresholds_path = _paths(args)
     results = _results_arg(args)
-    _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
-    if args.no_figures or not any((results / m.name).is_dir() for m in load_matrix(matrix_path).models):
+    run = _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
+    if run is None:
         return 0
+    if args.no_figures:
+        return _report_complete(run)
     from quantgate import history
     from quantgate.matrix import load_distribution_thresholds
     from quantgate.matrix_checks import distribution_limits_path
@@ -203,11 +229,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     hist = history.history_path(results)
     entries = history.read_history(hist) if hist.exists() else None
     out = Path(args.out) if args.out else results / "report"
-    files = write_report(_reading_run(matrix_path, thresholds_path, args.qg_limit, results), out,
-                         distribution_limits=limits, history_entries=entries)
+    files = write_report(run, out, distribution_limits=limits, history_entries=entries)
     for name, reason in files.missing.items():
         print(f"(no {name} figure: {reason})")
     print(f"report: {files.page} ({len(files.figures)} figures)")
+    return _report_complete(run)
+
+
+def _report_complete(run) -> int:  # noqa: ANN001 - a reading quantgate.runner.Run
+    """0, or (what could be reported is written first) an error naming the checkpoints the cache lacks."""
+    missing = _not_cached(run)
+    if missing is not None:
+        raise QuantgateError(missing)
     return 0
 
 

@@ -14,6 +14,7 @@ from quantgate import cli
 from quantgate.errors import MatrixError
 from quantgate.matrix import load_matrix
 from quantgate.policy import DEFAULT_POLICY, Policy
+from tests.selftest.synthetic_store import make_run, write_store  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,3 +155,26 @@ def test_check_warns_when_a_hub_base_is_not_cached_and_names_close_cached_ids(tm
     assert (f"{path}: models.m.source: Qwen/Qwen3-0.6B-Bsae@{'a' * 40}: not in the local Hugging Face cache "
             f"({cache}) (did you mean 'Qwen/Qwen3-0.6B-Base'?); the id is not checked against the Hub here"
             " (the run downloads it)") in report.warnings
+
+
+def test_report_without_the_checkpoint_cache_names_what_is_missing_and_fails(tmp_path, make_run, monkeypatch,  # noqa: F811
+                                                                              capsys):
+    """Stored results are found by their checkpoint's sha256, which a reading run takes from the checkpoint
+    cache: with an empty cache, `quantgate report` writes what it can and exits 3 naming the missing checkpoints
+    (it used to list them as "no stored results" and exit 0)."""
+    from quantgate import runner as runner_mod
+    from quantgate.checkpoints import obtain
+
+    results = write_store(make_run(tmp_path / "results", reuse_only=False))
+    monkeypatch.setattr(runner_mod, "built_checkpoint", obtain.built_checkpoint)  # the real cache lookup
+    (tmp_path / "empty-cache").mkdir()
+    monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(ROOT)
+    args = ["report", "--matrix", str(tmp_path / "matrix.yaml"), "--results", str(results)]
+    assert cli.main([*args, "--out", str(tmp_path / "report")]) == 3
+    captured = capsys.readouterr()
+    assert (tmp_path / "report" / "report.md").is_file()  # what could be reported is written
+    assert (f"quantgate: error: 2 variant(s) left out of the report: their checkpoints are not in the checkpoint "
+            f"cache ({tmp_path / 'empty-cache'}, QUANTGATE_CACHE)") in captured.err
+    assert "  m/fp8: no cached built checkpoint" in captured.err and "  m/int8: no cached" in captured.err
+    assert cli.main([*args, "--no-figures"]) == 3
