@@ -178,3 +178,22 @@ def test_report_without_the_checkpoint_cache_names_what_is_missing_and_fails(tmp
             f"cache ({tmp_path / 'empty-cache'}, QUANTGATE_CACHE)") in captured.err
     assert "  m/fp8: no cached built checkpoint" in captured.err and "  m/int8: no cached" in captured.err
     assert cli.main([*args, "--no-figures"]) == 3
+
+
+@pytest.mark.parametrize(("hardware", "tier"), [
+    ({"hw_class": "cpu", "cpu_isa": "avx2"}, "cpu-avx2"),
+    ({"hw_class": "sm90"}, None),
+])
+def test_score_table_shows_the_cpu_tier_its_snapshots_are_kept_by(tmp_path, make_run, hardware, tier):  # noqa: F811
+    from quantgate import verdicts
+    from quantgate.engines.hardware import Hardware
+
+    run = make_run(tmp_path / "results", reuse_only=False)
+    run.hw = Hardware(name="test machine", count=1, **hardware)
+    write_store(run)
+    text = verdicts.score_table(run, "m", partial=True).render()
+    assert f"hardware class: {hardware['hw_class']}" in text  # compared context of committed snapshots: unchanged
+    if tier is None:
+        assert "CPU tier" not in text
+    else:
+        assert f"CPU tier: {tier} (snapshots, accepted baselines and expected kernels are kept per tier)" in text
