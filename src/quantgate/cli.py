@@ -3,7 +3,7 @@
 quantgate run [--matrix M] [--thresholds T] [PYTEST ARGS...]   run the regression suite, print verdict + table
 quantgate report [--matrix M] [--out DIR]                      print the score tables; write figures + report.md
 quantgate accept [--matrix M]                                  record current results as accepted baselines
-quantgate check  [--matrix M] [--thresholds T]                 validate the matrix, thresholds and policy only
+quantgate check  [MATRIX...] [--matrix M] [--thresholds T]     validate matrices, thresholds and policy only
 quantgate plan   [--matrix M] [--discordance D] [--base S]     n each gate needs, and its mdd at the matrix's n
 quantgate merge SRC... --into DST                              merge shards' results directories (refuses conflicts)
 quantgate accept --from-store [--matrix M]                     promote stored results to accepted baselines, no run
@@ -14,8 +14,10 @@ quantgate data [--matrix M] [--fetch]                          the datasets the 
 
 `quantgate run` appends one line per run to <results>/history.jsonl (quantgate.history).
 
-Every command takes --qg-limit N|TASK=N,... (the first N items of each task, as pytest --qg-limit), and
---qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit).
+run, report, accept, check, plan and summary take --qg-limit N|TASK=N,... (the first N items of each task,
+as pytest --qg-limit; readers read back the results of a run made with it); run, accept, check and summary
+take --qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit). `quantgate CMD --help`
+lists each command's options.
 
 Exit codes of `quantgate run` (quantgate.run_verdict): 0 every counted gate passed; 1 a gate failed on
 evidence of loss, a critical gate is MISSING, or another test failed or errored; 2 nothing failed but a gate
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,7 +37,7 @@ import pytest
 from quantgate.errors import QuantgateError
 from quantgate.matrix import load_matrix, load_thresholds, with_task_limits
 from quantgate.paths import results_dir
-from quantgate.plugin import STASH
+from quantgate.plugin import CALLER_PRINTS_VERDICT, STASH
 from quantgate.policy import CADENCES, Policy, load_policy
 from quantgate.run_verdict import EXIT_ERROR, RunVerdict
 
@@ -47,6 +50,9 @@ class _VerdictCollector:
         self.policy: Policy | None = None
         self.results: Path | None = None  # the session's results directory (--qg-results or QUANTGATE_RESULTS)
         self.skips: dict[str, list[str]] = {}
+
+    def pytest_configure(self, config) -> None:  # noqa: ANN001 - pytest hook
+        config.stash[CALLER_PRINTS_VERDICT] = True  # cmd_run prints the VERDICT line last, once
 
     def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
         if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
@@ -94,8 +100,9 @@ def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantg
 
 
 def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
-                  results: Path | None = None) -> None:
-    """The score tables of the models with stored results; the others are named. Creates no results folder."""
+                  results: Path | None = None):  # noqa: ANN202 - the reading quantgate.runner.Run, or None
+    """The score tables of the models with stored results; the others are named. Creates no results folder.
+    Returns the reading Run (None when no model has stored results)."""
     root = results or results_dir(create=False)
     names = [m.name for m in load_matrix(matrix_path).models]
     stored = [n for n in names if (root / n).is_dir()]
@@ -104,10 +111,33 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
             print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run` stores them, "
                   "QUANTGATE_RESULTS names another results directory)")
     if not stored:
-        return
+        return None
     run = _reading_run(matrix_path, thresholds_path, limit, root)
     for table in _tables(run, thresholds_path):
         print(table)
+    return run
+
+
+def _not_cached(run) -> str | None:  # noqa: ANN001 - a reading quantgate.runner.Run
+    """Why variants with stored results were left out of the tables: each result's key names its checkpoint's
+    sha256, which a reading run takes from the checkpoint cache and never builds; None when no such variant's
+    checkpoint was missing from the cache."""
+    from quantgate.checkpoints.cache import NotCachedError
+    from quantgate.paths import cache_dir
+
+    # only variants with stored results: one never run is left out of a partial table, and is no error
+    missing = [vr for m in run.matrix.models for v in m.variants
+               if isinstance((vr := run.variant(m.name, v.name)).failure, NotCachedError)
+               and (run.store.root / m.name / v.name).is_dir()]
+    if not missing:
+        return None
+    lines = [f"  {vr.label}: {vr.failure}" for vr in missing]
+    return "\n".join([
+        f"{len(missing)} variant(s) left out of the report: their checkpoints are not in the checkpoint cache "
+        f"({cache_dir()}, QUANTGATE_CACHE), and a stored result is found by its checkpoint's sha256:", *lines,
+        "point QUANTGATE_CACHE at the cache the run used, or `quantgate run` the same matrix to rebuild the "
+        "checkpoints (a rebuilt checkpoint with the same sha256 finds its stored results again)",
+    ])
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -184,9 +214,11 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
 def cmd_report(args: argparse.Namespace) -> int:
     matrix_path, thresholds_path = _paths(args)
     results = _results_arg(args)
-    _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
-    if args.no_figures or not any((results / m.name).is_dir() for m in load_matrix(matrix_path).models):
+    run = _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
+    if run is None:
         return 0
+    if args.no_figures:
+        return _report_complete(run)
     from quantgate import history
     from quantgate.matrix import load_distribution_thresholds
     from quantgate.matrix_checks import distribution_limits_path
@@ -197,11 +229,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     hist = history.history_path(results)
     entries = history.read_history(hist) if hist.exists() else None
     out = Path(args.out) if args.out else results / "report"
-    files = write_report(_reading_run(matrix_path, thresholds_path, args.qg_limit, results), out,
-                         distribution_limits=limits, history_entries=entries)
+    files = write_report(run, out, distribution_limits=limits, history_entries=entries)
     for name, reason in files.missing.items():
         print(f"(no {name} figure: {reason})")
     print(f"report: {files.page} ({len(files.figures)} figures)")
+    return _report_complete(run)
+
+
+def _report_complete(run) -> int:  # noqa: ANN001 - a reading quantgate.runner.Run
+    """0, or (what could be reported is written first) an error naming the checkpoints the cache lacks."""
+    missing = _not_cached(run)
+    if missing is not None:
+        raise QuantgateError(missing)
     return 0
 
 
@@ -287,7 +326,25 @@ def cmd_trend(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    matrix_path, thresholds_path = _paths(args)
+    """Each matrix named (positionally, or --matrix), one after the other; exit 3 when any has an error.
+
+    Warnings exit 0. The last line of each says `valid`, or `valid, but` with the critical gates that the plan
+    (quantgate.plan, at its default assumptions) expects INCONCLUSIVE or FAIL and those the matrix cannot
+    produce (MISSING), each of which blocks the run.
+    """
+    paths = [*args.matrices, *([args.matrix] if args.matrix else [])] or [DEFAULT_MATRIX]
+    code = 0
+    for path in paths:
+        try:
+            _check_one(Path(path).resolve(), args)
+        except QuantgateError as exc:
+            print(f"quantgate: error: {exc}", file=sys.stderr)
+            code = EXIT_ERROR
+    return code
+
+
+def _check_one(matrix_path: Path, args: argparse.Namespace) -> None:
+    thresholds_path = Path(args.thresholds).resolve()
     m = load_matrix(matrix_path)
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
@@ -297,6 +354,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         check_distribution_limits,
         check_matrix,
         distribution_limits_path,
+        matrix_gate_names,
         policy_coverage_warnings,
     )
     from quantgate.paths import data_dir
@@ -305,17 +363,48 @@ def cmd_check(args: argparse.Namespace) -> int:
     limits_path = distribution_limits_path(thresholds_path)
     limits, limit_errors = check_distribution_limits(m, matrix_path, limits_path)
     report.errors.extend(limit_errors)
-    report.warnings.extend(policy_coverage_warnings(m, policy, limits, limits_path))
+    missing = policy_coverage_warnings(m, policy, limits, limits_path)
+    report.warnings.extend(missing)
     for line in report.notes:
         print(f"note: {line}")
     for line in report.warnings:
         print(f"warning: {line}")
     if report.errors:
         raise QuantgateError("\n".join([f"{matrix_path}: {len(report.errors)} error(s)", *report.errors]))
+    print(policy.describe(args.qg_cadence, matrix_gate_names(m)))
+    predicted = _predicted_critical(m, th, limits, policy)
+    for gate, outcome in predicted:
+        print(f"warning: critical gate {gate}: the plan predicts {outcome} at this n (quantgate plan {matrix_path})")
     n = sum(len(x.variants) for x in m.models)
-    print(f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid")
-    print(policy.describe(args.qg_cadence))
-    return 0
+    head = f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid"
+    if not predicted and not missing:
+        print(head)
+        return
+    counts = Counter(o for _, o in predicted)
+    parts = [f"{counts[o]} {o}" for o in ("FAIL", "INCONCLUSIVE") if counts[o]]
+    parts += [f"{len(missing)} MISSING for every quantized variant"] if missing else []
+    print(f"{head}, but critical gates are predicted to block the run: {', '.join(parts)} (see the warnings "
+          f"above and `quantgate plan {matrix_path}`)")
+
+
+def _predicted_critical(matrix, th, limits, policy: Policy) -> list[tuple[str, str]]:  # noqa: ANN001
+    """The plan's prediction for the critical gates, at `quantgate plan`'s default assumptions."""
+    from quantgate.plan import (
+        DEFAULT_BASE,
+        DEFAULT_DISCORDANCE,
+        DEFAULT_POWER,
+        critical_gate_predictions,
+        distribution_plan_rows,
+        parse_assumptions,
+        plan_rows,
+    )
+
+    names = [t.name for t in matrix.tasks]
+    base = parse_assumptions(DEFAULT_BASE, names, "--base")
+    disc = parse_assumptions(DEFAULT_DISCORDANCE, names, "--discordance")
+    rows = plan_rows(matrix, th, base, disc, power=DEFAULT_POWER)
+    dist_rows = [] if limits is None else distribution_plan_rows(matrix, limits, DEFAULT_POWER)
+    return critical_gate_predictions(matrix, rows, dist_rows, policy)
 
 
 def _policy_path(args: argparse.Namespace) -> Path | None:
@@ -334,23 +423,25 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from quantgate import plan
     from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
-    from quantgate.plan import distribution_plan_rows, parse_assumptions, parse_doc_sd, plan_rows, render_plan
 
     matrix_path = Path(args.matrix)
     m = load_matrix(matrix_path)
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(Path(args.thresholds))
-    base = parse_assumptions(args.base, [t.name for t in m.tasks], "--base")
-    disc = parse_assumptions(args.discordance, [t.name for t in m.tasks], "--discordance")
-    rows = plan_rows(m, th, base, disc, power=args.power)
+    power = plan.DEFAULT_POWER if args.power is None else args.power
+    base = plan.parse_assumptions(args.base or plan.DEFAULT_BASE, [t.name for t in m.tasks], "--base")
+    disc = plan.parse_assumptions(args.discordance or plan.DEFAULT_DISCORDANCE, [t.name for t in m.tasks],
+                                  "--discordance")
+    rows = plan.plan_rows(m, th, base, disc, power=power)
     limits, limit_errors = check_distribution_limits(m, matrix_path, distribution_limits_path(Path(args.thresholds)))
     if limit_errors:
         raise QuantgateError("\n".join(limit_errors))
-    dist_rows = [] if limits is None else distribution_plan_rows(m, limits, args.power, parse_doc_sd(args.doc_sd))
-    print(render_plan(rows, th.retention.level, args.power, dist_rows,
-                      None if limits is None else limits.level, _policy(args)))
+    dist_rows = [] if limits is None else plan.distribution_plan_rows(m, limits, power, plan.parse_doc_sd(args.doc_sd))
+    print(plan.render_plan(rows, th.retention.level, power, dist_rows,
+                           None if limits is None else limits.level, _policy(args)))
     return 0
 
 
@@ -409,29 +500,59 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MATRIX = "fixtures/demo.yaml"
+
+_COMMAND_HELP = {
+    "run": "run the regression suite (pytest), print the verdict and the score tables",
+    "report": "print the score tables of the stored results; write figures and report.md",
+    "accept": "record the current results as accepted baselines (--from-store: the stored ones, no run)",
+    "check": "validate matrices, thresholds and policy, and predict the critical gates; builds and serves nothing",
+    "plan": "the n each gate needs, and its minimum detectable drop at the matrix's n",
+    "summary": "a CI job summary (Markdown) or ::error annotations from a run's JUnit XML",
+}
+
+# What --qg-limit does in each command: a limit is part of every result's key, so readers need the run's.
+_LIMIT_HELP = {
+    "run": "only the first N items of each task (or of the named ones); passed on to pytest",
+    "accept": "the limit of the run: passed on to pytest, or (--from-store) the stored results to accept",
+    "report": "read back the results of a run made with this --qg-limit",
+    "summary": "read back the results of a run made with this --qg-limit",
+    "check": "check the matrix with these task limits (as a run with this --qg-limit)",
+    "plan": "plan with these task limits (as a run with this --qg-limit)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (the selftests parse the workflows' command lines with it)."""
     ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name in ("run", "report", "accept", "check", "plan", "summary"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=_COMMAND_HELP[name], description=_COMMAND_HELP[name])
         if name == "plan":
             p.add_argument("matrix_arg", nargs="?", default=None, metavar="MATRIX", help="matrix YAML (as --matrix)")
-        p.add_argument("--matrix", "--qg-matrix", dest="matrix", default="fixtures/demo.yaml")
-        p.add_argument("--qg-cadence", choices=CADENCES, default="commit",
-                       help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
-        p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
-        p.add_argument("--thresholds", default="thresholds/retention.yaml")
-        p.add_argument("--tests", default=None, metavar="DIR",
-                       help="a test folder to run instead of the installed suite (quantgate.suite)")
-        p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...",
-                       help="only the first N items of each task (or the named ones); passed on to pytest")
+        if name == "check":
+            p.add_argument("matrices", nargs="*", metavar="MATRIX",
+                           help="matrix YAML files to check, one after the other (as --matrix)")
+        p.add_argument("--matrix", "--qg-matrix", dest="matrix", default=None if name == "check" else DEFAULT_MATRIX,
+                       help=f"matrix YAML (default {DEFAULT_MATRIX})")
+        if name in ("run", "accept", "check", "summary"):
+            p.add_argument("--qg-cadence", choices=CADENCES, default="commit",
+                           help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
+        if name != "report":
+            p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
+        p.add_argument("--thresholds", default="thresholds/retention.yaml", help="retention thresholds YAML")
+        if name in ("run", "accept"):
+            p.add_argument("--tests", default=None, metavar="DIR",
+                           help="a test folder to run instead of the installed suite (quantgate.suite)")
+        p.add_argument("--qg-limit", default=None, metavar="N|TASK=N,...", help=_LIMIT_HELP[name])
         if name == "plan":
-            p.add_argument("--discordance", default="0.10", metavar="D|TASK=D,...",
-                           help="assumed fraction of items a variant answers differently from BF16")
-            p.add_argument("--base", default="0.5", metavar="S|TASK=S,...",
-                           help="assumed BF16 score (0..1) per task")
-            p.add_argument("--power", type=float, default=0.8, help="power for the minimum detectable drop")
+            # defaults None: quantgate.plan's DEFAULT_* apply (cmd_plan), the ones `quantgate check` predicts with
+            p.add_argument("--discordance", default=None, metavar="D|TASK=D,...",
+                           help="assumed fraction of items a variant answers differently from BF16 (default 0.10)")
+            p.add_argument("--base", default=None, metavar="S|TASK=S,...",
+                           help="assumed BF16 score (0..1) per task (default 0.5)")
+            p.add_argument("--power", type=float, default=None,
+                           help="power for the minimum detectable drop (default 0.8)")
             p.add_argument("--doc-sd", default=None, metavar="GATE=SD,...",
                            help="assumed per-document sd of a distribution gate (default: the measured one)")
         if name == "accept":
@@ -466,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
     data = sub.add_parser("data", help="the evaluation datasets the matrix needs, which are here; --fetch the rest")
-    data.add_argument("--matrix", "--qg-matrix", dest="matrix", default="fixtures/demo.yaml")
+    data.add_argument("--matrix", "--qg-matrix", dest="matrix", default=DEFAULT_MATRIX,
+                      help=f"matrix YAML (default {DEFAULT_MATRIX})")
     data.add_argument("--fetch", action="store_true",
                       help="download the missing Hub datasets (datasets.load_dataset) when the Hub is reachable")
     merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")

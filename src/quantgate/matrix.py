@@ -7,7 +7,6 @@ before anything is built or served.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from quantgate.config_errors import format_validation_errors
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.kernels import KernelExpectation, expectation
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
@@ -60,9 +60,25 @@ _ALLOW_PICKLE = ("load pickled weights (.bin, .pt, .pth) from this source; off b
 
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
-    id: str
+    id: str = Field(description="the Hub model id, namespace/name (e.g. Qwen/Qwen3-0.6B)")
     allow_pickle: bool = Field(False, description=_ALLOW_PICKLE)
     revision: str = Field(description="the full 40-character commit; branches, tags and short hashes are refused")
+
+    @field_validator("id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # huggingface_hub's own rule for repo ids (characters, length, one '/'); a bare name (gpt2) is a legacy
+        # alias the Hub redirects, so a namespace is required: results and snapshots are keyed by this id
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(v)
+        except HFValidationError as exc:
+            raise ValueError(f"id {v!r} is not a Hub repo id: {exc}") from None
+        if "/" not in v:
+            raise ValueError(f"id {v!r} has no namespace: write the Hub model id as namespace/name "
+                             "(e.g. Qwen/Qwen3-0.6B), as its page on huggingface.co shows it")
+        return v
 
     @field_validator("revision")
     @classmethod
@@ -578,26 +594,6 @@ class DistributionThresholds(_Strict):
         return self.formats[fmt]  # type: ignore[index]
 
 
-def format_validation_errors(
-    path: Path,
-    err: ValidationError,
-    what: str = "configuration",
-    locate: Callable[[list[Any]], list[Any]] | None = None,
-) -> str:
-    """One line per bad key, `file: invalid <what>` first; `locate` may rewrite a location to name its item."""
-    lines = [f"{path}: invalid {what}"]
-    for e in err.errors():
-        loc = locate(list(e["loc"])) if locate else list(e["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not allowed here)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise MatrixError(f"{path}: file not found")
@@ -609,10 +605,11 @@ def _read_yaml(path: Path) -> Any:
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return Matrix.model_validate(_read_yaml(path))
+        return Matrix.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err, "matrix", schema=Matrix, data=data)) from None
 
 
 def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
@@ -646,15 +643,19 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
 
 def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return Thresholds.model_validate(_read_yaml(path))
+        return Thresholds.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(format_validation_errors(path, err, "thresholds", schema=Thresholds, data=data)) from None
 
 
 def load_distribution_thresholds(path: str | Path) -> DistributionThresholds:
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return DistributionThresholds.model_validate(_read_yaml(path))
+        return DistributionThresholds.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err)) from None
+        raise MatrixError(
+            format_validation_errors(path, err, "distribution thresholds", schema=DistributionThresholds, data=data)
+        ) from None

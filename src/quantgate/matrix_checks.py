@@ -12,7 +12,8 @@ errors   a metric lm-eval does not produce for the task; a code-executing task w
          a log-probability task sent to a chat endpoint; distribution.tokens > a model's max_model_len;
          thresholds/distribution.yaml malformed, or without limits for a variant's format (when the matrix has a
          gated distribution section).
-warnings what could not be checked here (the baseline's config.json is not local; a Python task declares no
+warnings what could not be checked here (a Hub source not in the local Hugging Face cache, with the cached ids
+         close to its id; the baseline's config.json is not local; a Python task declares no
          metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
          a variant whose generation_config.json sampling defaults differ from the baseline's; a task_floors
          entry naming no task of the matrix; a critical gate of the policy that this matrix cannot produce
@@ -150,6 +151,8 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
     for v in model.variants:
         _check_checkpoint_config(model, v, path, report)
     base_dir = local_checkpoint_dir(model.source)
+    if base_dir is None and isinstance(model.source, HubSource):
+        report.warnings.append(f"{path}: models.{model.name}.source: {_not_cached(model.source)}")
     base_cfg = _read_json(base_dir / "config.json") if base_dir else None
     for v in model.variants:
         gs = getattr(v.recipe, "group_size", None) or getattr(v.recipe, "awq_block_size", None)
@@ -193,8 +196,8 @@ def _check_checkpoint_config(model: Model, v: Variant, path: Path, report: Check
     where = f"{path}: models.{model.name}.variants.{v.name}"
     if vdir is None or not (vdir / "config.json").is_file():
         if isinstance(v.source, HubSource):
-            report.warnings.append(f"{where}.source: {v.source.id}@{v.source.revision} is not in the local Hugging "
-                                   "Face cache; its quantization config is checked once it is downloaded")
+            report.warnings.append(f"{where}.source: {_not_cached(v.source)}; its quantization config is "
+                                   "checked once it is downloaded")
         return
     try:
         ident = identify_checkpoint(vdir)
@@ -207,6 +210,21 @@ def _check_checkpoint_config(model: Model, v: Variant, path: Path, report: Check
             f"{ident.format!r} ({ident.method or 'unquantized'} {ident.scheme or ''}".rstrip() + "); write format: "
             f"{ident.format}"
         )
+
+
+def _not_cached(src: HubSource) -> str:
+    """Why a Hub source was not checked here: it is not in the local Hugging Face cache (check reads no
+    network), with the cached repo ids closest to its id, which may be what a misspelt id meant."""
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    from quantgate.checkpoints.hub import cached_model_ids
+    from quantgate.config_errors import close_names
+
+    cached = cached_model_ids()
+    where = "HF_HUB_OFFLINE=1: the run cannot download it" if HF_HUB_OFFLINE else "the run downloads it"
+    state = ("the repo is cached, but not this revision" if src.id in cached else
+             f"not in the local Hugging Face cache ({HF_HUB_CACHE}){close_names(src.id, cached)}")
+    return f"{src.id}@{src.revision}: {state}; the id is not checked against the Hub here ({where})"
 
 
 def local_checkpoint_dir(src: Any) -> Path | None:
@@ -329,3 +347,21 @@ def policy_coverage_warnings(
             out.append(f"policy: critical {key}: task {task.key} is not gated in this matrix (gate: false), so "
                        f"{fails}")
     return out
+
+
+def matrix_gate_names(matrix: Matrix) -> set[str]:
+    """The names of the gates a run of `matrix` judges (as quantgate.suite names them): ``retention[<gate key>]``
+    per metric of each gated task and ``retention[AVG]``, ``regression[<task key>]`` per task with
+    ``regression: true``, and the distribution gates (``kl``, ...) when the matrix has a gated section."""
+    from quantgate.gates.distribution import GATE_NAMES
+
+    names: set[str] = set()
+    for task in matrix.tasks:
+        if task.gate:
+            names.update(f"retention[{key}]" for key in task.gate_keys)
+            names.add("retention[AVG]")
+        if task.regression:
+            names.add(f"regression[{task.key}]")
+    if matrix.distribution is not None and matrix.distribution.gate:
+        names.update(GATE_NAMES.values())
+    return names

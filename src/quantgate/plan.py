@@ -39,6 +39,10 @@ from quantgate.gates.stats import _z, minimum_detectable_drop, required_n
 from quantgate.matrix import DistributionThresholds, Matrix, Thresholds
 from quantgate.policy import Policy
 
+# `quantgate plan`'s default assumptions (BF16 score, discordance per task; power), which `quantgate check`
+# uses for its prediction too.
+DEFAULT_BASE, DEFAULT_DISCORDANCE, DEFAULT_POWER = "0.5", "0.10", 0.8
+
 # Tasks whose metric is a perplexity: their gates use the bootstrap, which this plan does not model.
 PERPLEXITY_TASKS = frozenset({"wikitext"})
 
@@ -299,6 +303,28 @@ def _avg_row(
     n_needed = math.ceil(k * n_total) if math.isfinite(k) else None
     return PlanRow(subject, "retention[AVG]", floor, n_total, a, None, n_needed, mdd,
                    f"{t_count} task{'' if t_count == 1 else 's'}, sizes scaled together")
+
+
+def critical_gate_predictions(
+    matrix: Matrix, rows: Sequence[PlanRow], dist_rows: Sequence[DistributionPlanRow], policy: Policy
+) -> list[tuple[str, str]]:
+    """(``subject gate``, ``INCONCLUSIVE`` or ``FAIL``) for each critical gate (``policy``) that the plan does
+    not expect to PASS at the matrix's n: INCONCLUSIVE where n is below the n needed, FAIL where a distribution
+    gate's assumed mean is on the wrong side of its limit (a negative control's FAIL is what it must give).
+
+    A negative control's accuracy gates are left out: the plan models a lossless variant, not a damaged one.
+    """
+    out = [(f"{r.subject} {r.gate}", "INCONCLUSIVE") for r in rows
+           if r.resolved is False and not matrix.is_control(r.subject)
+           and not r.note.startswith("reported, not gated") and policy.tier(r.gate) == "critical"]
+    for d in dist_rows:
+        if policy.tier(d.gate) != "critical":
+            continue
+        if d.resolved is False:
+            out.append((f"{d.subject} {d.gate}", "INCONCLUSIVE"))
+        elif d.expected == "FAIL" and not d.control:
+            out.append((f"{d.subject} {d.gate}", "FAIL"))
+    return out
 
 
 def render_plan(

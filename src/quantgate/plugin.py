@@ -57,6 +57,9 @@ OTHER_MARKERS = {
     "weekly": "weekly cadence",
 }
 STASH = pytest.StashKey["QuantgateSession"]()
+# Set by a caller that prints the VERDICT line itself after the session (`quantgate run`, with its wall time and
+# the skips above it): the terminal summary then lists the gates and the policy without it, so it shows once.
+CALLER_PRINTS_VERDICT = pytest.StashKey[bool]()
 
 
 @dataclass
@@ -313,7 +316,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     if qs.gates:
         terminalreporter.write_sep("-", "quantgate gates")
-        for line in qs.verdict().lines(qs.policy):
+        lines = qs.verdict().lines(qs.policy)
+        for line in lines[:-1] if config.stash.get(CALLER_PRINTS_VERDICT, False) else lines:
             terminalreporter.write_line(line)
     if qs.run is None:
         return

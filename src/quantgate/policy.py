@@ -14,6 +14,7 @@ of that task; an exact gate name wins over its task.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -136,15 +137,24 @@ class Policy(_Strict):
         """Policy keys in the critical tier: gates that must run for every judged variant."""
         return sorted(k for k, t in self.tiers.items() if t == "critical")
 
-    def describe(self, cadence: str) -> str:
-        """One line per tier: what FAIL and INCONCLUSIVE do at this cadence, and the gates in it."""
+    def describe(self, cadence: str, gates: Collection[str] | None = None) -> str:
+        """One line per tier: what FAIL and INCONCLUSIVE do at this cadence, and the gates in it.
+
+        `gates`: the gate names of the matrix (or run) in use; a policy entry naming none of them (neither the
+        gate itself nor, for a task key, its ``retention[task]`` gate) is left out of the lists and counted.
+        """
         lines = [f"policy at cadence {cadence} (default tier {self.default_tier}):"]
+        listed = [k for k in self.tiers if gates is None or k in gates or f"retention[{k}]" in gates]
         for t in TIERS:
-            names = sorted(k for k, v in self.tiers.items() if v == t)
+            names = sorted(k for k in listed if self.tiers[k] == t)
             lines.append(
                 f"  {t:10} FAIL -> {self.on_fail[t]}, INCONCLUSIVE -> {self.on_inconclusive[t].at(cadence)}"  # type: ignore[index]
                 + (f"; {', '.join(names)}" if names else "")
             )
+        left_out = len(self.tiers) - len(listed)
+        if left_out:
+            lines.append(f"  ({left_out} policy entr{'y names a gate' if left_out == 1 else 'ies name gates'} "
+                         "not in this matrix, not listed)")
         return "\n".join(lines)
 
 
@@ -162,10 +172,11 @@ DEFAULT_POLICY = Policy(
 def load_policy(path: str | Path) -> Policy:
     """The policy file, validated strictly; a missing file is an error (callers choose the default)."""
     path = Path(path)
+    data = _read_yaml(path)
     try:
-        return Policy.model_validate(_read_yaml(path))
+        return Policy.model_validate(data)
     except ValidationError as err:
-        raise MatrixError(format_validation_errors(path, err, "policy")) from None
+        raise MatrixError(format_validation_errors(path, err, "policy", schema=Policy, data=data)) from None
 
 
 def missing_gates(gates: list[Gate], policy: Policy) -> list[Gate]:

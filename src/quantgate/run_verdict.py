@@ -68,7 +68,7 @@ class RunVerdict:
         for nodeid in self.errors:
             out.append(f"  ERROR        {nodeid}")
         if policy is not None:
-            out.append(policy.describe(self.cadence))
+            out.append(policy.describe(self.cadence, {g.name for g, _ in self.judged}))
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         out.append(f"VERDICT: {self.headline} (exit {self.exit_code}); gates: {counts or 'none judged'}")
         return out

@@ -361,6 +361,10 @@ def score_table(
             legend["distribution not stored"] = ", ".join(no_distribution)
     volatile = {
         "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),
+        # "hardware class: cpu" above is compared context of committed snapshots, so it stays; the tier, which
+        # snapshots, accepted baselines and expected_kernels are kept by on a CPU, is shown beside it here
+        **({"CPU tier": f"{run.hw.keys[0]} (snapshots, accepted baselines and expected kernels are kept per tier)"}
+           if run.hw.keys[0] != run.hw.hw_class else {}),
         "kernel paths": "; ".join(f"{k}: {v}" for k, v in kernels.items()),
         "git": json.dumps(prov.get("git", {})),
     }

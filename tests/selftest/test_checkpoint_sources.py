@@ -339,7 +339,7 @@ tasks:
     with pytest.raises(MatrixError) as err:
         load_matrix(path)
     text = str(err.value)
-    assert str(path) in text and "models.0.source" in text
+    assert str(path) in text and "models.m.source" in text
     assert f"revision: {revision!r} is not a full 40-character commit hash" in text
 
 

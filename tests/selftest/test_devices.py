@@ -126,10 +126,10 @@ def test_matrix_gpus_field(tmp_path):
     f.write_text(_matrix_text("    gpus: 2"))
     assert load_matrix(f).models[0].gpus == 2
     f.write_text(_matrix_text("    gpus: 0"))
-    with pytest.raises(MatrixError, match="models.0.gpus"):
+    with pytest.raises(MatrixError, match="models.m.gpus"):
         load_matrix(f)
     f.write_text(_matrix_text("    gpu: 2"))
-    with pytest.raises(MatrixError, match="models.0.gpu: unknown key"):
+    with pytest.raises(MatrixError, match=r"models.m.gpu: unknown key .gpu. \(did you mean .gpus.\?\)"):
         load_matrix(f)
     f.write_text(_matrix_text(serve_args=", serve_args: ['--tensor-parallel-size', '2']"))
     with pytest.raises(MatrixError, match="model's `gpus: K`, not --tensor-parallel-size"):

@@ -386,7 +386,7 @@ def test_malformed_matrix_names_file_and_key(tmp_path):
     text = (ROOT / "fixtures" / "demo.yaml").read_text().replace("max_model_len: 2048", "max_model_lenght: 2048")
     bad = tmp_path / "matrix.yaml"
     bad.write_text(text)
-    with pytest.raises(MatrixError, match=r"(?s)matrix\.yaml.*models\.0.*max_model_lenght: unknown key"):
+    with pytest.raises(MatrixError, match=r"(?s)matrix\.yaml.*models\.smollm2-135m\.max_model_lenght: unknown key"):
         load_matrix(bad)
     bad.write_text("models: [\n")
     with pytest.raises(MatrixError, match=r"matrix\.yaml: not valid YAML"):

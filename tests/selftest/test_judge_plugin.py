@@ -104,6 +104,12 @@ def test_quantgate_run_exit_codes(tmp_path, monkeypatch, capsys):
     (tmp_path / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
     monkeypatch.setenv("QUANTGATE_RESULTS", str(tmp_path / "results"))
     assert cli.main(common) == 0
+    out = capsys.readouterr().out
+    # the gates and the policy in pytest's summary, the VERDICT line once, last (with the wall time)
+    assert out.count("VERDICT:") == 1 and re.search(r"VERDICT: PASS \(exit 0\).*\(\d+s wall\)", out), out
+    assert "policy at cadence commit" in out.split("VERDICT:")[0]
+    # quantgate is imported before pytest marks it for assertion rewriting (quantgate/__init__.py says why)
+    assert "PytestAssertRewriteWarning" not in out, out
     assert cli.main([*common, "--qg-cadence", "nightly"]) == 2
     out = capsys.readouterr().out
     assert "VERDICT: INCONCLUSIVE (exit 2)" in out and "VERDICT: FAIL" not in out

@@ -46,11 +46,12 @@ def test_valid_minimal(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "expect"),
     [
-        ("format: int4", "format: int3", "models.0.variants.1.format"),
+        ("format: int4", "format: int3", "models.m.variants.q.format"),
         ("metric: acc_norm}", "metric: acc_norm, limt: 5}", "limt: unknown key"),
         ("name: hellaswag", "name: helaswag", "did you mean hellaswag,"),
         ("{name: q,", "{name: bf16,", "duplicate variant name"),
-        ("builder: llmcompressor", "builder: gptq", "models.0.variants.1.builder"),
+        ("builder: llmcompressor", "builder: gptq", "models.m.variants.q.builder: Input should be 'none', "
+         "'llmcompressor' or 'modelopt'; value given: 'gptq'"),
         ("group_size: 64}}", "group_size: 64}, expected_kernels: {h100: x}}", "unknown hardware key(s) ['h100']"),
     ],
 )
@@ -60,6 +61,56 @@ def test_errors_name_file_key_and_allowed(tmp_path, old, new, expect):
         load_matrix(path)
     assert str(path) in str(err.value)
     assert expect in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line"),
+    [
+        # an unknown key: located by the items' names, with the close names and every key allowed there
+        ("builder: llmcompressor, recipe:", "builder: llmcompressor, recpie:",
+         "  models.m.variants.q.recpie: unknown key 'recpie' (did you mean 'recipe'?); allowed keys here: name, "
+         "format, builder, recipe, source, calibration, expected_kernels, cadence, emulate, compare_to, "
+         "serve_args, control"),
+        ("metric: acc_norm}", "metric: acc_norm, limt: 5}",
+         "  tasks.hellaswag.limt: unknown key 'limt' (did you mean 'limit'?); allowed keys here: name, id, metric, "),
+        # a value outside a fixed set: what was given, what is allowed, the close names
+        ("format: int4", "format: fp4",
+         "  models.m.variants.q.format: Input should be 'bf16', 'fp8', 'int8', 'int4', 'nvfp4', 'mxfp4' or "
+         "'mxfp8'; value given: 'fp4' (did you mean 'nvfp4' or 'mxfp4' or 'fp8'?)"),
+        ("group_size: 64}", "group_size: 64, algorithm: gtpq}",
+         "  models.m.variants.q.recipe.algorithm: Input should be 'rtn' or 'gptq'; value given: 'gtpq' "
+         "(did you mean 'gptq'?)"),
+        ("{kind: local, path: /nonexistent}", "{kind: locl, path: /nonexistent}",
+         "  models.m.source: kind: 'locl' is not one of gguf-wheel, hub, local (did you mean 'local'?)"),
+        ("metric: acc_norm}", "metrics: [acc_norm, {name: x, mean_of: [a, b], bogus: 1}]}",
+         "  tasks.hellaswag.metrics.x.bogus: unknown key 'bogus'; allowed keys here: name, mean_of"),
+    ],
+)
+def test_schema_errors_give_path_by_name_given_and_allowed(tmp_path, old, new, line):
+    path = write(tmp_path, BASE.replace(old, new))
+    with pytest.raises(MatrixError) as err:
+        load_matrix(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: invalid matrix"
+    assert any(x.startswith(line) for x in lines[1:]), str(err.value)
+    assert len(lines) == 2, str(err.value)  # one line per mistake: no union member's noise
+
+
+def test_items_keep_their_index_when_the_name_is_not_unique(tmp_path):
+    text = BASE.replace("{name: q,", "{name: bf16, frmat: x,")
+    with pytest.raises(MatrixError, match=r"models\.m\.variants\.1\.frmat: unknown key 'frmat'"):
+        load_matrix(write(tmp_path, text))
+
+
+def test_threshold_keys_and_values_name_what_is_allowed(tmp_path):
+    path = write(tmp_path, "retention:\n  floors: {fp4: 0.9}\n  flors: {}\n", "t.yaml")
+    with pytest.raises(MatrixError) as err:
+        load_thresholds(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: invalid thresholds")
+    assert "retention.floors.fp4: Input should be 'bf16', 'fp8'" in text and "key given: 'fp4'" in text
+    assert "retention.flors: unknown key 'flors' (did you mean 'floors' or 'task_floors'?); allowed keys here: " \
+           "mode, level, floors, task_floors" in text
 
 
 def test_unknown_format_lists_allowed(tmp_path):
@@ -103,7 +154,7 @@ def test_baseline_required_and_builder_rules(tmp_path):
 
 def test_unpinned_revision_refused(tmp_path):
     text = BASE.replace("{kind: local, path: /nonexistent}", "{kind: hub, id: org/model, revision: main}")
-    with pytest.raises(MatrixError, match="source.hub.revision: Value error, revision: 'main' is not a full "
+    with pytest.raises(MatrixError, match="models.m.source.revision: revision: 'main' is not a full "
                                           "40-character commit hash"):
         load_matrix(write(tmp_path, text))
 
@@ -148,7 +199,8 @@ def test_any_lm_eval_task_by_its_registered_name(tmp_path, name):
 
 
 def test_task_typo_suggests_lm_evals_close_names(tmp_path):
-    with pytest.raises(MatrixError, match=r"tasks\.0\.name.*no task, group or tag named 'minerva_math50'.*"
+    with pytest.raises(MatrixError, match=r"tasks\.minerva_math50\.name: .*no task, group or tag named "
+                                          r"'minerva_math50'.*"
                                           r"did you mean minerva_math500"):
         load_matrix(write(tmp_path, BASE.replace("name: hellaswag", "name: minerva_math50")))
 
@@ -278,12 +330,14 @@ def test_model_args_pick_the_endpoint_and_pass_max_length(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "expect"),
     [
-        ("group_size: 64}", "group_sise: 64}", "recipe.llmcompressor.group_sise: unknown key"),
+        ("group_size: 64}", "group_sise: 64}",
+         "models.m.variants.q.recipe.group_sise: unknown key 'group_sise' (did you mean 'group_size'?)"),
         ("scheme: W4A16", "scheme: W4A17", "scheme 'W4A17' is not a compressed-tensors preset; allowed:"),
         ("format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}",
          "format: nvfp4, builder: modelopt, recipe: {format: nvfp5}",
          "modelopt format 'nvfp5' is unknown; allowed: fp8, nvfp4"),
-        ("group_size: 64}", "group_size: 64, algorithm: awq}", "recipe.llmcompressor.algorithm"),
+        ("group_size: 64}", "group_size: 64, algorithm: awq}",
+         "models.m.variants.q.recipe.algorithm: Input should be 'rtn' or 'gptq'; value given: 'awq'"),
         (", builder: llmcompressor", "", "has a recipe"),
     ],
 )

@@ -58,7 +58,7 @@ def test_matrix_refuses_reserved_serve_args(tmp_path):
         "  - {name: bf16, format: bf16, serve_args: ['--host', '0.0.0.0']}\n"
         "tasks:\n- {name: hellaswag, metric: acc_norm}\n"
     )
-    with pytest.raises(MatrixError, match=r"models\.0\.variants\.0\.serve_args: .*may not set \['--host'\]"):
+    with pytest.raises(MatrixError, match=r"models\.m\.variants\.bf16\.serve_args: .*may not set \['--host'\]"):
         load_matrix(bad)
 
 

@@ -67,6 +67,16 @@ def cached_revision(repo_id: str, revision: str) -> str | None:
     return None
 
 
+def cached_model_ids() -> list[str]:
+    """The model repo ids with a folder in the local Hugging Face cache (``models--<org>--<name>``), sorted."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    root = Path(HF_HUB_CACHE)
+    if not root.is_dir():
+        return []
+    return sorted(p.name.removeprefix("models--").replace("--", "/") for p in root.glob("models--*") if p.is_dir())
+
+
 def resolve_revision(repo_id: str, revision: str) -> str:
     """The full 40-character commit of `revision` (a commit, branch, tag or short hash) of `repo_id`.
 

@@ -1,0 +1,199 @@
+"""`quantgate check` and the CLI's help: what a new user runs first (issue 11, "Bad input").
+
+Positional matrices, Hub ids checked by huggingface_hub's own rule and against the local cache, a last line that
+says when critical gates are predicted to block the run, a policy block with the matrix's own gates, and help
+texts that list only the options a command takes.
+"""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quantgate import cli
+from quantgate.errors import MatrixError
+from quantgate.matrix import load_matrix
+from quantgate.policy import DEFAULT_POLICY, Policy
+from tests.selftest.synthetic_store import make_run, write_store  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MATRIX = """
+models:
+  - name: m
+    source: {{kind: local, path: {ckpt}}}
+    variants:
+      - {{name: bf16, format: bf16}}
+      - {{name: q, format: int8, builder: llmcompressor, recipe: {{scheme: W8A8}}}}
+tasks:
+  - {{name: hellaswag, metric: acc_norm, limit: {limit}}}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A matrix over a local checkpoint folder, the shipped thresholds, and a policy that makes hellaswag
+    critical; returns a function writing the matrix with a given hellaswag limit."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"hidden_size": 576, "intermediate_size": 1536}')
+    th = tmp_path / "thresholds"
+    th.mkdir()
+    (th / "retention.yaml").write_text((ROOT / "thresholds" / "retention.yaml").read_text())
+    policy = (ROOT / "thresholds" / "policy.yaml").read_text().replace("hellaswag: supporting", "hellaswag: critical")
+    (th / "policy.yaml").write_text(policy)
+    (tmp_path / "no-data").mkdir()
+    monkeypatch.setenv("QUANTGATE_DATA_DIR", str(tmp_path / "no-data"))
+
+    def matrix(limit: int, name: str = "m.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(MATRIX.format(ckpt=ckpt, limit=limit)))
+        return path
+
+    matrix.thresholds = th / "retention.yaml"  # type: ignore[attr-defined]
+    return matrix
+
+
+def test_check_takes_matrices_positionally_and_says_when_critical_gates_will_block(project, capsys):
+    small, large = project(20, "small.yaml"), project(100000, "large.yaml")
+    assert cli.main(["check", str(small), str(large), "--thresholds", str(project.thresholds)]) == 0
+    out = capsys.readouterr().out
+    small_out, large_out = out.split(f"{large}: 1 model(s)")[0], out.split(f"{small}: 1 model(s)")[1]
+    # both matrices lack the distribution section the policy's kl and top1_agreement need: MISSING
+    assert "warning: policy: critical kl: this matrix has no `distribution:` section" in small_out
+    assert "warning: critical gate m/q retention[hellaswag]: the plan predicts INCONCLUSIVE at this n" in small_out
+    assert (f"{small}: 1 model(s), 2 variant(s), 1 task(s): valid, but critical gates are predicted to block the "
+            "run: 1 INCONCLUSIVE, 2 MISSING for every quantized variant") in out
+    # 100000 items resolve the floor: only the MISSING gates remain
+    assert "retention[hellaswag]: the plan predicts" not in large_out
+    assert f"{large}: 1 model(s), 2 variant(s), 1 task(s): valid, but critical gates are predicted to block the " \
+           "run: 2 MISSING for every quantized variant" in out
+    # the policy block names the matrix's gates only (not the demo's ifeval, kl, ...)
+    block = small_out.split("policy at cadence commit")[1].split("\nwarning")[0]
+    assert "critical   FAIL -> fail, INCONCLUSIVE -> fail; hellaswag\n" in block
+    assert "ifeval" not in block and "regression[gsm8k]" not in block
+    assert "policy entries name gates not in this matrix, not listed" in block
+
+
+def test_check_says_plainly_valid_when_nothing_is_predicted_to_block(project, tmp_path, capsys):
+    policy = tmp_path / "supporting.yaml"
+    policy.write_text("tiers: {hellaswag: supporting}\non_inconclusive:\n  critical: {commit: fail, nightly: fail}\n"
+                      "  supporting: {commit: warn, nightly: fail}\n  advisory: {commit: warn, nightly: warn}\n")
+    path = project(20)
+    args = ["check", "--matrix", str(path), "--thresholds", str(project.thresholds), "--qg-policy", str(policy)]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{path}: 1 model(s), 2 variant(s), 1 task(s): valid"
+
+
+def test_check_exits_3_on_any_bad_matrix_and_still_checks_the_others(project, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(project(20).read_text().replace("limit: 20", "limt: 20"))
+    good = project(20, "good.yaml")
+    assert cli.main(["check", str(bad), str(good), "--thresholds", str(project.thresholds)]) == 3
+    captured = capsys.readouterr()
+    assert f"quantgate: error: {bad}: invalid matrix\n  tasks.hellaswag.limt: unknown key 'limt'" in captured.err
+    assert f"{good}: 1 model(s)" in captured.out
+
+
+def test_each_command_lists_only_the_options_it_takes():
+    ap = cli.build_parser()
+    commands = ap._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps subparsers here
+
+    def options(name):
+        return {s for a in commands[name]._actions for s in a.option_strings}  # noqa: SLF001
+
+    assert "--tests" in options("run") and "--tests" in options("accept")
+    assert not {"--tests", "--qg-cadence", "--qg-policy"} & options("report")
+    assert "--tests" not in options("check") | options("plan") | options("summary")
+    assert "--qg-cadence" not in options("plan")
+    assert "--qg-limit" not in options("trend") | options("init") | options("data") | options("merge")
+    for name in ("report", "summary", "check", "plan"):  # they run no pytest: nothing is passed on to it
+        limit = next(a for a in commands[name]._actions if "--qg-limit" in a.option_strings)  # noqa: SLF001
+        assert "pytest" not in limit.help
+    assert ap.parse_args(["check", "a.yaml", "b.yaml"]).matrices == ["a.yaml", "b.yaml"]
+    assert "Every command takes --qg-limit" not in ap.description
+
+
+def test_policy_block_lists_only_gates_of_the_matrix():
+    policy = Policy.model_validate({**DEFAULT_POLICY.model_dump(), "tiers": {
+        "kl": "critical", "hellaswag": "supporting", "regression[gsm8k]": "advisory"}})
+    text = policy.describe("commit", {"retention[hellaswag]", "retention[AVG]"})
+    assert "kl" not in text and "gsm8k" not in text and "INCONCLUSIVE -> warn; hellaswag" in text
+    assert "(2 policy entries name gates not in this matrix, not listed)" in text
+    assert "kl" in policy.describe("commit")  # without a matrix: every entry
+
+
+@pytest.mark.parametrize(("hub_id", "expect"), [
+    ("Qwen3-0.6B-Base", "models.m.source.id: id 'Qwen3-0.6B-Base' has no namespace: write the Hub model id as "
+                        "namespace/name"),
+    ("Qwen/Qwen3 0.6B", "models.m.source.id: id 'Qwen/Qwen3 0.6B' is not a Hub repo id: Repo id must use "
+                        "alphanumeric chars"),
+    ("a/b/c", "models.m.source.id: id 'a/b/c' is not a Hub repo id: Repo id must be in the form"),
+])
+def test_hub_ids_are_checked_with_huggingface_hubs_rule(tmp_path, hub_id, expect):
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(MATRIX.format(ckpt="x", limit=5)).replace(
+        "{kind: local, path: x}", f"{{kind: hub, id: '{hub_id}', revision: {'a' * 40}}}"))
+    with pytest.raises(MatrixError) as err:
+        load_matrix(path)
+    assert str(err.value).splitlines()[1].startswith(f"  {expect}"), str(err.value)
+
+
+def test_check_warns_when_a_hub_base_is_not_cached_and_names_close_cached_ids(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from quantgate.matrix_checks import check_matrix
+
+    cache = tmp_path / "hf"
+    (cache / "models--Qwen--Qwen3-0.6B-Base").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(MATRIX.format(ckpt="x", limit=5)).replace(
+        "{kind: local, path: x}", f"{{kind: hub, id: Qwen/Qwen3-0.6B-Bsae, revision: {'a' * 40}}}"))
+    report = check_matrix(load_matrix(path), path, None)
+    assert report.errors == []
+    assert (f"{path}: models.m.source: Qwen/Qwen3-0.6B-Bsae@{'a' * 40}: not in the local Hugging Face cache "
+            f"({cache}) (did you mean 'Qwen/Qwen3-0.6B-Base'?); the id is not checked against the Hub here"
+            " (the run downloads it)") in report.warnings
+
+
+def test_report_without_the_checkpoint_cache_names_what_is_missing_and_fails(tmp_path, make_run, monkeypatch,  # noqa: F811
+                                                                              capsys):
+    """Stored results are found by their checkpoint's sha256, which a reading run takes from the checkpoint
+    cache: with an empty cache, `quantgate report` writes what it can and exits 3 naming the missing checkpoints
+    (it used to list them as "no stored results" and exit 0)."""
+    from quantgate import runner as runner_mod
+    from quantgate.checkpoints import obtain
+
+    results = write_store(make_run(tmp_path / "results", reuse_only=False))
+    monkeypatch.setattr(runner_mod, "built_checkpoint", obtain.built_checkpoint)  # the real cache lookup
+    (tmp_path / "empty-cache").mkdir()
+    monkeypatch.setenv("QUANTGATE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(ROOT)
+    args = ["report", "--matrix", str(tmp_path / "matrix.yaml"), "--results", str(results)]
+    assert cli.main([*args, "--out", str(tmp_path / "report")]) == 3
+    captured = capsys.readouterr()
+    assert (tmp_path / "report" / "report.md").is_file()  # what could be reported is written
+    assert (f"quantgate: error: 2 variant(s) left out of the report: their checkpoints are not in the checkpoint "
+            f"cache ({tmp_path / 'empty-cache'}, QUANTGATE_CACHE)") in captured.err
+    assert "  m/fp8: no cached built checkpoint" in captured.err and "  m/int8: no cached" in captured.err
+    assert cli.main([*args, "--no-figures"]) == 3
+
+
+@pytest.mark.parametrize(("hardware", "tier"), [
+    ({"hw_class": "cpu", "cpu_isa": "avx2"}, "cpu-avx2"),
+    ({"hw_class": "sm90"}, None),
+])
+def test_score_table_shows_the_cpu_tier_its_snapshots_are_kept_by(tmp_path, make_run, hardware, tier):  # noqa: F811
+    from quantgate import verdicts
+    from quantgate.engines.hardware import Hardware
+
+    run = make_run(tmp_path / "results", reuse_only=False)
+    run.hw = Hardware(name="test machine", count=1, **hardware)
+    write_store(run)
+    text = verdicts.score_table(run, "m", partial=True).render()
+    assert f"hardware class: {hardware['hw_class']}" in text  # compared context of committed snapshots: unchanged
+    if tier is None:
+        assert "CPU tier" not in text
+    else:
+        assert f"CPU tier: {tier} (snapshots, accepted baselines and expected kernels are kept per tier)" in text
