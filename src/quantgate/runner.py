@@ -344,6 +344,7 @@ class VariantRun:
                     max_length=self.model.max_model_len,
                     api_key=server.api_key,
                     trust_remote_code=self.model.trust_remote_code,
+                    scope=[t.lm_eval_name for t in self.run.matrix.tasks],
                 )
             except EvaluationError:
                 # lm-eval reports a dead server as connection errors after its retries; name the real cause

@@ -15,7 +15,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +166,7 @@ def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
     from quantgate.evaluation.task_registry import leaves, task_manager
     from quantgate.evaluation.tasks.offline_data import ifeval_checkers, needs_ifeval_checkers, offline_overrides
 
-    entry = task_manager().task_index[name]
+    entry = task_manager([name]).task_index[name]
     leaf_list = list(leaves(name))
     if any(needs_ifeval_checkers(leaf.config) for leaf in leaf_list):
         ifeval_checkers()  # importing lm-eval's IFEval utils downloads NLTK data unless punkt_tab is in place
@@ -251,11 +251,14 @@ def run_task(
     max_length: int | None = None,
     api_key: str | None = None,
     trust_remote_code: bool = False,
+    scope: Iterable[str] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
 
     `api_key` is the server's (sent as a bearer token, never logged); `trust_remote_code` loads the
-    tokenizer's own code, only where the matrix opts the model in.
+    tokenizer's own code, only where the matrix opts the model in. `scope` names the other lm-eval tasks this
+    process will evaluate (the matrix's), so the process's one TaskManager indexes them all at the first
+    evaluation instead of widening later (task_registry.task_manager).
 
     `sampling` is Matrix.sampling(model, task) (default: the matrix-wide block), `chat` Matrix.chat(model,
     task), `max_length` the model's max_model_len. For a group, aggregate holds the group's metrics and
@@ -268,6 +271,7 @@ def run_task(
     sampling = generation.resolved() if sampling is None else sampling
     chat = chat or Chat()
     name = task.lm_eval_name
+    manager = task_manager([name, *scope])
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
     from quantgate.evaluation.recording_api import attach_responses, recording
@@ -288,7 +292,7 @@ def run_task(
                 bootstrap_iters=0,  # quantgate computes its own paired intervals
                 apply_chat_template=task.apply_chat_template or chat.is_chat,
                 gen_kwargs=gen_kwargs(sampling, chat) or None,
-                task_manager=task_manager(),
+                task_manager=manager,
                 confirm_run_unsafe_code=task.allow_code_execution,
                 random_seed=seed,
                 numpy_random_seed=seed,
