@@ -76,3 +76,19 @@ def test_closure_follows_groups_and_tags_and_rejects_unknown_names():
     }
     assert set(tr._closure(["g"], locations)) == {"g", "sub", "t", "x", "y"}
     assert tr._closure(["g", "missing"], locations) is None
+
+
+def test_env_report_is_not_collected_inside_the_block_and_restored_after():
+    import lm_eval.evaluator as evaluator
+
+    from quantgate.evaluation.lmeval_runner import env_info_not_collected
+
+    original = evaluator.add_env_info
+    storage: dict = {}
+    with env_info_not_collected():
+        assert evaluator.add_env_info is not original
+        evaluator.add_env_info(storage)
+    assert evaluator.add_env_info is original
+    # lm-eval's keys are all there; the torch report is not run
+    assert {"pretty_env_info", "lm_eval_version", "transformers_version", "upper_git_hash"} <= set(storage)
+    assert storage["pretty_env_info"].startswith("not collected")

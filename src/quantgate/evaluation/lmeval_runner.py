@@ -238,6 +238,34 @@ def server_api_key(api_key: str | None) -> Iterator[None]:
             os.environ["OPENAI_API_KEY"] = previous
 
 
+@contextmanager
+def env_info_not_collected() -> Iterator[None]:
+    """While the block runs, lm-eval's `simple_evaluate` does not collect torch's environment report.
+
+    After the last request, simple_evaluate calls `add_env_info` (lm_eval/loggers/utils.py), which runs
+    `torch.utils.collect_env.get_pretty_env_info()`: it starts subprocesses (pip, nvidia-smi, ...) and took
+    0.5 s per evaluation on 2 CPU cores (reports/performance-fixed-cost.md). Its output lands in lm-eval's
+    `pretty_env_info`, which quantgate keeps nowhere (run_task's config; provenance records the versions and
+    hardware itself), so the same keys are written without running it. Nothing that is asked or scored changes.
+    """
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        from importlib.metadata import version
+
+        storage.update({"pretty_env_info": "not collected (quantgate records versions and hardware itself)",
+                        "lm_eval_version": version("lm_eval"), "transformers_version": version("transformers"),
+                        "upper_git_hash": None})
+
+    evaluator.add_env_info = add_env_info
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
 def run_task(
     *,
     completions_url: str,
@@ -277,7 +305,7 @@ def run_task(
     from quantgate.evaluation.recording_api import attach_responses, recording
 
     try:
-        with server_api_key(api_key), recording() as recorder:
+        with server_api_key(api_key), recording() as recorder, env_info_not_collected():
             spec = lm_eval_task_spec(name, data_dir)
             out = simple_evaluate(
                 model=lm_eval_model(chat),
