@@ -92,3 +92,36 @@ def test_env_report_is_not_collected_inside_the_block_and_restored_after():
     # lm-eval's keys are all there; the torch report is not run
     assert {"pretty_env_info", "lm_eval_version", "transformers_version", "upper_git_hash"} <= set(storage)
     assert storage["pretty_env_info"].startswith("not collected")
+
+
+def _word_tokenizer(folder, vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}))
+
+
+def test_a_tokenizer_is_loaded_once_per_identical_files(tmp_path):
+    import transformers
+
+    from quantgate.evaluation.lmeval_runner import tokenizers_reused
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2}
+    _word_tokenizer(tmp_path / "v1", vocab)
+    _word_tokenizer(tmp_path / "v2", vocab)  # another variant's folder, same files
+    _word_tokenizer(tmp_path / "other", {**vocab, "c": 3})
+    original = transformers.AutoTokenizer.from_pretrained
+    with tokenizers_reused():
+        first = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v1"), use_fast=True)
+        assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v2"), use_fast=True) is first
+        other = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "other"), use_fast=True)
+        assert other is not first and other.encode("c") == [3]
+        # other arguments, or remote code, load anew
+        assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v1"), use_fast=False) is not first
+        assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v1"), trust_remote_code=True) is not first
+    assert transformers.AutoTokenizer.from_pretrained == original
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v1")) is not first

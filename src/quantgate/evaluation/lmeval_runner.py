@@ -238,6 +238,60 @@ def server_api_key(api_key: str | None) -> Iterator[None]:
             os.environ["OPENAI_API_KEY"] = previous
 
 
+# Tokenizers loaded by the API models of this process, by what determines them (tokenizer_files_key).
+_tokenizers: dict[tuple[Any, ...], Any] = {}
+_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files_key(path: str, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a Hugging Face tokenizer loaded from local folder `path` with from_pretrained `kwargs` depends on:
+    the sha256 of every tokenizer file `AutoTokenizer` reads there (config.json for the class; the tokenizer's
+    own files) and the kwargs. None for anything but a local folder without remote code (not reused)."""
+    folder = Path(path)
+    if not folder.is_dir() or kwargs.get("trust_remote_code"):
+        return None
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return (h.hexdigest(), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+
+
+@contextmanager
+def tokenizers_reused() -> Iterator[None]:
+    """While the block runs, `transformers.AutoTokenizer.from_pretrained` of a local folder returns the
+    tokenizer already loaded in this process from identical files with identical arguments.
+
+    lm-eval's API model loads the served checkpoint's tokenizer in its __init__, once per evaluation: 0.3-1.5 s
+    on 2 CPU cores (reports/performance-fixed-cost.md), the same files for every task of a variant and for
+    every variant built from one model. lm-eval only reads the tokenizer after loading it (encode, decode,
+    apply_chat_template; `configure_pad_token` sets a missing pad token, which is idempotent), so one object
+    serves them all. Remote-code tokenizers are always loaded anew.
+    """
+    import transformers
+
+    auto = transformers.AutoTokenizer
+    original = auto.__dict__["from_pretrained"]
+    load = original.__get__(None, auto)
+
+    def from_pretrained(name: Any, *args: Any, **kwargs: Any) -> Any:
+        key = None if args else tokenizer_files_key(str(name), kwargs)
+        if key is None:
+            return load(name, *args, **kwargs)
+        if key not in _tokenizers:
+            _tokenizers[key] = load(name, **kwargs)
+        return _tokenizers[key]
+
+    auto.from_pretrained = from_pretrained
+    try:
+        yield
+    finally:
+        auto.from_pretrained = original
+
+
 @contextmanager
 def env_info_not_collected() -> Iterator[None]:
     """While the block runs, lm-eval's `simple_evaluate` does not collect torch's environment report.
@@ -305,7 +359,8 @@ def run_task(
     from quantgate.evaluation.recording_api import attach_responses, recording
 
     try:
-        with server_api_key(api_key), recording() as recorder, env_info_not_collected():
+        with server_api_key(api_key), recording() as recorder, env_info_not_collected(), \
+                tokenizers_reused():
             spec = lm_eval_task_spec(name, data_dir)
             out = simple_evaluate(
                 model=lm_eval_model(chat),
