@@ -6,7 +6,8 @@ Per process, once: importing lm-eval's API model, and lm-eval's TaskManager buil
 (what quantgate did until session 6) against one over the folders of the named tasks only
 (task_registry.task_manager). Per evaluation, alternately (ABAB..., after one untimed warm-up per task that
 prepares the datasets): `run_task` as it was (lm-eval collects torch's environment report after the last
-request) and as it is now (lmeval_runner.env_info_not_collected). The request phase is timed around lm-eval's
+request and loads the tokenizer for every evaluation) and as it is now (lmeval_runner.env_info_not_collected,
+lmeval_runner.tokenizers_reused). The request phase is timed around lm-eval's
 own request calls (benchmarks/server_levers.recorded_requests); before = call start to first request sent,
 after = last response parsed to the call's return. Every evaluation's requests are the same in both columns;
 the per-item outcomes are compared and reported as flips.
@@ -47,7 +48,8 @@ def timed_build(full: bool, names: list[str]) -> tuple[float, int]:
 
 
 def evaluate(server: Any, task_name: str, limit: int, args: argparse.Namespace, *, env_info: bool) -> dict[str, Any]:
-    """One run_task through the server; `env_info`: let lm-eval collect torch's environment report."""
+    """One run_task through the server; `env_info`: as it was (lm-eval collects torch's environment report and
+    loads the tokenizer anew), else as it is now."""
     from quantgate.evaluation import lmeval_runner
     from quantgate.matrix import Generation, Task
 
@@ -55,9 +57,9 @@ def evaluate(server: Any, task_name: str, limit: int, args: argparse.Namespace, 
     task = Task(name=task_name, metric=metric, limit=limit, num_fewshot=shots)
     gen = Generation(temperature=0.0, seed=1234, max_gen_toks=args.max_gen_toks,
                      concurrency=args.concurrency, batch_size=args.batch_size)
-    saved = lmeval_runner.env_info_not_collected
-    if env_info:
-        lmeval_runner.env_info_not_collected = contextlib.nullcontext
+    saved = lmeval_runner.env_info_not_collected, lmeval_runner.tokenizers_reused
+    if env_info:  # as it was: lm-eval's environment report collected, the tokenizer loaded per evaluation
+        lmeval_runner.env_info_not_collected = lmeval_runner.tokenizers_reused = contextlib.nullcontext
     try:
         with levers.recorded_requests() as spans:
             t0 = time.monotonic()
@@ -67,7 +69,7 @@ def evaluate(server: Any, task_name: str, limit: int, args: argparse.Namespace, 
                 api_key=server.api_key, max_length=args.max_model_len, scope=list(TASKS))
             t1 = time.monotonic()
     finally:
-        lmeval_runner.env_info_not_collected = saved
+        lmeval_runner.env_info_not_collected, lmeval_runner.tokenizers_reused = saved
     first, last = levers.request_phase(spans)
     outcomes = lmeval_runner.item_outcomes(samples, task.metric_keys[0])
     return {"task": task_name, "env_info": env_info, "call_s": t1 - t0, "before_s": first - t0,
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
              "request phase s (median) | flips vs the first run |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for task, n in items.items():
         base = next(r["outcomes"] for r in records if r["task"] == task)
-        for env_info, label in ((True, "as it was (env report collected)"), (False, "now")):
+        for env_info, label in ((True, "as it was (env report, tokenizer per evaluation)"), (False, "now")):
             rs = [r for r in records if r["task"] == task and r["env_info"] == env_info]
             flips = max(sum(r["outcomes"].get(k) != v for k, v in base.items()) for r in rs)
             med = {k: statistics.median(r[k] for r in rs) for k in ("before_s", "after_s", "request_s")}
