@@ -86,8 +86,10 @@ def check_matrix(
 
 def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: CheckReport) -> None:
     from quantgate.evaluation.lmeval_runner import has_offline_data, task_load_error
-    from quantgate.evaluation.task_registry import declared_metrics, leaves, output_types
+    from quantgate.evaluation.task_registry import declared_metrics, known_names, leaves, output_types, task_manager
 
+    # one TaskManager for every task of the matrix (names lm-eval does not know are reported by the matrix)
+    task_manager([t.name for t in matrix.tasks if t.name in known_names()])
     offline, hub = [], []
     for i, task in enumerate(matrix.tasks):
         where = f"{path}: tasks.{i} ({task.key})"

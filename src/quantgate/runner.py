@@ -347,6 +347,7 @@ class VariantRun:
                     api_key=server.api_key,
                     trust_remote_code=self.model.trust_remote_code,
                     repeats=self.run.matrix.repeats(self.model, task),
+                    scope=[t.lm_eval_name for t in self.run.matrix.tasks],
                 )
             except EvaluationError:
                 # lm-eval reports a dead server as connection errors after its retries; name the real cause

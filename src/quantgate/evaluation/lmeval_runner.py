@@ -15,7 +15,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +168,7 @@ def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
     from quantgate.evaluation.task_registry import leaves, task_manager
     from quantgate.evaluation.tasks.offline_data import ifeval_checkers, needs_ifeval_checkers, offline_overrides
 
-    entry = task_manager().task_index[name]
+    entry = task_manager([name]).task_index[name]
     leaf_list = list(leaves(name))
     if any(needs_ifeval_checkers(leaf.config) for leaf in leaf_list):
         ifeval_checkers()  # importing lm-eval's IFEval utils downloads NLTK data unless punkt_tab is in place
@@ -240,6 +240,88 @@ def server_api_key(api_key: str | None) -> Iterator[None]:
             os.environ["OPENAI_API_KEY"] = previous
 
 
+# Tokenizers loaded by the API models of this process, by what determines them (tokenizer_files_key).
+_tokenizers: dict[tuple[Any, ...], Any] = {}
+_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files_key(path: str, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a Hugging Face tokenizer loaded from local folder `path` with from_pretrained `kwargs` depends on:
+    the sha256 of every tokenizer file `AutoTokenizer` reads there (config.json for the class; the tokenizer's
+    own files) and the kwargs. None for anything but a local folder without remote code (not reused)."""
+    folder = Path(path)
+    if not folder.is_dir() or kwargs.get("trust_remote_code"):
+        return None
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return (h.hexdigest(), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+
+
+@contextmanager
+def tokenizers_reused() -> Iterator[None]:
+    """While the block runs, `transformers.AutoTokenizer.from_pretrained` of a local folder returns the
+    tokenizer already loaded in this process from identical files with identical arguments.
+
+    lm-eval's API model loads the served checkpoint's tokenizer in its __init__, once per evaluation: 0.3-1.5 s
+    on 2 CPU cores (reports/performance-fixed-cost.md), the same files for every task of a variant and for
+    every variant built from one model. lm-eval only reads the tokenizer after loading it (encode, decode,
+    apply_chat_template; `configure_pad_token` sets a missing pad token, which is idempotent), so one object
+    serves them all. Remote-code tokenizers are always loaded anew.
+    """
+    import transformers
+
+    auto = transformers.AutoTokenizer
+    original = auto.__dict__["from_pretrained"]
+    load = original.__get__(None, auto)
+
+    def from_pretrained(name: Any, *args: Any, **kwargs: Any) -> Any:
+        key = None if args else tokenizer_files_key(str(name), kwargs)
+        if key is None:
+            return load(name, *args, **kwargs)
+        if key not in _tokenizers:
+            _tokenizers[key] = load(name, **kwargs)
+        return _tokenizers[key]
+
+    auto.from_pretrained = from_pretrained
+    try:
+        yield
+    finally:
+        auto.from_pretrained = original
+
+
+@contextmanager
+def env_info_not_collected() -> Iterator[None]:
+    """While the block runs, lm-eval's `simple_evaluate` does not collect torch's environment report.
+
+    After the last request, simple_evaluate calls `add_env_info` (lm_eval/loggers/utils.py), which runs
+    `torch.utils.collect_env.get_pretty_env_info()`: it starts subprocesses (pip, nvidia-smi, ...) and took
+    0.5 s per evaluation on 2 CPU cores (reports/performance-fixed-cost.md). Its output lands in lm-eval's
+    `pretty_env_info`, which quantgate keeps nowhere (run_task's config; provenance records the versions and
+    hardware itself), so the same keys are written without running it. Nothing that is asked or scored changes.
+    """
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        from importlib.metadata import version
+
+        storage.update({"pretty_env_info": "not collected (quantgate records versions and hardware itself)",
+                        "lm_eval_version": version("lm_eval"), "transformers_version": version("transformers"),
+                        "upper_git_hash": None})
+
+    evaluator.add_env_info = add_env_info
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
 def run_task(
     *,
     completions_url: str,
@@ -254,11 +336,14 @@ def run_task(
     api_key: str | None = None,
     trust_remote_code: bool = False,
     repeats: int = 1,
+    scope: Iterable[str] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one task; returns (aggregate metrics, per-item samples, the lm-eval config that ran).
 
     `api_key` is the server's (sent as a bearer token, never logged); `trust_remote_code` loads the
-    tokenizer's own code, only where the matrix opts the model in.
+    tokenizer's own code, only where the matrix opts the model in. `scope` names the other lm-eval tasks this
+    process will evaluate (the matrix's), so the process's one TaskManager indexes them all at the first
+    evaluation instead of widening later (task_registry.task_manager).
 
     `sampling` is Matrix.sampling(model, task) (default: the matrix-wide block), `chat` Matrix.chat(model,
     task), `max_length` the model's max_model_len. For a group, aggregate holds the group's metrics and
@@ -275,6 +360,7 @@ def run_task(
     sampling = generation.resolved() if sampling is None else sampling
     chat = chat or Chat()
     name = task.lm_eval_name
+    manager = task_manager([name, *scope])
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
     from quantgate.evaluation.recording_api import attach_responses, recording
@@ -285,7 +371,8 @@ def run_task(
         # the prompts (few-shot examples included) stay the same across repeats; only the request seed moves
         request_seed = None if seed is None else seed + repeat
         try:
-            with server_api_key(api_key), recording() as recorder:
+            with server_api_key(api_key), recording() as recorder, env_info_not_collected(), \
+                    tokenizers_reused():
                 spec = lm_eval_task_spec(name, data_dir)
                 out = simple_evaluate(
                     model=lm_eval_model(chat),
@@ -300,7 +387,7 @@ def run_task(
                     bootstrap_iters=0,  # quantgate computes its own paired intervals
                     apply_chat_template=task.apply_chat_template or chat.is_chat,
                     gen_kwargs=gen_kwargs(sampling, chat) or None,
-                    task_manager=task_manager(),
+                    task_manager=manager,
                     confirm_run_unsafe_code=task.allow_code_execution,
                     random_seed=seed,
                     numpy_random_seed=seed,
