@@ -5,7 +5,8 @@
 # OUTDIR as it finishes (levers.md, levers.json, results.jsonl, profile-*.md, logs/).
 # usage: ci/gpu_levers.sh OUTDIR [extra server_levers.py arguments]
 #        env: QG_GGUF (the embedded GGUF, when the BF16 conversion is not cached yet), QG_DATA (offline data),
-#             QG_MODEL_DIR (a BF16 checkpoint dir; default: converted into /tmp/qgcache), QG_DEADLINE_S (660)
+#             QG_MODEL_DIR (a BF16 checkpoint dir; default: converted into /tmp/qgcache), QG_DEADLINE_S (660),
+#             QG_PROFILE (default --profile; empty: no profiled runs)
 # Background-friendly: setsid nohup bash ci/gpu_levers.sh /tmp/levers > /tmp/levers.log 2>&1 &
 #                      then poll for /tmp/levers/DONE
 set -uo pipefail
@@ -20,6 +21,6 @@ if [ -z "${QG_MODEL_DIR:-}" ] && [ -n "${QG_GGUF:-}" ]; then
 fi
 t=$(date +%s)
 python3 benchmarks/server_levers.py --data-dir "$QUANTGATE_DATA_DIR" ${QG_MODEL_DIR:+--model-dir "$QG_MODEL_DIR"} \
-  --tasks gsm8k hellaswag --profile --deadline-s "${QG_DEADLINE_S:-660}" --out "$OUT" "${@:2}" \
+  --tasks gsm8k hellaswag ${QG_PROFILE---profile} --deadline-s "${QG_DEADLINE_S:-660}" --out "$OUT" "${@:2}" \
   > "$OUT/server_levers.log" 2>&1
 echo "server_levers rc=$? wall=$(( $(date +%s) - t ))s" | tee "$OUT/DONE"
