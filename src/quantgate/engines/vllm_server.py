@@ -193,6 +193,39 @@ def cpu_thread_env(hw: Hardware, env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+# vLLM's switch for the engine core's process layout (vllm/envs.py); "0" lets the CPU platform keep the
+# one-process `uni` executor (vllm/platforms/cpu.py `check_and_update_config`).
+IN_PROCESS_WORKER_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def cpu_worker_env(hw: Hardware, env: dict[str, str]) -> dict[str, str]:
+    """Where the model runs in a CPU server: in the engine core's own process, on machines of at most 2 cores;
+    what the caller already set wins. Process settings only: no engine argument, so nothing in result keys.
+
+    vLLM 0.31 starts three processes on a CPU: the API server, the engine core (AsyncLLM always runs it in a
+    process of its own, vllm/v1/engine/async_llm.py `make_async_mp_client`) and a worker, because the CPU
+    platform turns the `uni` executor that a world size of 1 gets into `mp` while VLLM_ENABLE_V1_MULTIPROCESSING
+    is on (vllm/platforms/cpu.py `check_and_update_config`: "OMP requires the MP executor", since the mp
+    executor sets the worker's OpenMP environment, vllm/utils/ompmultiprocessing.py `configure_omp_envs`).
+    Each process imports torch and vLLM: ~25 s apiece on 2 cores. With the variable at 0 the platform keeps
+    `uni`, and the worker runs inside the engine core (`--distributed-executor-backend uni` alone is turned
+    back into `mp`). Its OpenMP environment is then the server's own, so this sets what `configure_omp_envs`
+    would give the worker (its plain-OpenMP branch): OMP_NUM_THREADS (cpu_thread_env), OMP_PLACES and
+    OMP_PROC_BIND over the same cores. Only where quantgate binds all usable cores itself (<= 2 cores), so the
+    thread count, and with it every GEMM's partitioning, is the same in both layouts; measured in
+    reports/cpu-default-levers.md (start time, identical greedy text and logprobs, kernel lines still logged).
+    """
+    if hw.hw_class != "cpu" or IN_PROCESS_WORKER_ENV in env:
+        return {}
+    cores = usable_cores()
+    if len(cores) > 2 or "VLLM_CPU_OMP_THREADS_BIND" in env:
+        return {}
+    out = {IN_PROCESS_WORKER_ENV: "0"}
+    if "OMP_PLACES" not in env and "OMP_PROC_BIND" not in env:
+        out |= {"OMP_PLACES": "{" + ",".join(str(c) for c in cores) + "}", "OMP_PROC_BIND": "true"}
+    return out
+
+
 # Engine flags that set capacity, not what is computed: left out of result keys.
 CAPACITY_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
 
@@ -439,6 +472,7 @@ class VllmServer:
         self.api_key = secrets.token_urlsafe(32)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
+        env.update(cpu_worker_env(detect(), env))  # before cpu_thread_env, which sets the binding it checks
         env.update(cpu_thread_env(detect(), env))
         env["VLLM_API_KEY"] = self.api_key
         command = self.command()
