@@ -618,7 +618,8 @@ def _cli_serve_class() -> type:
             cmd = super().command()
             i = cmd.index("-m")
             if cmd[i + 1] != CLI_MODULE:
-                cmd[i + 1:i + 2] = [CLI_MODULE, "serve"]
+                # quantgate's own entry already says `serve` (engines/vllm_cli.py); only the module changes
+                cmd[i + 1:i + 3 if cmd[i + 2] == "serve" else i + 2] = [CLI_MODULE, "serve"]
             return cmd
 
     return CliServeServer
