@@ -181,11 +181,14 @@ def test_mmlu_group_keeps_its_subtasks_and_reads_the_mirror(offline_env):
     from quantgate.evaluation.task_registry import leaves
 
     spec = lm_eval_task_spec("mmlu", DATA_DIR)
-    assert spec["group"] == "mmlu" and spec["task"] == ["mmlu_stem", "mmlu_other", "mmlu_social_sciences",
-                                                        "mmlu_humanities"]
-    assert Path(spec["dataset_path"]).is_dir() and has_offline_data("mmlu", DATA_DIR)
-    assert len(list(leaves("mmlu"))) == 57
-    mirror = Path(spec["dataset_path"])
+    # handed to lm-eval as its 57 leaves' own configs, each pointed at the mirror (a group config dict breaks
+    # lm-eval 0.4.13: its keys are pushed into every subtask)
+    assert isinstance(spec, list) and len(spec) == 57 == len(list(leaves("mmlu")))
+    assert {s["task"] for s in spec} == {leaf.name for leaf in leaves("mmlu")}
+    assert len({s["dataset_path"] for s in spec}) == 1 and has_offline_data("mmlu", DATA_DIR)
+    assert "aggregate_metric_list" not in spec[0] and spec[0]["dataset_name"] == "abstract_algebra"
+    mirror = Path(spec[0]["dataset_path"])
+    assert mirror.is_dir()
     subjects = [p.name for p in mirror.iterdir() if p.is_dir()]
     rows = sum(len((mirror / s / "test.jsonl").read_text(encoding="utf-8").rstrip("\n").split("\n")) for s in subjects)
     assert len(subjects) == 57 and rows == 14042
@@ -309,3 +312,23 @@ def test_missing_or_malformed_data_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(OfflineDataError, match=r"gsm8k/test\.jsonl row 0 lacks answer"):
         mirror_dir("openai/gsm8k", tmp_path)
     assert not list((tmp_path / "cache" / "offline-datasets").glob("*/openai__gsm8k"))  # nothing half-written
+
+
+def test_lm_eval_builds_the_offline_mmlu_group_and_its_score_is_lm_evals(offline_env):
+    """lm-eval itself builds the 57 leaves from the spec (reading the mirror), and the group's score from items
+    equals lm-eval's own size-weighted aggregation (lm_eval.api.metrics.aggregate_subtask_metrics)."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics
+    from lm_eval.tasks import get_task_dict
+
+    from quantgate.evaluation.lmeval_runner import group_aggregate, lm_eval_task_spec
+    from quantgate.evaluation.task_registry import task_manager
+
+    tasks = get_task_dict(lm_eval_task_spec("mmlu", DATA_DIR), task_manager(["mmlu"]))
+    assert len(tasks) == 57
+    algebra = tasks["mmlu_abstract_algebra"]
+    assert len(algebra.eval_docs) == 100 and algebra.eval_docs[0]["question"]
+    # two subjects of different sizes, scored item by item
+    samples = [{"task": "mmlu_a", "doc_id": i, "acc": float(i % 2)} for i in range(4)]  # 0.5 on 4 items
+    samples += [{"task": "mmlu_b", "doc_id": i, "acc": 1.0} for i in range(2)]  # 1.0 on 2 items
+    got = group_aggregate("mmlu", samples, {"acc,none"})["acc,none"]
+    assert got == pytest.approx(aggregate_subtask_metrics([0.5, 1.0], [4, 2], weight_by_size=True)) == 4 / 6

@@ -157,10 +157,16 @@ def gen_kwargs(sampling: dict[str, Any], chat: Chat | None = None) -> dict[str, 
     return out
 
 
-def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
+def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any] | list[dict[str, Any]]:
     """What to hand lm-eval for task `name`: the name itself (lm-eval reads its dataset from the Hub), or, where
     the data folder holds the dataset, lm-eval's own config with the dataset location pointed at the local
-    mirror (quantgate.evaluation.tasks.offline_data). Groups stay groups: the override reaches every subtask.
+    mirror (quantgate.evaluation.tasks.offline_data).
+
+    A group whose leaves all read the mirror becomes the list of its leaves' own configs, each overridden: lm-eval
+    0.4.13 cannot take a group as a config dict (TaskManager._load_spec passes the whole dict down as every
+    subtask's overrides, so `aggregate_metric_list` and the group's `task` list land in each TaskConfig:
+    "TaskConfig.__init__() got an unexpected keyword argument 'aggregate_metric_list'"). run_task then computes the
+    group's score from the items (group_aggregate), as lm-eval does for a group that weights by size.
     """
     from lm_eval.tasks._index import Kind
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -177,7 +183,42 @@ def lm_eval_task_spec(name: str, data_dir: Path | None) -> str | dict[str, Any]:
         return name
     if any(o != overrides[0] for o in overrides):  # one override must fit every subtask of a group
         return name
+    if entry.kind == Kind.GROUP:
+        if any(leaf.yaml_path is None for leaf in leaf_list):  # an inline leaf has no file to read: the Hub
+            return name
+        return [{**load_yaml(Path(leaf.yaml_path), resolve_func=True), **o} for leaf, o in zip(leaf_list, overrides,
+                                                                                              strict=True)]
     return {**load_yaml(entry.yaml_path, resolve_func=True), **overrides[0]}
+
+
+def group_aggregate(name: str, samples: list[dict[str, Any]], metric_keys: set[str]) -> dict[str, Any]:
+    """A group's score per metric from its leaves' items, for a group handed to lm-eval as its leaves
+    (lm_eval_task_spec). lm-eval aggregates a group by `aggregate_metric_list`; with `weight_by_size: true` at every
+    level (mmlu, mmlu_redux_generative) that is sum(size_i * score_i) / sum(size_i) over the leaves
+    (lm_eval/api/metrics.py aggregate_subtask_metrics), i.e. the mean over all items, which is what this returns.
+    Raises EvaluationError for a group that averages its subtasks unweighted (not reproduced here).
+    """
+    from quantgate.evaluation.task_registry import task_manager
+
+    index = task_manager([name]).task_index
+
+    def weighted(group: str) -> bool:
+        entry = index.get(group)
+        cfg = (entry.cfg or {}) if entry is not None else {}
+        aggs = cfg.get("aggregate_metric_list") or []
+        aggs = aggs if isinstance(aggs, list) else [aggs]
+        ok = all(a.get("weight_by_size", False) for a in aggs)
+        subs = [x.get("group") if isinstance(x, dict) else x for x in (cfg.get("task") or [])]
+        return ok and all(weighted(sub) for sub in subs if sub in index and index[sub].kind.name == "GROUP")
+
+    if not weighted(name):
+        raise EvaluationError(
+            f"group {name} aggregates its subtasks without weighting by size; quantgate reproduces only size-weighted "
+            "group scores for offline groups (or list its subtasks as tasks)")
+    out: dict[str, Any] = {"alias": name}
+    for key in sorted(metric_keys):
+        out[key] = item_outcomes(samples, key).score()
+    return out
 
 
 def task_load_error(name: str) -> str | None:
@@ -380,7 +421,7 @@ def run_task(
                         completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
                         seed=request_seed, trust_remote_code=trust_remote_code,
                     ),
-                    tasks=[spec],
+                    tasks=spec if isinstance(spec, list) else [spec],
                     num_fewshot=task.num_fewshot,
                     limit=task.limit,
                     log_samples=True,
@@ -397,15 +438,17 @@ def run_task(
         except Exception as exc:  # noqa: BLE001 - re-raised with the task named
             detail = redact(f"{type(exc).__name__}: {exc}", api_key)
             raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}") from exc
-        if not out or name not in out.get("results", {}):
+        as_leaves = isinstance(spec, list)  # a group handed over as its leaves: lm-eval reports no group row
+        if not out or (name not in out.get("results", {}) and not as_leaves):
             raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
-        aggregates.append(out["results"][name])
         # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
         logged = out.get("samples", {})
         subtasks = sorted(logged)
         run = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
         if not run:
             raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
+        aggregates.append(group_aggregate(name, run, task.lm_eval_metric_keys()) if as_leaves
+                          else out["results"][name])
         unmatched = attach_responses(run, recorder)
         if unmatched:
             log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, tokens)",
@@ -423,6 +466,7 @@ def run_task(
         "n-samples": out.get("n-samples", {}).get(name),
         "versions": {sub: out.get("versions", {}).get(sub) for sub in subtasks},
         "offline": not isinstance(spec, str),
+        **({"group_as_leaves": len(spec)} if isinstance(spec, list) else {}),
         "model": lm_eval_model(chat),
         "gen_kwargs": gen_kwargs(sampling, chat),
         "max_length": max_length,
