@@ -162,7 +162,22 @@ def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
     return path if path.is_absolute() else Path(config.rootpath) / path
 
 
+def _stop_session_on_sigterm(signum: int, frame: object) -> None:
+    # The library's handler (vllm_server.install_sigterm_handler) raises SystemExit, which pytest records as one
+    # failed test and then goes on with the next: a CI timeout's SIGTERM would not stop the run. pytest.exit
+    # ends the session (teardowns and the servers' atexit stop still run).
+    print("quantgate: received SIGTERM; stopping the session and every server", file=sys.stderr, flush=True)
+    pytest.exit("quantgate: received SIGTERM", returncode=128 + signum)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, _stop_session_on_sigterm)
+        except ValueError:  # not the main thread (pytest run from a thread): keep the default
+            pass
     if getattr(config, "workerinput", {}).get("quantgate_dist") == "loadgroup":
         config.option.loadgroup = True  # read by xdist's worker when it collects (xdist/remote.py)
     for name, doc in {**FORMAT_MARKERS, **OTHER_MARKERS}.items():

@@ -285,3 +285,23 @@ def test_gpu_memory_still_held_blocks_the_next_start_naming_the_holder(tmp_path,
                                           r"[\s\S]*held by: pid 4242 \([^)]*, 90112 MiB\)"):
         second.__enter__()
     assert second.proc is None and _pids(tmp_path) == first, "the refused server was never started"
+
+
+def test_sigterm_stops_a_pytest_session_instead_of_failing_one_test(tmp_path):
+    """CI's timeout sends SIGTERM to the whole run: the session must stop there (exit 128 + 15), not record one
+    failed test and go on starting servers for the next ones (the library's SystemExit would be caught by pytest
+    as a test failure; the plugin turns SIGTERM into pytest.exit)."""
+    marker = tmp_path / "second-test-ran"
+    (tmp_path / "test_two.py").write_text(
+        "import os, signal, time\n"
+        "def test_first():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        f"def test_second():\n    open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_two.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
+    assert "quantgate: received SIGTERM" in proc.stdout + proc.stderr
+    assert not marker.exists(), "the session went on after SIGTERM"
