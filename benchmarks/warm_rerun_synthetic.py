@@ -27,26 +27,10 @@ def main(argv: list[str]) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     os.environ["QUANTGATE_CACHE"] = str(tmp / "cache")
     import pytest
-    import yaml
 
-    from quantgate.evaluation.provenance import versions
-    from tests.selftest import fault_harness as fh
     from tests.selftest import test_warm_imports as tw
 
-    fh.patch(pytest.MonkeyPatch().setattr, tmp)
-    results = tmp / "results"
-    run = fh.make_run(results)
-    for variant in ("bf16", "w8a8"):
-        vr = run.variant(fh.MODEL, variant)
-        kernel = f"kernel-of-{variant}"
-        run.server_records.put(vr.server_key(), {"kernel_path": kernel, "log": f"{variant}.log"})
-        for task in run.matrix.tasks:
-            metric = task.metric_key.split(",")[0]
-            run.store.put(fh.MODEL, variant, task.key, vr.eval_key(task, kernel), {"versions": versions()},
-                          {task.metric_key: 1.0}, tw._rows(task.name, metric), None)
-    matrix, thresholds = tmp / "matrix.yaml", tmp / "thresholds.yaml"
-    matrix.write_text(yaml.safe_dump(fh.MATRIX))
-    thresholds.write_text(yaml.safe_dump(fh.THRESHOLDS))
+    results, matrix, thresholds = tw.stored_synthetic_run(tmp, pytest.MonkeyPatch().setattr)
     env = dict(os.environ, QUANTGATE_CACHE=str(tmp / "cache"), QUANTGATE_RESULTS=str(results),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]))
     child = [sys.executable, "-c", tw.CHILD, str(tmp), str(ROOT / "src" / "quantgate" / "suite"),

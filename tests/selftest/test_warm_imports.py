@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,14 +60,11 @@ def _rows(task: str, metric: str, n: int = 2) -> list[dict]:
     return [{"doc_id": i, metric: value, "resps": [["a"]], "filtered_resps": ["a"]} for i in range(n)]
 
 
-def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("QUANTGATE_CACHE", str(cache))
-    # The parent computes the task facts (lm-eval's index, built once per process) into this cache, as a
-    # cold run does; the child must find them there.
-    task_registry.known_names.cache_clear()
-    task_registry.task_facts.cache_clear()
-    fh.patch(monkeypatch.setattr, tmp_path)
+def stored_synthetic_run(tmp_path: Path, setattr) -> tuple[Path, Path, Path]:  # noqa: ANN001 - a setattr
+    """A fully stored synthetic run (fault_harness's model, bf16 and w8a8, every task) under tmp_path, every
+    result keyed by the real runner; returns (results dir, matrix file, thresholds file). Also used by
+    benchmarks/warm_rerun_synthetic.py."""
+    fh.patch(setattr, tmp_path)
     results = tmp_path / "results"
     run = fh.make_run(results)
     for variant in ("bf16", "w8a8"):
@@ -80,6 +78,17 @@ def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
     matrix, thresholds = tmp_path / "matrix.yaml", tmp_path / "thresholds.yaml"
     matrix.write_text(yaml.safe_dump(fh.MATRIX))
     thresholds.write_text(yaml.safe_dump(fh.THRESHOLDS))
+    return results, matrix, thresholds
+
+
+def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QUANTGATE_CACHE", str(cache))
+    # The parent computes the task facts (lm-eval's index, built once per process) into this cache, as a
+    # cold run does; the child must find them there.
+    task_registry.known_names.cache_clear()
+    task_registry.task_facts.cache_clear()
+    results, matrix, thresholds = stored_synthetic_run(tmp_path, monkeypatch.setattr)
 
     env = dict(os.environ, QUANTGATE_CACHE=str(cache), QUANTGATE_RESULTS=str(results),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
