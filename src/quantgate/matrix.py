@@ -26,7 +26,7 @@ from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.kernels import KernelExpectation, expectation
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
 from quantgate.errors import MatrixError
-from quantgate.recipes import Recipe
+from quantgate.recipes import Recipe, produced_format
 
 Format = Literal["bf16", "fp8", "int8", "int4", "nvfp4", "mxfp4", "mxfp8"]
 FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
@@ -404,6 +404,13 @@ class Variant(_Strict):
     def _builder_matches(self) -> Variant:
         if self.recipe is not None and self.recipe.builder != self.builder:
             raise ValueError(f"recipe.builder {self.recipe.builder!r} does not match builder {self.builder!r}")
+        produced = produced_format(self.recipe) if self.recipe is not None else None
+        if produced is not None and produced != self.format:
+            # the format picks the marker, the retention floor and the distribution limits: a mislabelled FP8
+            # build would be gated by the 4-bit limits
+            written = {k: v for k, v in self.recipe.as_written().items() if k in ("scheme", "format")}
+            raise ValueError(f"variant {self.name!r}: format {self.format!r} given, but its recipe {written} "
+                             f"produces {produced!r} checkpoints; write format: {produced}")
         if self.format == "bf16" and self.builder != "none":
             raise ValueError("a bf16 variant is the baseline itself; it takes builder: none")
         if self.format != "bf16" and self.builder == "none" and self.source is None:

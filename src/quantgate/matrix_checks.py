@@ -113,7 +113,14 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
         if problem:  # the environment, not the matrix: where the suite runs may have what this machine lacks
             report.warnings.append(f"{where}: lm-eval cannot load {task.name} in this environment ({problem})")
         scored_by_logprobs = output_types(task.name) - {"generate_until"}
+        generates = "generate_until" in output_types(task.name)
         for model in matrix.models:
+            if matrix.repeats(model, task) > 1 and not generates:
+                report.errors.append(
+                    f"{where}: repeats {matrix.repeats(model, task)} for model {model.name}, but {task.name} is "
+                    "scored from log-probabilities: nothing is sampled, so every repeat would give the same "
+                    "scores; drop repeats for this task (set repeats: 1 in its generation block)"
+                )
             if matrix.chat(model, task).is_chat and scored_by_logprobs:
                 report.errors.append(
                     f"{where}: {task.name} is scored from log-probabilities ({', '.join(sorted(scored_by_logprobs))}), "
@@ -146,7 +153,10 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
     sources += [(f"models.{model.name}.variants.{v.name}.source", v.source) for v in model.variants if v.source]
     for where, src in sources:
         if isinstance(src, LocalSource) and not Path(src.path).expanduser().is_dir():
-            report.errors.append(f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed)")
+            resolved = Path(src.path).expanduser().resolve()
+            report.errors.append(
+                f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed; a relative path "
+                f"is read from the working directory: {resolved})")
         elif isinstance(src, LocalSource) and not (Path(src.path).expanduser() / "config.json").is_file():
             report.errors.append(f"{path}: {where}.path: {src.path!r} has no config.json (a Hugging Face checkpoint "
                                  "folder is needed: config.json, *.safetensors and a tokenizer)")
@@ -226,7 +236,9 @@ def _not_cached(src: HubSource) -> str:
     where = "HF_HUB_OFFLINE=1: the run cannot download it" if HF_HUB_OFFLINE else "the run downloads it"
     state = ("the repo is cached, but not this revision" if src.id in cached else
              f"not in the local Hugging Face cache ({HF_HUB_CACHE}){close_names(src.id, cached)}")
-    return f"{src.id}@{src.revision}: {state}; the id is not checked against the Hub here ({where})"
+    placeholder = ("; the revision is all zeros, a placeholder: replace it with the repository's real commit "
+                   "before a run" if set(src.revision) == {"0"} else "")
+    return f"{src.id}@{src.revision}: {state}; the id is not checked against the Hub here ({where}){placeholder}"
 
 
 def local_checkpoint_dir(src: Any) -> Path | None:

@@ -36,7 +36,7 @@ from quantgate.errors import MatrixError
 from quantgate.gates.distribution import GATE_NAMES, LIMITS
 from quantgate.gates.regression import min_items_for_significance
 from quantgate.gates.stats import _z, minimum_detectable_drop, required_n
-from quantgate.matrix import DistributionThresholds, Matrix, Thresholds
+from quantgate.matrix import DistributionThresholds, Matrix, Task, Thresholds
 from quantgate.policy import Policy
 
 # `quantgate plan`'s default assumptions (BF16 score, discordance per task; power), which `quantgate check`
@@ -143,6 +143,20 @@ def parse_assumptions(spec: str, tasks: list[str], option: str) -> dict[str, flo
     return out
 
 
+def planned_items(task: Task) -> int | None:
+    """Items a task's `limit` gives: lm-eval applies the limit to each leaf task, so a group (mmlu: 57 subjects)
+    gets limit x leaves, at most (a leaf smaller than the limit gives fewer). None: all items."""
+    if task.limit is None:
+        return None
+    try:
+        from quantgate.evaluation.task_registry import leaves
+
+        count = sum(1 for _ in leaves(task.lm_eval_name))
+    except Exception:  # noqa: BLE001 - lm-eval's index unavailable: plan with the limit as written
+        count = 1
+    return task.limit * max(count, 1)
+
+
 def plan_rows(
     matrix: Matrix, th: Thresholds, base: dict[str, float], disc: dict[str, float], power: float = 0.8
 ) -> list[PlanRow]:
@@ -156,6 +170,7 @@ def plan_rows(
         for v in model.variants:
             subject = f"{model.name}/{v.name}"
             avg_terms: list[tuple[int, float, float]] = []
+            n_of = {t.key: planned_items(t) for t in matrix.tasks}
             if v.format != "bf16":
                 for t in (t for t in matrix.tasks if t.gate):
                     floor = th.retention.floor(v.format, t.name)
@@ -164,24 +179,24 @@ def plan_rows(
                         # the first metric is gated; the others are reported, and planned alike
                         gate = f"retention[{t.key}]" if i == 0 else f"retention[{t.key}:{metric}]"
                         extra = "" if i == 0 else "reported, not gated (the first metric is); "
-                        row = _retention_row(subject, gate, floor, t.limit, p, d, level, power,
+                        row = _retention_row(subject, gate, floor, n_of[t.key], p, d, level, power,
                                              t.name in PERPLEXITY_TASKS, extra)
                         rows.append(row)
-                        if i == 0 and row.mdd is not None and t.limit:
-                            avg_terms.append((t.limit, p, d))
+                        if i == 0 and row.mdd is not None and n_of[t.key]:
+                            avg_terms.append((n_of[t.key], p, d))
                 if avg_terms:
                     rows.append(_avg_row(subject, th.retention.floor(v.format), avg_terms, level, power))
             for t in (t for t in matrix.tasks if t.regression):
                 d = disc[t.name]
                 alpha = 1 - th.regression.level
                 if base[t.name] == 0:
-                    rows.append(PlanRow(subject, f"regression[{t.key}]", th.regression.max_drop, t.limit, 0.0,
+                    rows.append(PlanRow(subject, f"regression[{t.key}]", th.regression.max_drop, n_of[t.key], 0.0,
                                         d, None, None, "not gated: an accepted run scoring 0 cannot drop"))
                     continue
                 mdd = None
-                if t.limit:
-                    mdd = minimum_detectable_drop(max(math.sqrt(d), 1e-12), t.limit, 1 - 2 * alpha, power)
-                rows.append(PlanRow(subject, f"regression[{t.key}]", th.regression.max_drop, t.limit,
+                if n_of[t.key]:
+                    mdd = minimum_detectable_drop(max(math.sqrt(d), 1e-12), n_of[t.key], 1 - 2 * alpha, power)
+                rows.append(PlanRow(subject, f"regression[{t.key}]", th.regression.max_drop, n_of[t.key],
                                     base[t.name], d, min_items_for_significance(alpha), mdd))
     return rows
 

@@ -147,6 +147,25 @@ class ModeloptRecipe(RecipeBase):
 
 Recipe = Annotated[NoRecipe | LlmCompressorRecipe | ModeloptRecipe, Field(discriminator="builder")]
 
+# The format a recipe's checkpoint is in, by the scheme's own name: compressed-tensors presets are named
+# W<weight bits>A<activation bits> (integer) or by their float format (compressed_tensors/quantization/
+# quant_scheme.py PRESET_SCHEMES); modelopt_build.py's formats by their modelopt config (PRESET_CANDIDATES).
+_SCHEME_PREFIX_FORMAT = (("W8A", "int8"), ("W4A", "int4"), ("FP8", "fp8"), ("NVFP4", "nvfp4"),
+                         ("MXFP4", "mxfp4"), ("MXFP8", "mxfp8"))
+_MODELOPT_FORMAT = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_awq": "nvfp4", "mxfp8": "mxfp8", "mxfp4": "mxfp4",
+                    "int8_sq": "int8", "int4_awq": "int4", "w4a8_awq": "int4"}
+
+
+def produced_format(recipe: LlmCompressorRecipe | ModeloptRecipe | NoRecipe) -> str | None:
+    """The variant format (matrix.Format) the recipe's checkpoint will be in, or None where the name does not say
+    (a scheme outside the naming pattern, a modelopt recipe that takes the variant's format)."""
+    if isinstance(recipe, LlmCompressorRecipe):
+        scheme = recipe.scheme.upper()
+        return next((fmt for prefix, fmt in _SCHEME_PREFIX_FORMAT if scheme.startswith(prefix)), None)
+    if isinstance(recipe, ModeloptRecipe) and recipe.format is not None:
+        return _MODELOPT_FORMAT.get(recipe.format)
+    return None
+
 
 def divides_layers(group_size: int, config: dict[str, Any]) -> dict[str, int]:
     """The layer widths of an HF config.json (hidden_size, intermediate_size) that `group_size` does not divide.

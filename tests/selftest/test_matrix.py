@@ -297,6 +297,11 @@ def test_check_refuses_repeats_with_greedy_decoding(tmp_path):
     report = check_matrix(load_matrix(path), path, None)
     assert any("repeats 3 with temperature 0.0" in e and "gsm8k" in e for e in report.errors), report.errors
     assert not any("thinking" in e and "repeats" in e for e in report.errors)  # sampled tasks may repeat
+    logprobs = write(tmp_path, BASE.replace("  - {name: hellaswag, metric: acc_norm}\n",
+                                            "  - {name: hellaswag, metric: acc_norm, generation: {temperature: 0.7, "
+                                            "repeats: 3}}\n"))
+    report = check_matrix(load_matrix(logprobs), logprobs, None)
+    assert any("repeats 3" in e and "scored from log-probabilities" in e for e in report.errors), report.errors
 
 
 def test_gen_kwargs_carry_every_sampling_field_to_every_generative_task(tmp_path):
@@ -339,6 +344,12 @@ def test_model_args_pick_the_endpoint_and_pass_max_length(tmp_path):
         ("group_size: 64}", "group_size: 64, algorithm: awq}",
          "models.m.variants.q.recipe.algorithm: Input should be 'rtn' or 'gptq'; value given: 'awq'"),
         (", builder: llmcompressor", "", "has a recipe"),
+        # a format the recipe does not produce would pick another marker, floor and distribution limits
+        ("scheme: W4A16, group_size: 64}", "scheme: FP8_DYNAMIC}",
+         "format 'int4' given, but its recipe {'scheme': 'FP8_DYNAMIC'} produces 'fp8' checkpoints; write format: fp8"),
+        ("format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}",
+         "format: fp8, builder: modelopt, recipe: {format: nvfp4}",
+         "format 'fp8' given, but its recipe {'format': 'nvfp4'} produces 'nvfp4' checkpoints"),
     ],
 )
 def test_typed_recipes_refuse_bad_keys_and_values(tmp_path, old, new, expect):
@@ -521,3 +532,13 @@ def test_seeded_sampling_serves_cpu_models_without_chunked_prefill(tmp_path):
     assert seeded_sampling_args(cpu, 4096) == ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     assert seeded_sampling_args(cpu, 1024)[-1] == "2048"  # vLLM's default budget at least
     assert seeded_sampling_args(Hardware("sm90", "H200", 1, "580", 139.0), 4096) == []
+
+
+def test_plan_counts_a_groups_limit_per_leaf():
+    """lm-eval applies `limit` to each leaf task: mmlu with limit 2 is 57 x 2 = 114 items, which the run's table
+    shows too (quantgate plan used to plan it as n 2)."""
+    from quantgate.plan import planned_items
+
+    m = load_matrix(ROOT / "fixtures" / "cpu-tasks.yaml")
+    assert planned_items(m.task("mmlu")) == 114
+    assert planned_items(m.task("gsm8k")) == 30
