@@ -6,6 +6,7 @@ so quantgate has to learn what they are from their own config (quantgate.checkpo
 checkpoint downloaded from the Hub.
 
     python quantize_with_llmcompressor.py --base BF16_DIR --out OUT_DIR --scheme NVFP4 [--calibration-text FILE]
+        [--smoothquant ALPHA]
 
 `--scheme` is a compressed-tensors preset name (llmcompressor.modifiers.quantization.QuantizationModifier):
 NVFP4 (W4A4: needs calibration text for the activations' global scale), NVFP4A16, W8A8, W4A16, FP8_DYNAMIC.
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--scheme", required=True)
     ap.add_argument("--calibration-text", type=Path, help="raw text (WikiText-2 wiki.test.raw) for activation scales")
+    ap.add_argument("--smoothquant", type=float, help="SmoothQuant strength (alpha) before quantizing, e.g. 0.8")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
@@ -47,7 +49,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])
+    recipe = [QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])]
+    if args.smoothquant:
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        recipe.insert(0, SmoothQuantModifier(smoothing_strength=args.smoothquant))
     kwargs = {}
     if args.calibration_text:
         kwargs = {"dataset": calibration_dataset(args.calibration_text, args.samples, args.seq_len, tokenizer),
