@@ -31,7 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HUB_REPO = "quantgate-examples/SmolLM2-135M-Instruct-W8A8"
 # A stand-in commit id (40 lowercase hex digits, as huggingface_hub requires); fixtures/cpu-tasks.yaml pins it.
-EXAMPLE_COMMIT = "5e1f2c0a9b7d4e3f8a6c1b2d0e9f7a5c3b1d2e4f"
+# A Hub commit never changes content, and quantgate's cache trusts that (a checkpoint is cached by repo and
+# commit): change this id whenever what prepare.py writes changes (v2: SmoothQuant 0.8 before W8A8).
+EXAMPLE_COMMIT = "f34c58154391d394618df877d62d5161e88b0531"
 
 
 def quantize(base: Path, out: Path, scheme: str, calibration_text: Path | None, *extra: str) -> None:
