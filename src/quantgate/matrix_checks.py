@@ -91,8 +91,8 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
     # one TaskManager for every task of the matrix (names lm-eval does not know are reported by the matrix)
     task_manager([t.name for t in matrix.tasks if t.name in known_names()])
     offline, hub = [], []
-    for i, task in enumerate(matrix.tasks):
-        where = f"{path}: tasks.{i} ({task.key})"
+    for task in matrix.tasks:
+        where = f"{path}: tasks.{task.key}"  # by key, as the schema errors name list items (config_errors)
         declared = declared_metrics(task.name)
         if not declared:
             report.warnings.append(f"{where}: lm-eval's config of {task.name} declares no metrics (a Python task); "
