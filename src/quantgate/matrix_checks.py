@@ -112,14 +112,21 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
         problem = task_load_error(task.name)
         if problem:  # the environment, not the matrix: where the suite runs may have what this machine lacks
             report.warnings.append(f"{where}: lm-eval cannot load {task.name} in this environment ({problem})")
-        scored_by_logprobs = output_types(task.name) - {"generate_until"}
-        generates = "generate_until" in output_types(task.name)
+        kinds = output_types(task.name)
+        scored_by_logprobs = kinds - {"generate_until"}
         for model in matrix.models:
-            if matrix.repeats(model, task) > 1 and not generates:
+            sampling, repeats = matrix.sampling(model, task), matrix.repeats(model, task)
+            if repeats > 1 and "generate_until" not in kinds:
                 report.errors.append(
-                    f"{where}: repeats {matrix.repeats(model, task)} for model {model.name}, but {task.name} is "
+                    f"{where}: repeats {repeats} for model {model.name}, but {task.name} is "
                     "scored from log-probabilities: nothing is sampled, so every repeat would give the same "
                     "scores; drop repeats for this task (set repeats: 1 in its generation block)"
+                )
+            if repeats > 1 and not sampling.get("temperature"):
+                report.errors.append(
+                    f"{where}: repeats {repeats} with temperature {sampling.get('temperature')} for model "
+                    f"{model.name}: greedy decoding gives one answer {repeats} times; set temperature > 0 where "
+                    "repeats is set, or drop repeats"
                 )
             if matrix.chat(model, task).is_chat and scored_by_logprobs:
                 report.errors.append(
@@ -128,20 +135,11 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
                     "chat endpoint: give the task `chat: {endpoint: completions}` (with apply_chat_template: true "
                     "to keep the chat format)"
                 )
-        for model in matrix.models:
-            toks = matrix.sampling(model, task).get("max_gen_toks")
+            toks = sampling.get("max_gen_toks")
             if toks is not None and toks >= model.max_model_len:
                 report.errors.append(
                     f"{where}: max_gen_toks {toks} >= max_model_len {model.max_model_len} of model {model.name}; "
                     "the prompt would have no room"
-                )
-            repeats = matrix.repeats(model, task)
-            temperature = matrix.sampling(model, task).get("temperature")
-            if repeats > 1 and not temperature:
-                report.errors.append(
-                    f"{where}: repeats {repeats} with temperature {temperature} for model {model.name}: greedy "
-                    f"decoding gives one answer {repeats} times; set temperature > 0 where repeats is set, or drop "
-                    "repeats"
                 )
     report.notes.append(f"offline data ({data_dir}): {', '.join(offline) or 'none'}")
     if hub:
