@@ -163,6 +163,13 @@ def test_attach_responses_matches_by_context_and_text():
     assert samples[0]["responses"][0]["finish_reason"] == "stop" and samples[1]["responses"] == [None]
 
 
+def test_attach_responses_leaves_loglikelihood_samples_alone():
+    # a loglikelihood task generates nothing: its (logprob, is_greedy) responses are neither matched nor counted
+    samples = [{"doc_id": 0, "arguments": [["ctx", " a"], ["ctx", " b"]], "resps": [[[-1.5, False]], [[-0.5, True]]]}]
+    assert recording_api.attach_responses(samples, recording_api.ResponseRecorder()) == 0
+    assert "responses" not in samples[0]
+
+
 # ---------------------------------------------------------------- through lm-eval's own request code
 
 

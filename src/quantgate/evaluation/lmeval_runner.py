@@ -404,16 +404,23 @@ def run_task(
     manager = task_manager([name, *scope])
     seed = sampling.get("seed")
     seed = generation.seed if seed is None else seed
+    from quantgate.evaluation.lmeval_overhead import (
+        templates_compiled_once,
+        text_samples_not_image_hashed,
+        token_ids_reused,
+    )
     from quantgate.evaluation.recording_api import attach_responses, recording
 
     aggregates: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
+    token_ids: dict[Any, Any] = {}  # the repeats send the same prompts: tokenized once (lmeval_overhead)
     for repeat in range(repeats):
         # the prompts (few-shot examples included) stay the same across repeats; only the request seed moves
         request_seed = None if seed is None else seed + repeat
         try:
             with server_api_key(api_key), recording() as recorder, env_info_not_collected(), \
-                    tokenizers_reused():
+                    tokenizers_reused(), templates_compiled_once(), text_samples_not_image_hashed(), \
+                    token_ids_reused(token_ids):
                 spec = lm_eval_task_spec(name, data_dir)
                 out = simple_evaluate(
                     model=lm_eval_model(chat),

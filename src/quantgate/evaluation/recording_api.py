@@ -26,7 +26,14 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
 
-from quantgate.evaluation.responses import NONE_PLACEHOLDER, Response, generation_texts, parse_choice
+from quantgate.evaluation.lmeval_overhead import BatchedTokenization
+from quantgate.evaluation.responses import (
+    NONE_PLACEHOLDER,
+    Response,
+    first_response,
+    generation_texts,
+    parse_choice,
+)
 
 COMPLETIONS = "quantgate-completions"
 CHAT_COMPLETIONS = "quantgate-chat-completions"
@@ -86,8 +93,11 @@ def attach_responses(samples: list[dict[str, Any]], recorder: ResponseRecorder) 
     generative sample, matching by context and generated text. Returns how many generations went unmatched."""
     unmatched = 0
     for sample in samples:
+        # a loglikelihood task's responses are (logprob, is_greedy) pairs: nothing was generated or recorded
+        if not isinstance(first_response(sample), str):
+            continue
         generations = generation_texts(sample)
-        if not generations or not all(isinstance(g, str) for g in generations):
+        if not generations:
             continue
         out: list[dict[str, Any] | None] = []
         for args, per_request in zip(sample.get("arguments") or [], sample.get("resps") or [], strict=False):
@@ -168,8 +178,9 @@ class _Recording:
 
 
 @register_model(COMPLETIONS)
-class RecordingCompletionsAPI(_Recording, LocalCompletionsAPI):
-    """lm-eval's `local-completions`, recording finish_reason, output tokens and reasoning per generation."""
+class RecordingCompletionsAPI(_Recording, BatchedTokenization, LocalCompletionsAPI):
+    """lm-eval's `local-completions`, recording finish_reason, output tokens and reasoning per generation; its
+    strings are tokenized in batches, each once (quantgate.evaluation.lmeval_overhead)."""
 
 
 @register_model(CHAT_COMPLETIONS)

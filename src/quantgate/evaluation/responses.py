@@ -165,6 +165,12 @@ def _first(value: Any) -> Any:
     return value
 
 
+def first_response(sample: dict[str, Any]) -> Any:
+    """The first response of a logged sample: a str for a generative task, a (logprob, is_greedy) pair for a
+    loglikelihood one, None for a sample without responses."""
+    return _first(sample.get("resps"))
+
+
 def generation_texts(sample: dict[str, Any]) -> list[str]:
     """Every generation of one logged sample, in order: `resps` is one list per request, holding the request's
     generations (several with lm-eval's `repeats`)."""
@@ -190,7 +196,7 @@ def response_counters(samples: list[dict[str, Any]], filter_name: str | None = N
     (quantgate.evaluation.recording_api.attach_responses), one per generation in `resps` order, carries
     finish_reason, output tokens and reasoning; without it those counters are NaN.
     """
-    gen = [s for s in samples if isinstance(_first(s.get("resps")), str)]
+    gen = [s for s in samples if isinstance(first_response(s), str)]
     if not gen:
         return None
     filter_name = filter_name if any(s.get("filter") == filter_name for s in gen) else gen[0].get("filter")
