@@ -15,9 +15,10 @@ quantgate data [--matrix M] [--fetch]                          the datasets the 
 `quantgate run` appends one line per run to <results>/history.jsonl (quantgate.history).
 
 run, report, accept, check, plan and summary take --qg-limit N|TASK=N,... (the first N items of each task,
-as pytest --qg-limit; readers read back the results of a run made with it); run, accept, check and summary
-take --qg-cadence commit|nightly|weekly (which cadence's policy applies; default commit). `quantgate CMD --help`
-lists each command's options.
+as pytest --qg-limit; readers read back the results of a run made with it); run, accept, check, summary,
+report and plan take --qg-cadence commit|nightly|weekly (default commit): the policy's cadence, and the
+variants evaluated, read or planned, those of that cadence and earlier (quantgate.cadence: commit < nightly <
+weekly); each names the others in one line. `quantgate CMD --help` lists each command's options.
 
 Exit codes of `quantgate run` (quantgate.run_verdict): 0 every counted gate passed; 1 a gate failed on
 evidence of loss, a critical gate is MISSING, or another test failed or errored; 2 nothing failed but a gate
@@ -70,11 +71,13 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _reading_run(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
-                 results: Path | None = None):  # noqa: ANN202 - a quantgate.runner.Run, imported lazily
-    """A Run that only reads stored results: it never builds a checkpoint or starts a server."""
+                 results: Path | None = None, cadence: str = "commit"):  # noqa: ANN202 - a quantgate.runner.Run
+    """A Run that only reads stored results: it never builds a checkpoint or starts a server. It sees the
+    variants a run at `cadence` evaluates, no others (quantgate.cadence)."""
+    from quantgate.cadence import at_cadence
     from quantgate.runner import Run
 
-    matrix = load_matrix(matrix_path)
+    matrix = at_cadence(load_matrix(matrix_path), cadence)
     if limit:
         matrix = with_task_limits(matrix, limit)
     return Run(matrix, load_thresholds(thresholds_path), results or results_dir(), reuse_only=True)
@@ -99,12 +102,25 @@ def _tables(run, thresholds_path: Path) -> list[str]:  # noqa: ANN001 - a quantg
     return out
 
 
+def _left_out(matrix_path: Path, cadence: str, verb: str) -> str | None:
+    """The line naming the matrix's variants later than `cadence` (quantgate.cadence), or None."""
+    from quantgate.cadence import deferred_line, deferred_variants
+
+    return deferred_line(deferred_variants(load_matrix(matrix_path), cadence), cadence, verb)
+
+
 def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
-                  results: Path | None = None):  # noqa: ANN202 - the reading quantgate.runner.Run, or None
-    """The score tables of the models with stored results; the others are named. Creates no results folder.
-    Returns the reading Run (None when no model has stored results)."""
+                  results: Path | None = None, cadence: str = "commit"):  # noqa: ANN202 - a Run or None
+    """The score tables at `cadence` of the models with stored results; the others are named, and so are the
+    variants left to a later cadence. Creates no results folder. Returns the reading Run (None when no model
+    has stored results)."""
+    from quantgate.cadence import at_cadence
+
     root = results or results_dir(create=False)
-    names = [m.name for m in load_matrix(matrix_path).models]
+    left_out = _left_out(matrix_path, cadence, "report")
+    if left_out is not None:
+        print(left_out)
+    names = [m.name for m in at_cadence(load_matrix(matrix_path), cadence).models]
     stored = [n for n in names if (root / n).is_dir()]
     for name in names:
         if name not in stored:
@@ -112,7 +128,7 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
                   "QUANTGATE_RESULTS names another results directory)")
     if not stored:
         return None
-    run = _reading_run(matrix_path, thresholds_path, limit, root)
+    run = _reading_run(matrix_path, thresholds_path, limit, root, cadence)
     for table in _tables(run, thresholds_path):
         print(table)
     return run
@@ -167,7 +183,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return EXIT_ERROR
     # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
     print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")
-    run = _reading_run(matrix_path, thresholds_path, args.qg_limit, collector.results)
+    # the variants of this cadence only, as the suite evaluated them (its summary named the others)
+    run = _reading_run(matrix_path, thresholds_path, args.qg_limit, collector.results, args.qg_cadence)
     for table in _tables(run, thresholds_path):
         print(table)
     _append_history(args, collector.verdict, collector.verdict.exit_code, wall, collector.results, run)
@@ -214,7 +231,7 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
 def cmd_report(args: argparse.Namespace) -> int:
     matrix_path, thresholds_path = _paths(args)
     results = _results_arg(args)
-    run = _print_tables(matrix_path, thresholds_path, args.qg_limit, results)
+    run = _print_tables(matrix_path, thresholds_path, args.qg_limit, results, args.qg_cadence)
     if run is None:
         return 0
     if args.no_figures:
@@ -250,7 +267,7 @@ def cmd_accept(args: argparse.Namespace, extra: list[str]) -> int:
             raise QuantgateError(f"accept --from-store runs no pytest: unrecognized arguments {' '.join(extra)}")
         from quantgate.promote import accept_stored
 
-        run = _reading_run(*_paths(args), args.qg_limit, _results_arg(args))
+        run = _reading_run(*_paths(args), args.qg_limit, _results_arg(args), args.qg_cadence)
         promotion = accept_stored(run, force=args.force)
         for path in promotion.accepted:
             print(f"accepted: {path}")
@@ -284,7 +301,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
             print(line)
         return 0
     matrix_path, thresholds_path = _paths(args)
-    tables = _tables(_reading_run(matrix_path, thresholds_path, args.qg_limit, _results_arg(args)), thresholds_path)
+    run = _reading_run(matrix_path, thresholds_path, args.qg_limit, _results_arg(args), verdict.cadence)
+    tables = _tables(run, thresholds_path)
+    left_out = _left_out(matrix_path, verdict.cadence, "run")
+    tables += [left_out] if left_out is not None else []
     bad = [link for link in args.link if "=" not in link]
     if bad:
         raise QuantgateError(f"--link {bad[0]!r}: expected NAME=URL")
@@ -372,7 +392,13 @@ def _check_one(matrix_path: Path, args: argparse.Namespace) -> None:
     if report.errors:
         raise QuantgateError("\n".join([f"{matrix_path}: {len(report.errors)} error(s)", *report.errors]))
     print(policy.describe(args.qg_cadence, matrix_gate_names(m)))
-    predicted = _predicted_critical(m, th, limits, policy)
+    from quantgate.cadence import at_cadence, deferred_line, deferred_variants
+
+    left_out = deferred_line(deferred_variants(m, args.qg_cadence), args.qg_cadence, "predict")
+    if left_out is not None:
+        print(f"note: {left_out}")
+    # what a run at this cadence evaluates (check_matrix refused a baseline later than its variants)
+    predicted = _predicted_critical(at_cadence(m, args.qg_cadence), th, limits, policy)
     for gate, outcome in predicted:
         print(f"warning: critical gate {gate}: the plan predicts {outcome} at this n (quantgate plan {matrix_path})")
     n = sum(len(x.variants) for x in m.models)
@@ -424,10 +450,12 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from quantgate import plan
+    from quantgate.cadence import at_cadence, deferred_line, deferred_variants
     from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
 
     matrix_path = Path(args.matrix)
-    m = load_matrix(matrix_path)
+    full = load_matrix(matrix_path)
+    m = at_cadence(full, args.qg_cadence)  # the variants a run at this cadence evaluates
     if args.qg_limit:
         m = with_task_limits(m, args.qg_limit)
     th = load_thresholds(Path(args.thresholds))
@@ -442,6 +470,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dist_rows = [] if limits is None else plan.distribution_plan_rows(m, limits, power, plan.parse_doc_sd(args.doc_sd))
     print(plan.render_plan(rows, th.retention.level, power, dist_rows,
                            None if limits is None else limits.level, _policy(args)))
+    left_out = deferred_line(deferred_variants(full, args.qg_cadence), args.qg_cadence, "plan")
+    if left_out is not None:
+        print(left_out)
     return 0
 
 
@@ -522,6 +553,19 @@ _LIMIT_HELP = {
 }
 
 
+# What --qg-cadence does in each command: the policy's cadence, and which variants (quantgate.cadence).
+_CADENCE_HELP = {
+    "run": "which cadence's policy applies (what INCONCLUSIVE does per tier), and which variants run: those of "
+           "this cadence and earlier (commit < nightly < weekly); default commit",
+    "accept": "the cadence of the run: its policy, and the variants it evaluates (or, --from-store, accepts)",
+    "check": "the cadence whose policy is printed and whose variants the critical-gate prediction covers",
+    "summary": "the run's cadence (default: the one its JUnit XML records): its policy and its variants",
+    "report": "report the variants of this cadence and earlier (default commit, as `quantgate run`; the others "
+              "are named in one line)",
+    "plan": "plan the variants of this cadence and earlier (default commit; the others are named in one line)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (the selftests parse the workflows' command lines with it)."""
     ap = _Parser(prog="quantgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -535,9 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="matrix YAML files to check, one after the other (as --matrix)")
         p.add_argument("--matrix", "--qg-matrix", dest="matrix", default=None if name == "check" else DEFAULT_MATRIX,
                        help=f"matrix YAML (default {DEFAULT_MATRIX})")
-        if name in ("run", "accept", "check", "summary"):
-            p.add_argument("--qg-cadence", choices=CADENCES, default="commit",
-                           help="which cadence's policy applies (what INCONCLUSIVE does per tier)")
+        if name in ("run", "accept", "check", "summary", "report", "plan"):
+            p.add_argument("--qg-cadence", choices=CADENCES, default="commit", help=_CADENCE_HELP[name])
         if name != "report":
             p.add_argument("--qg-policy", default=None, help="policy YAML (default: policy.yaml beside thresholds)")
         p.add_argument("--thresholds", default="thresholds/retention.yaml", help="retention thresholds YAML")

@@ -11,7 +11,8 @@ errors   a metric lm-eval does not produce for the task; a code-executing task w
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
          a log-probability task sent to a chat endpoint; distribution.tokens > a model's max_model_len;
          thresholds/distribution.yaml malformed, or without limits for a variant's format (when the matrix has a
-         gated distribution section).
+         gated distribution section); a BF16 baseline with a later `cadence` than one of its quantized
+         variants (at the variant's cadence its retention would have no baseline).
 warnings what could not be checked here (a Hub source not in the local Hugging Face cache, with the cached ids
          close to its id; the baseline's config.json is not local; a Python task declares no
          metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantgate.cadence import baseline_cadence_errors
 from quantgate.errors import MatrixError
 from quantgate.matrix import (
     DistributionThresholds,
@@ -63,6 +65,7 @@ def check_matrix(
 ) -> CheckReport:
     """Every check above; `path` names the file in messages. Needs lm-eval's task index (built once)."""
     report = CheckReport()
+    report.errors += [f"{path}: {e}" for e in baseline_cadence_errors(matrix)]
     _check_tasks(matrix, path, data_dir, report)
     for model in matrix.models:
         _check_model(matrix, model, path, report)

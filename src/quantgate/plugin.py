@@ -11,7 +11,9 @@ Fixtures a suite uses:
   qg_judge      judge(gate_name, subject, judgement): the policy's tier and disposition applied to the test
   table_snapshot  syrupy's snapshot for score tables, stored in the project's snapshot folder
 The regression suite itself is the package quantgate.suite (`pytest --pyargs quantgate.suite`).
-Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly.
+Markers: bf16 fp8 int8 int4 nvfp4 mxfp4 mxfp8 (from the format), gpu, perf, slow, nightly, weekly.
+A variant whose `cadence` is later than --qg-cadence (commit < nightly < weekly) is not run: its tests are
+deselected and the run's Run never sees it (quantgate.cadence); one summary line names it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from quantgate import progress
+from quantgate.cadence import at_cadence, deferred_line, deferred_variants
 from quantgate.devices import DeviceError, pin_xdist_worker
 from quantgate.errors import QuantgateError
 from quantgate.gates.outcome import Gate, Judgement, Outcome
@@ -75,12 +78,19 @@ class QuantgateSession:
     cadence: str = "commit"
     run: Run | None = None
     gates: list[Gate] = field(default_factory=list)
+    deselected: list[str] = field(default_factory=list)  # model/variant labels whose tests the cadence deselected
     other_failures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def evaluated_matrix(self) -> Matrix:
+        """The matrix this run evaluates: without the variants later than its cadence (quantgate.cadence).
+        `matrix` keeps them, so that their tests are collected, and then deselected, by name."""
+        return at_cadence(self.matrix, self.cadence)
+
     def get_run(self) -> Run:
         if self.run is None:
-            self.run = Run(self.matrix, self.thresholds, self.results)
+            self.run = Run(self.evaluated_matrix, self.thresholds, self.results)
         return self.run
 
     def verdict(self) -> RunVerdict:
@@ -195,6 +205,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if policy_path is not None and not policy_path.exists() and not config.getoption("--qg-policy"):
             policy_path = None  # no policy file in this project: the built-in default
         policy = load_policy(policy_path) if policy_path is not None else DEFAULT_POLICY
+        at_cadence(matrix, config.getoption("--qg-cadence"))  # a baseline later than its variants: usage error
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None
     results = (
@@ -266,13 +277,34 @@ def _variant_of(item: pytest.Item) -> tuple[str, str] | None:
     return callspec.params.get("qg_variant") or callspec.params.get("qg_any_variant")
 
 
+def _deferred_item(item: pytest.Item, variants: set[tuple[str, str]], models: set[str]) -> bool:
+    """Whether `item` is a test of a variant (or of a model, every variant of which is) in the deferred sets."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    return _variant_of(item) in variants or callspec.params.get("qg_model") in models
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Run each variant's tests together, baselines first, so each server starts at most once."""
+    """Deselect the tests of variants later than the run's cadence (quantgate.cadence); run each variant's tests
+    together, baselines first, so each server starts at most once."""
     qs = _session(config)
     if qs is None:
         return
+    deferred = deferred_variants(qs.matrix, qs.cadence)
+    if deferred:
+        variants = {(d.model, d.variant) for d in deferred}
+        kept_models = {m.name for m in qs.evaluated_matrix.models}
+        models = {m.name for m in qs.matrix.models} - kept_models
+        gone = [it for it in items if _deferred_item(it, variants, models)]
+        if gone:
+            config.hook.pytest_deselected(items=gone)
+            items[:] = [it for it in items if not _deferred_item(it, variants, models)]
+            pairs = {_variant_of(it) for it in gone} | {
+                (d.model, d.variant) for it in gone for d in deferred if it.callspec.params.get("qg_model") == d.model}
+            qs.deselected = [d.label for d in deferred if (d.model, d.variant) in pairs]
     order = {
         (mo.name, v.name): (i, v.format != "bf16", j)
         for i, mo in enumerate(qs.matrix.models)
@@ -329,6 +361,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     qs = _session(config)
     if qs is None:
         return
+    # only the variants whose tests this session deselected (a selftest session configures the demo matrix
+    # too); an xdist controller collects nothing itself, and its workers deselect what the cadence leaves out
+    controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    deferred = [d for d in deferred_variants(qs.matrix, qs.cadence) if controller or d.label in qs.deselected]
+    left_out = deferred_line(deferred, qs.cadence)
+    if left_out is not None:
+        terminalreporter.write_line(f"quantgate {left_out}")
     if qs.gates:
         terminalreporter.write_sep("-", "quantgate gates")
         lines = qs.verdict().lines(qs.policy)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from quantgate import verdicts
+from quantgate.cadence import snapshot_name
 from quantgate.matrix_checks import check_distribution_limits, distribution_limits_path
 from quantgate.report.snapshot import accept_hint, record_candidate
 
@@ -21,8 +22,9 @@ def test_score_table(request, qg_session, qg_run, qg_model, table_snapshot):
     print()
     print(table.render())
     # One snapshot per matrix, in the project's folder for this hardware class or CPU tier (table_snapshot,
-    # quantgate.plugin): other kernels give other (equally valid) numbers.
-    snap = table_snapshot(name=qg_session.matrix_path.stem)
+    # quantgate.plugin): other kernels give other (equally valid) numbers. A run that evaluates nightly variants
+    # has rows a commit run lacks: its own snapshot (<matrix>-nightly), so neither overwrites the other.
+    snap = table_snapshot(name=snapshot_name(qg_session.matrix_path.stem, qg_session.matrix, qg_session.cadence))
     where = Path(snap.extension.get_location(test_location=snap.test_location, index=snap.index))
     if not where.exists() and not request.config.getoption("--snapshot-update"):
         candidate = record_candidate(where, table)
