@@ -770,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="any of batch concurrency text api-servers serve logging prefix, or all (baseline and "
                          "its repeat always run; 'serve' = vllm serve with 1 API server, to split the entry's "
                          f"effect from the count's); default {' '.join(DEFAULT_LEVERS)}")
+    ap.add_argument("--repeat-tasks", nargs="*", default=None, metavar="TASK",
+                    help="tasks whose baseline is run twice for the flip noise floor (default: all)")
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="one more baseline run per task under cProfile, with /metrics sampled: profile-TASK.md")
@@ -834,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
                     bench.evaluate(srv, task, Lever("warmup"), kind="warmup")  # datasets prepared, caches warm
                 for lv in levers:
                     if lv.tasks and task not in lv.tasks:
+                        continue
+                    if lv.name == "baseline (repeat)" and args.repeat_tasks is not None \
+                            and task not in args.repeat_tasks:
                         continue
                     if bench.left() < base_seconds.get(task, 30) * 1.5:
                         bench.save({"kind": "skipped", "task": task, "lever": lv.name, "why": "deadline"})

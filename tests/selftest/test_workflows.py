@@ -134,6 +134,7 @@ def test_workflow_commands_run_against_a_stored_result_set(workflow, tmp_path, m
         "QUANTGATE_RESULTS": str(results),
         "QG_LIMIT": "",
         "QG_MARKERS": "not slow",
+        "QG_CADENCE": "commit",
         "QG_OUT": str(out),
         "QG_JUNIT": str(out / "junit.xml"),
         "RUN_URL": "https://github.example/o/r/actions/runs/1",
