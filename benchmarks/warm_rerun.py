@@ -34,11 +34,12 @@ HEAVY = ("torch", "vllm", "lm_eval", "transformers", "datasets")
 
 
 def rerun_command(mode: str, python: str, extra: list[str]) -> list[str]:
-    """The child's argv: the console script's own entry point, or pytest on the suite with the demo matrix."""
+    """The child's argv: the console script's own entry point, or pytest on the regression suite (the one
+    `quantgate run` runs, `--pyargs quantgate.suite`; `tests/` holds the selftests) with the demo matrix."""
     if mode == "cli":
         return [python, "-c", "import sys; from quantgate.cli import main; sys.exit(main())", "run", *extra]
     matrix = [] if any(a.startswith("--qg-matrix") for a in extra) else ["--qg-matrix", "fixtures/demo.yaml"]
-    return [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", *matrix, *extra]
+    return [python, "-m", "pytest", "--pyargs", "quantgate.suite", "-q", "-p", "no:cacheprovider", *matrix, *extra]
 
 
 def child_env(results: Path, pycache_prefix: Path | None) -> dict[str, str]:
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, required=True, help="a results directory holding every result")
     ap.add_argument("--runs", type=int, default=5, help="timed reruns (default 5)")
     ap.add_argument("--mode", choices=("cli", "pytest"), default="cli",
-                    help="cli: `quantgate run`; pytest: `pytest tests --qg-matrix fixtures/demo.yaml`")
+                    help="cli: `quantgate run`; pytest: `pytest --pyargs quantgate.suite --qg-matrix "
+                         "fixtures/demo.yaml`")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the environment to time")
     ap.add_argument("--project", type=Path, default=ROOT,
                     help="project root the reruns run in (its fixtures/ and tests/; default this checkout)")
