@@ -4,7 +4,9 @@ Each rerun is a fresh child process, timed from spawn to exit, so the figure inc
 and the imports a user pays. A warm rerun must build nothing, start no server and evaluate nothing; a child
 whose output does not say so ("nothing changed" in `quantgate run`'s summary, or a pytest run that failed) is
 reported as not warm, and its time is not a warm figure. One untimed rerun goes first: it checks the store
-is warm before N timed ones, and fills a bytecode cache when --pycache-prefix is given.
+is warm before N timed ones, and fills a bytecode cache when --pycache-prefix is given. The load average
+(os.getloadavg, 1 and 5 minutes) before and after the timed runs is printed with them: on a shared 2-core
+machine it moves the figure by seconds.
 
 Bytecode: with PYTHONDONTWRITEBYTECODE=1 and a virtual environment installed without .pyc files (uv's
 default), every import compiles its module from source on every run. --pycache-prefix DIR lets Python write
@@ -32,11 +34,12 @@ HEAVY = ("torch", "vllm", "lm_eval", "transformers", "datasets")
 
 
 def rerun_command(mode: str, python: str, extra: list[str]) -> list[str]:
-    """The child's argv: the console script's own entry point, or pytest on the suite with the demo matrix."""
+    """The child's argv: the console script's own entry point, or pytest on the regression suite (the one
+    `quantgate run` runs, `--pyargs quantgate.suite`; `tests/` holds the selftests) with the demo matrix."""
     if mode == "cli":
         return [python, "-c", "import sys; from quantgate.cli import main; sys.exit(main())", "run", *extra]
     matrix = [] if any(a.startswith("--qg-matrix") for a in extra) else ["--qg-matrix", "fixtures/demo.yaml"]
-    return [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", *matrix, *extra]
+    return [python, "-m", "pytest", "--pyargs", "quantgate.suite", "-q", "-p", "no:cacheprovider", *matrix, *extra]
 
 
 def child_env(results: Path, pycache_prefix: Path | None) -> dict[str, str]:
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, required=True, help="a results directory holding every result")
     ap.add_argument("--runs", type=int, default=5, help="timed reruns (default 5)")
     ap.add_argument("--mode", choices=("cli", "pytest"), default="cli",
-                    help="cli: `quantgate run`; pytest: `pytest tests --qg-matrix fixtures/demo.yaml`")
+                    help="cli: `quantgate run`; pytest: `pytest --pyargs quantgate.suite --qg-matrix "
+                         "fixtures/demo.yaml`")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the environment to time")
     ap.add_argument("--project", type=Path, default=ROOT,
                     help="project root the reruns run in (its fixtures/ and tests/; default this checkout)")
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not a warm rerun ({wall:.1f} s): the store at {args.results} does not hold every result, or the "
               f"run failed:\n{tail}", file=sys.stderr)
         return 1
+    load_before = os.getloadavg()
     walls = []
     for _ in range(args.runs):
         wall, warm, tail = one_rerun(cmd, env, args.mode, args.project)
@@ -100,15 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"a rerun was not warm:\n{tail}", file=sys.stderr)
             return 1
         walls.append(wall)
+    load_after = os.getloadavg()
     heavy = heavy_imports(args.python, env, args.project)
     med = statistics.median(walls)
     print(f"warm rerun, {args.mode} ({' '.join(cmd[2:] if args.mode == 'cli' else cmd[1:])}), "
           f"{args.runs} runs, bytecode cache: {args.pycache_prefix or 'as the environment has it'}")
-    print("| runs | median s | min s | max s | stdev s | goal s | heavy modules after importing the plugin |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("| runs | median s | min s | max s | stdev s | goal s | load avg 1/5 min before -> after | CPUs "
+          "| heavy modules after importing the plugin |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---|")
     spread = statistics.stdev(walls) if len(walls) > 1 else 0.0
+    load = f"{load_before[0]:.2f}/{load_before[1]:.2f} -> {load_after[0]:.2f}/{load_after[1]:.2f}"
     print(f"| {len(walls)} | {med:.2f} | {min(walls):.2f} | {max(walls):.2f} | {spread:.2f} | {GOAL_S:.0f} | "
-          f"{', '.join(heavy) or 'none'} |")
+          f"{load} | {os.cpu_count()} | {', '.join(heavy) or 'none'} |")
     print("last output lines of the last rerun:\n" + tail)
     return 0
 

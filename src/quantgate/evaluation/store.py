@@ -159,8 +159,47 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_entry(d: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(provenance, aggregate, samples) of one store entry; raises CorruptResultError naming the bad file."""
+_Entry = tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]
+_FileStamp = tuple[int, int, int] | None
+# Entries already read and checked by this process, by directory, with the (inode, size, mtime_ns) of each
+# file when they were read. `quantgate run` reads every entry twice (the suite's session, then the score
+# table's reading Run); a distribution entry's samples are megabytes of JSON.
+_read_cache: dict[str, tuple[tuple[_FileStamp, ...], _Entry]] = {}
+_ENTRY_FILES = ("provenance.json", "aggregate.json", "samples.jsonl")
+
+
+def _stamps(d: Path) -> tuple[_FileStamp, ...]:
+    out: list[_FileStamp] = []
+    for name in _ENTRY_FILES:
+        try:
+            st = os.stat(d / name)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def read_entry(d: Path) -> _Entry:
+    """(provenance, aggregate, samples) of one store entry; raises CorruptResultError naming the bad file.
+
+    Read and checked once per process while its files are unchanged: a second read of the same directory
+    returns the same (read-only) objects when each file has the inode, size and mtime_ns it had when it was
+    read and checked. Any change (a replaced entry is a new directory with new inodes; an edit moves the
+    size or the mtime) reads and checks the files again.
+    """
+    key = str(d)
+    stamps = _stamps(d)
+    hit = _read_cache.get(key)
+    if hit is not None and hit[0] == stamps and None not in stamps:
+        return hit[1]
+    entry = _read_entry_files(d)
+    if None not in stamps and _stamps(d) == stamps:  # unchanged while it was read
+        _read_cache[key] = (stamps, entry)
+    return entry
+
+
+def _read_entry_files(d: Path) -> _Entry:
     parsed: dict[str, Any] = {}
     for name in ("provenance.json", "aggregate.json"):
         try:

@@ -35,7 +35,9 @@ def task_data_files(lm_eval_task: str, data_dir: Path) -> tuple[str, ...]:
     from quantgate.evaluation.task_registry import task_facts
 
     files: set[str] = set()
-    for dataset_path in task_facts(lm_eval_task)["dataset_paths"]:  # cached: lm-eval is not imported
+    # A group's leaves mostly share one dataset (mmlu: 57 subtasks, one cais/mmlu mirror); each distinct
+    # one is listed once, not once per leaf. Cached facts: lm-eval is not imported.
+    for dataset_path in dict.fromkeys(task_facts(lm_eval_task)["dataset_paths"]):
         own = mirror_files(str(dataset_path), data_dir)
         if not own:
             return ()

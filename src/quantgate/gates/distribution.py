@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -192,7 +193,13 @@ def pair_documents(
 @dataclass(frozen=True)
 class MetricSummary:
     """A metric's estimate over documents: mean of per-document means with a t interval over documents,
-    and percentiles of the pooled per-token values with document-bootstrap intervals."""
+    and percentiles of the pooled per-token values with document-bootstrap intervals.
+
+    ``percentiles`` ("p99" -> (estimate, low, high), see ``percentile_intervals``) is computed on first use
+    from ``per_document_tokens`` (one array of per-token values per document) and ``seed``: its bootstrap
+    (5 percentiles x 999 resamples per metric) is most of the cost of a summary, and no gate, verdict or
+    table reads it, so a run that only gates (a warm rerun included) never pays for it.
+    """
 
     name: str
     mean: float
@@ -202,7 +209,16 @@ class MetricSummary:
     n_documents: int
     n_tokens: int
     sd_documents: float  # standard deviation of the per-document means
-    percentiles: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # "p99" -> (est, lo, hi)
+    per_document_tokens: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
+    seed: int = 0
+
+    @cached_property
+    def percentiles(self) -> dict[str, tuple[float, float, float]]:
+        """Percentiles of the pooled per-token values with document-bootstrap intervals (empty without
+        ``per_document_tokens``)."""
+        if not self.per_document_tokens:
+            return {}
+        return percentile_intervals(self.per_document_tokens, level=self.level, seed=self.seed)
 
     @property
     def half_width(self) -> float:
@@ -286,7 +302,7 @@ def summarize(docs: Sequence[DocumentMetrics], level: float = 0.95, seed: int = 
             name=name, mean=m, low=lo, high=hi, level=level, n_documents=len(docs),
             n_tokens=int(sum(v.size for v in per_doc_tokens)),
             sd_documents=float(per_doc.std(ddof=1)) if len(docs) > 1 else math.nan,
-            percentiles=percentile_intervals(per_doc_tokens, level=level, seed=seed),
+            per_document_tokens=tuple(per_doc_tokens), seed=seed,
         )
     return out
 
