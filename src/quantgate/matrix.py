@@ -328,6 +328,14 @@ class Task(_Strict):
         return out
 
 
+def _serve_args_not_reserved(value: list[str]) -> list[str]:
+    bad = reserved_arg_overrides(value)
+    if bad:
+        raise ValueError(f"serve_args may not set {bad}: quantgate sets {list(RESERVED_ARGS)} itself "
+                         "(every server listens on 127.0.0.1 only, with its own API key)")
+    return value
+
+
 class Variant(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     format: Format
@@ -358,11 +366,7 @@ class Variant(_Strict):
     @field_validator("serve_args")
     @classmethod
     def _not_reserved(cls, value: list[str]) -> list[str]:
-        bad = reserved_arg_overrides(value)
-        if bad:
-            raise ValueError(f"serve_args may not set {bad}: quantgate sets {list(RESERVED_ARGS)} itself "
-                             "(every server listens on 127.0.0.1 only, with its own API key)")
-        return value
+        return _serve_args_not_reserved(value)
 
     @field_validator("expected_kernels", mode="before")
     @classmethod
@@ -442,9 +446,17 @@ class Model(_Strict):
     batch_invariant: bool = Field(
         False, description="serve with vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1): greedy decoding "
         "repeats item for item through a batching server, at a cost in speed; part of the result keys")
+    serve_args: list[str] = Field(
+        default_factory=list, description="vLLM serve args for every variant of this model, before each "
+        "variant's own serve_args; part of the result keys")
     generation: Sampling | None = Field(None, description="sampling for this model, over the matrix-wide block")
     chat: Chat | None = Field(None, description="how requests reach this model (endpoint, chat template kwargs)")
     variants: list[Variant]
+
+    @field_validator("serve_args")
+    @classmethod
+    def _model_args_not_reserved(cls, value: list[str]) -> list[str]:
+        return _serve_args_not_reserved(value)
 
     @model_validator(mode="after")
     def _one_baseline(self) -> Model:
@@ -455,10 +467,11 @@ class Model(_Strict):
         for v in self.variants:
             if v.compare_to is not None and v.compare_to not in names:
                 raise ValueError(f"variant {v.name!r}: compare_to {v.compare_to!r} is not a variant of {self.name!r}")
-        for v in self.variants:
+        for where, args in [(f"model {self.name!r}", self.serve_args),
+                            *((f"variant {v.name!r}", v.serve_args) for v in self.variants)]:
             if any(a in ("--tensor-parallel-size", "-tp") or a.startswith(("--tensor-parallel-size=", "-tp="))
-                   for a in v.serve_args):
-                raise ValueError(f"variant {v.name!r}: set tensor parallelism with the model's `gpus: K`, not "
+                   for a in args):
+                raise ValueError(f"{where}: set tensor parallelism with the model's `gpus: K`, not "
                                  "--tensor-parallel-size in serve_args (gpus also reserves the devices)")
         if sum(v.format == "bf16" for v in self.variants) != 1:
             raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")

@@ -19,6 +19,7 @@ models:
   - name: m
     source: {{kind: local, path: /nonexistent}}
     gpus: {gpus}
+    serve_args: {serve_args}
     variants:
       - {{name: bf16, format: bf16}}
       - {{name: fp8, format: fp8, builder: llmcompressor, recipe: {{scheme: FP8_DYNAMIC}}}}
@@ -85,9 +86,10 @@ class Recorder:
         self.events.append(("evaluate", kw["served_name"]))
         return {"acc_norm,none": 0.5}, SAMPLES, {}
 
-    def run(self, gpus: int = 1, hw: Hardware | None = None, root: Path | None = None) -> runner_mod.Run:
+    def run(self, gpus: int = 1, hw: Hardware | None = None, root: Path | None = None,
+            serve_args: str = "[]") -> runner_mod.Run:
         f = self.tmp / f"matrix-{gpus}.yaml"
-        f.write_text(MATRIX.format(gpus=gpus))
+        f.write_text(MATRIX.format(gpus=gpus, serve_args=serve_args))
         run = runner_mod.Run(load_matrix(f), load_thresholds(ROOT / "thresholds" / "retention.yaml"),
                              root or self.tmp / "results")
         if hw is not None:
@@ -131,6 +133,19 @@ def test_gpus_k_serves_with_tensor_parallelism_on_k_devices_and_keys_it(tmp_path
     # TP can change the order of a sharded GEMM's sums: the two are different experiments
     assert tp1.provenance["key"] != tp2.provenance["key"]
     assert tp1.stored.path.name != tp2.stored.path.name
+
+
+def test_model_serve_args_reach_every_server_and_its_key(tmp_path, monkeypatch):
+    rec = Recorder(tmp_path, monkeypatch)
+    h200 = Hardware("sm90", "NVIDIA H200", 1)
+    monkeypatch.setattr(runner_mod, "visible_devices", lambda: ["0"])
+    plain = rec.run(hw=h200, root=tmp_path / "plain")
+    a = plain.variant("m", "fp8").results(plain.matrix.tasks)["hellaswag"]
+    wide = rec.run(hw=h200, root=tmp_path / "wide", serve_args="['--max-num-batched-tokens', '16384']")
+    b = wide.variant("m", "fp8").results(wide.matrix.tasks)["hellaswag"]
+    assert rec.servers[-1].extra_args[-2:] == ["--max-num-batched-tokens", "16384"]
+    assert "--max-num-batched-tokens" in b.provenance["key"]["serve_args"]
+    assert a.provenance["key"] != b.provenance["key"]  # the prefill budget changes batches: another experiment
 
 
 def test_two_workers_sharing_a_store_start_a_variants_server_once(tmp_path, monkeypatch):

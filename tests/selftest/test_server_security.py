@@ -62,6 +62,18 @@ def test_matrix_refuses_reserved_serve_args(tmp_path):
         load_matrix(bad)
 
 
+def test_matrix_refuses_reserved_and_tensor_parallel_model_serve_args(tmp_path):
+    head = "models:\n- name: m\n  source: {kind: local, path: /x}\n"
+    tail = "  variants:\n  - {name: bf16, format: bf16}\ntasks:\n- {name: hellaswag, metric: acc_norm}\n"
+    bad = tmp_path / "m.yaml"
+    bad.write_text(head + "  serve_args: ['--port', '1']\n" + tail)
+    with pytest.raises(MatrixError, match=r"models\.m\.serve_args: .*may not set \['--port'\]"):
+        load_matrix(bad)
+    bad.write_text(head + "  serve_args: ['-tp', '2']\n" + tail)
+    with pytest.raises(MatrixError, match=r"model 'm': set tensor parallelism with the model's `gpus: K`"):
+        load_matrix(bad)
+
+
 def test_each_server_gets_its_own_key_and_demands_it(tmp_path, standin):
     keys = []
     for _ in range(2):
