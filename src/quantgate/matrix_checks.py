@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.cadence import baseline_cadence_errors
+from quantgate.config_errors import close_names
 from quantgate.errors import MatrixError
 from quantgate.matrix import (
     DistributionThresholds,
@@ -78,12 +79,14 @@ def check_matrix(
     if thresholds is not None:
         keys = {t.key for t in matrix.tasks} | {t.name for t in matrix.tasks}
         for task in thresholds.retention.task_floors:
-            if task not in keys:
-                # A thresholds file is shared by matrices, so a floor for another matrix's task is no error.
-                report.warnings.append(
-                    f"thresholds: retention.task_floors.{task}: no task of {path.name} has that id or name "
-                    f"(unused here); its tasks: {sorted(t.key for t in matrix.tasks)}"
-                )
+            if task in keys:
+                continue
+            # A thresholds file is shared by matrices, so a floor for another matrix's task is no error; one
+            # whose name is close to this matrix's tasks is likely a typo, and warned about.
+            hint = close_names(task, sorted(keys))
+            line = (f"thresholds: retention.task_floors.{task}: no task of {path.name} has that id or name "
+                    f"(unused here){hint}; its tasks: {sorted(t.key for t in matrix.tasks)}")
+            (report.warnings if hint else report.notes).append(line)
     return report
 
 
@@ -231,7 +234,6 @@ def _not_cached(src: HubSource) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
     from quantgate.checkpoints.hub import cached_model_ids
-    from quantgate.config_errors import close_names
 
     cached = cached_model_ids()
     where = "HF_HUB_OFFLINE=1: the run cannot download it" if HF_HUB_OFFLINE else "the run downloads it"

@@ -73,6 +73,18 @@ def test_check_takes_matrices_positionally_and_says_when_critical_gates_will_blo
     assert "critical   FAIL -> fail, INCONCLUSIVE -> fail; hellaswag\n" in block
     assert "ifeval" not in block and "regression[gsm8k]" not in block
     assert "policy entries name gates not in this matrix, not listed" in block
+    # the shipped thresholds' ifeval floor belongs to other matrices: a note, not a warning
+    assert "note: thresholds: retention.task_floors.ifeval: no task of small.yaml" in small_out
+    assert "warning: thresholds: retention.task_floors" not in out
+
+
+def test_check_warns_of_a_task_floor_that_looks_like_a_typo(project, capsys):
+    th = project.thresholds
+    th.write_text(th.read_text().replace("task_floors:", "task_floors:\n    hellaswga: {fp8: 0.97}", 1))
+    assert "hellaswga" in th.read_text()
+    assert cli.main(["check", str(project(20)), "--thresholds", str(th)]) == 0
+    assert ("warning: thresholds: retention.task_floors.hellaswga: no task of m.yaml has that id or name (unused "
+            "here) (did you mean 'hellaswag'?)") in capsys.readouterr().out
 
 
 def test_check_says_plainly_valid_when_nothing_is_predicted_to_block(project, tmp_path, capsys):
