@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from quantgate.config_errors import format_validation_errors
+from quantgate.config_errors import close_names, format_validation_errors
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.kernels import KernelExpectation, expectation
 from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
@@ -380,8 +380,11 @@ class Variant(_Strict):
     def _hardware_keys(cls, value: dict[str, KernelExpectation]) -> dict[str, KernelExpectation]:
         bad = sorted(k for k in value if not re.match(HARDWARE_KEY, k))
         if bad:
-            raise ValueError(f"unknown hardware key(s) {bad}: use cpu, cpu-avx2, cpu-avx512, cpu-avx512bf16, "
-                             "cpu-other or smNN (sm80, sm89, sm90, sm100, ...)")
+            common = ["cpu", "cpu-avx2", "cpu-avx512", "cpu-avx512bf16", "cpu-other", "sm80", "sm89", "sm90",
+                      "sm100", "sm120"]
+            hints = "".join(close_names(k, common) for k in bad)
+            raise ValueError(f"unknown hardware key(s) {bad}{hints}: use cpu, cpu-avx2, cpu-avx512, "
+                             "cpu-avx512bf16, cpu-other or smNN (sm80, sm89, sm90, sm100, ...)")
         return value
 
     @model_validator(mode="before")

@@ -53,6 +53,8 @@ def test_valid_minimal(tmp_path):
         ("builder: llmcompressor", "builder: gptq", "models.m.variants.q.builder: Input should be 'none', "
          "'llmcompressor' or 'modelopt'; value given: 'gptq'"),
         ("group_size: 64}}", "group_size: 64}, expected_kernels: {h100: x}}", "unknown hardware key(s) ['h100']"),
+        ("group_size: 64}}", "group_size: 64}, expected_kernels: {sm_90: x}}",
+         "unknown hardware key(s) ['sm_90'] (did you mean 'sm90'"),
     ],
 )
 def test_errors_name_file_key_and_allowed(tmp_path, old, new, expect):
