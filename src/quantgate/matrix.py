@@ -674,6 +674,10 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
 
 def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
+    if not path.is_file():
+        raise MatrixError(f"{path}: file not found; give --thresholds FILE, run from the project folder (or set "
+                          "QUANTGATE_PROJECT to it), or write the shipped thresholds/ and fixtures/ with "
+                          "`quantgate init`")
     data = _read_yaml(path)
     try:
         return Thresholds.model_validate(data)

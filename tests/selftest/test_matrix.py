@@ -138,6 +138,9 @@ def test_unknown_gate_mode(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(MatrixError, match="file not found"):
         load_matrix(tmp_path / "nope.yaml")
+    # outside a project: say how to point at thresholds, or make them
+    with pytest.raises(MatrixError, match=r"file not found; give --thresholds FILE.*`quantgate init`"):
+        load_thresholds(tmp_path / "thresholds" / "retention.yaml")
     with pytest.raises(MatrixError, match="not valid YAML"):
         load_matrix(write(tmp_path, "models: [\n"))
 
