@@ -124,7 +124,7 @@ def test_other():
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makefile(".yaml", matrix=textwrap.dedent(PLUGIN_MATRIX))
     (pytester.path / "retention.yaml").write_text(THRESHOLDS.read_text())
-    pytester.makepyfile(test_suite=PLUGIN_TESTS)
+    pytester.makepyfile(test_cadence_suite=PLUGIN_TESTS)
     return pytester
 
 
@@ -134,8 +134,8 @@ def _collect(project: pytest.Pytester, cadence: str) -> pytest.RunResult:
 
 
 def _ran(result: pytest.RunResult) -> list[str]:
-    return sorted(line.split(" ")[0].removeprefix("test_suite.py::") for line in result.outlines
-                  if line.startswith("test_suite.py::") and " PASSED" in line)
+    return sorted(line.split(" ")[0].removeprefix("test_cadence_suite.py::") for line in result.outlines
+                  if line.startswith("test_cadence_suite.py::") and " PASSED" in line)
 
 
 def test_commit_deselects_the_later_variants_tests_and_says_how_to_run_them(project):

@@ -58,7 +58,7 @@ def _run(pytester: pytest.Pytester, distribution: bool, with_test: bool, expecte
     pytester.makefile(".yaml", matrix=textwrap.dedent(matrix))
     (pytester.path / "retention.yaml").write_text(THRESHOLDS.read_text())
     dist_test = "def test_distribution_vs_bf16(qg_variant):\n    pass\n" if with_test else ""
-    pytester.makepyfile(test_suite=TESTS.replace("DISTRIBUTION_TEST", dist_test)
+    pytester.makepyfile(test_reference_suite=TESTS.replace("DISTRIBUTION_TEST", dist_test)
                         .replace("EXPECTED", repr(expected)))
     return pytester.runpytest("--qg-matrix", "matrix.yaml", "--qg-thresholds", "retention.yaml",
                               "-p", "no:cacheprovider", "-p", "no:randomly")
