@@ -636,6 +636,11 @@ def _read_yaml(path: Path) -> Any:
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
+    if not path.is_file():
+        raise MatrixError(f"{path.resolve()}: file not found; give the matrix's path (`quantgate check FILE`, "
+                          "--matrix FILE, pytest --qg-matrix FILE), run from the project folder (or set "
+                          "QUANTGATE_PROJECT to it), or write the shipped fixtures/ and thresholds/ with "
+                          "`quantgate init`")
     data = _read_yaml(path)
     try:
         return Matrix.model_validate(data)
@@ -675,9 +680,9 @@ def with_task_limits(matrix: Matrix, spec: str) -> Matrix:
 def load_thresholds(path: str | Path) -> Thresholds:
     path = Path(path)
     if not path.is_file():
-        raise MatrixError(f"{path}: file not found; give --thresholds FILE, run from the project folder (or set "
-                          "QUANTGATE_PROJECT to it), or write the shipped thresholds/ and fixtures/ with "
-                          "`quantgate init`")
+        raise MatrixError(f"{path.resolve()}: file not found; give --thresholds FILE, run from the project "
+                          "folder (or set QUANTGATE_PROJECT to it), or write the shipped thresholds/ and fixtures/ "
+                          "with `quantgate init`")
     data = _read_yaml(path)
     try:
         return Thresholds.model_validate(data)

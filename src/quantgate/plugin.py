@@ -292,6 +292,12 @@ def pytest_collection_modifyitems(
     together, baselines first, so each server starts at most once."""
     qs = _session(config)
     if qs is None:
+        if any(getattr(getattr(it, "module", None), "__name__", "").startswith("quantgate.suite") for it in items):
+            # the regression suite with no matrix would skip every test and pass, having gated nothing
+            matrix = _resolve(config, "--qg-matrix", "quantgate_matrix")
+            raise pytest.UsageError(
+                f"the quantgate regression suite needs a matrix, and there is none at {matrix}: give "
+                "--qg-matrix FILE, set quantgate_matrix in pytest.ini, or run `quantgate init` in this folder")
         return
     deferred = deferred_variants(qs.matrix, qs.cadence)
     if deferred:

@@ -132,3 +132,11 @@ def test_snapshots_of_an_installed_suite_live_in_the_project(pytester, monkeypat
     result = pytester.runpytest(*args)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*kernel: stored 'CPUInt8ScaledMMLinearKernel', new 'SomethingElse'*"])
+
+
+def test_the_suite_without_a_matrix_is_a_usage_error_not_a_green_run(pytester):
+    # an empty folder: no fixtures/demo.yaml, no pytest.ini naming a matrix
+    result = pytester.runpytest_subprocess("--pyargs", "quantgate.suite", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the quantgate regression suite needs a matrix, and there is none at "
+                                 "*fixtures/demo.yaml*quantgate init*"])
