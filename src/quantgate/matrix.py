@@ -328,6 +328,12 @@ class Task(_Strict):
         return out
 
 
+def _flag_names(args: list[str]) -> list[str]:
+    """The long flags of a serve_args list, without their `=value` (`--max-num-batched-tokens=8192` and
+    `--max-num-batched-tokens 8192` are the same flag)."""
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
 def _serve_args_not_reserved(value: list[str]) -> list[str]:
     bad = reserved_arg_overrides(value)
     if bad:
@@ -476,6 +482,17 @@ class Model(_Strict):
                    for a in args):
                 raise ValueError(f"{where}: set tensor parallelism with the model's `gpus: K`, not "
                                  "--tensor-parallel-size in serve_args (gpus also reserves the devices)")
+            if "--api-server-count" in _flag_names(args):
+                raise ValueError(f"{where}: set API server processes with the model's `api_server_count: N`, not "
+                                 "--api-server-count in serve_args")
+        for v in self.variants:
+            # vLLM's argparse keeps the last value: a flag given twice would silently take one of them
+            names = [*_flag_names(self.serve_args), *_flag_names(v.serve_args)]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"variant {v.name!r}: serve_args flag(s) {twice} given twice (model {self.name!r} "
+                                 "and variant serve_args together): give each once, at the model for every variant "
+                                 "or at the variant")
         if sum(v.format == "bf16" for v in self.variants) != 1:
             raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")
         return self

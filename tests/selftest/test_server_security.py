@@ -72,6 +72,24 @@ def test_matrix_refuses_reserved_and_tensor_parallel_model_serve_args(tmp_path):
     bad.write_text(head + "  serve_args: ['-tp', '2']\n" + tail)
     with pytest.raises(MatrixError, match=r"model 'm': set tensor parallelism with the model's `gpus: K`"):
         load_matrix(bad)
+    bad.write_text(head + "  serve_args: ['--api-server-count', '2']\n" + tail)
+    with pytest.raises(MatrixError, match=r"model 'm': set API server processes with the model's `api_server_count"):
+        load_matrix(bad)
+
+
+@pytest.mark.parametrize(("model_args", "variant_args"), [
+    ("['--max-num-batched-tokens', '16384']", "['--max-num-batched-tokens=8192']"),   # the variant overrides
+    ("[]", "['--max-num-batched-tokens=16384', '--max-num-batched-tokens=8192']"),   # twice in one list
+])
+def test_matrix_refuses_a_serve_flag_given_twice(tmp_path, model_args, variant_args):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("models:\n- name: m\n  source: {kind: local, path: /x}\n"
+                   f"  serve_args: {model_args}\n  variants:\n"
+                   f"  - {{name: bf16, format: bf16, serve_args: {variant_args}}}\n"
+                   "tasks:\n- {name: hellaswag, metric: acc_norm}\n")
+    with pytest.raises(MatrixError, match=r"variant 'bf16': serve_args flag\(s\) \['--max-num-batched-tokens'\] "
+                                          "given twice"):
+        load_matrix(bad)
 
 
 def test_each_server_gets_its_own_key_and_demands_it(tmp_path, standin):
