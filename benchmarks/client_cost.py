@@ -12,9 +12,14 @@ process, so its CPU is not the client's (on 2 cores it competes, which the reque
 before/after).
 
 Timed around lm-eval's own request calls (benchmarks/server_levers.recorded_requests): before = `run_task`
-called to the first request sent; after = the last response parsed to `run_task` returned; with `--repeats k`
-the k evaluations' gaps between them are counted in `between`. `--profile` writes the cumulative cProfile of
-the whole call (top functions) per task.
+called to the first HTTP request sent; request phase = first request sent to last response parsed; after = the
+last response parsed to `run_task` returned. "in flight" is the part of the request phase during which at least
+one request was outstanding: with `--repeats TASK=k` (quantgate's repeats: k lm-eval evaluations in one
+`run_task`) the request phase also holds the gaps between the k evaluations, each one's own before and after.
+`requests` counts HTTP requests (16 lm-eval requests each by default), `items` the task's distinct documents,
+`load` the 1-minute load average after the call. One untimed 2-item evaluation per task goes first (datasets
+prepared, TaskManager and tokenizer loaded). `--profile` writes the cumulative and self-time cProfile of the
+whole call per task (profile-TASK.txt, profile-TASK-self.txt).
 
   python benchmarks/client_cost.py --data-dir /work/shared/data --tokenizer CKPT --out /tmp/cc \
       --items hellaswag=all gsm8k=400 --repeats gsm8k=6 [--profile]
@@ -142,7 +147,8 @@ def evaluate(url: str, task_name: str, limit: int | None, repeats: int, args: ar
         t1 = time.monotonic()
     first, last = levers.request_phase(spans)
     busy = _busy_seconds(spans)
-    return {"task": task_name, "items": len(samples) // max(repeats, 1), "repeats": repeats,
+    items = len({(s.get("task"), s.get("doc_id")) for s in samples})
+    return {"task": task_name, "items": items, "repeats": repeats,
             "requests": len(spans), "call_s": t1 - t0, "before_s": first - t0, "after_s": t1 - last,
             "request_phase_s": last - first, "requests_in_flight_s": busy,
             "load": os.getloadavg()[0]}
@@ -163,16 +169,17 @@ def _busy_seconds(spans: list[Any]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", default=os.environ.get("QUANTGATE_DATA_DIR") or str(ROOT.parent / "shared" / "data"),
+                    help="offline evaluation data (default: $QUANTGATE_DATA_DIR, else ../shared/data)")
     ap.add_argument("--tokenizer", required=True, help="a checkpoint folder with the tokenizer files")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
+    ap.add_argument("--out", default="client_cost_out", help="folder for client_cost.md/.jsonl and profiles")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--items", nargs="*", default=["hellaswag=all", "gsm8k=400"],
                     help="TASK=N or TASK=all")
     ap.add_argument("--repeats", nargs="*", default=["gsm8k=6"], help="TASK=k")
-    ap.add_argument("--runs", type=int, default=1, help="timed runs per task")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per task (default 1)")
+    ap.add_argument("--batch-size", type=int, default=16, help="lm-eval requests per HTTP request (default 16)")
+    ap.add_argument("--concurrency", type=int, default=64, help="HTTP requests in flight (default 64)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -84,8 +84,9 @@ def check_matrix(
             # A thresholds file is shared by matrices, so a floor for another matrix's task is no error; one
             # whose name is close to this matrix's tasks is likely a typo, and warned about.
             hint = close_names(task, sorted(keys))
+            why = f"unused here; {hint.strip()[1:-1]}" if hint else "unused here"
             line = (f"thresholds: retention.task_floors.{task}: no task of {path.name} has that id or name "
-                    f"(unused here){hint}; its tasks: {sorted(t.key for t in matrix.tasks)}")
+                    f"({why}); its tasks: {sorted(t.key for t in matrix.tasks)}")
             (report.warnings if hint else report.notes).append(line)
     return report
 

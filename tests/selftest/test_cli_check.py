@@ -84,7 +84,7 @@ def test_check_warns_of_a_task_floor_that_looks_like_a_typo(project, capsys):
     assert "hellaswga" in th.read_text()
     assert cli.main(["check", str(project(20)), "--thresholds", str(th)]) == 0
     assert ("warning: thresholds: retention.task_floors.hellaswga: no task of m.yaml has that id or name (unused "
-            "here) (did you mean 'hellaswag'?)") in capsys.readouterr().out
+            "here; did you mean 'hellaswag'?)") in capsys.readouterr().out
 
 
 def test_check_says_plainly_valid_when_nothing_is_predicted_to_block(project, tmp_path, capsys):
