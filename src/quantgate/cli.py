@@ -398,28 +398,32 @@ def _check_one(matrix_path: Path, args: argparse.Namespace) -> None:
     if left_out is not None:
         print(f"note: {left_out}")
     # what a run at this cadence evaluates (check_matrix refused a baseline later than its variants)
-    predicted = _predicted_critical(at_cadence(m, args.qg_cadence), th, limits, policy)
-    for gate, outcome in predicted:
-        print(f"warning: critical gate {gate}: the plan predicts {outcome} at this n (quantgate plan {matrix_path})")
+    predicted = _predicted_blocking(at_cadence(m, args.qg_cadence), th, limits, policy, args.qg_cadence)
+    for gate, outcome, tier in predicted:
+        print(f"warning: {tier} gate {gate}: the plan predicts {outcome} at this n, which fails a run at cadence "
+              f"{args.qg_cadence} (quantgate plan {matrix_path})")
     n = sum(len(x.variants) for x in m.models)
     head = f"{matrix_path}: {len(m.models)} model(s), {n} variant(s), {len(m.tasks)} task(s): valid"
     if not predicted and not missing:
         print(head)
         return
-    counts = Counter(o for _, o in predicted)
+    counts = Counter(o for _, o, _ in predicted)
     parts = [f"{counts[o]} {o}" for o in ("FAIL", "INCONCLUSIVE") if counts[o]]
     parts += [f"{len(missing)} MISSING for every quantized variant"] if missing else []
-    print(f"{head}, but critical gates are predicted to block the run: {', '.join(parts)} (see the warnings "
-          f"above and `quantgate plan {matrix_path}`)")
+    tiers = sorted({t for _, _, t in predicted} | ({"critical"} if missing else set()))
+    print(f"{head}, but {' and '.join(tiers)} gates are predicted to block the run: {', '.join(parts)} (see the "
+          f"warnings above and `quantgate plan {matrix_path}`)")
 
 
-def _predicted_critical(matrix, th, limits, policy: Policy) -> list[tuple[str, str]]:  # noqa: ANN001
-    """The plan's prediction for the critical gates, at `quantgate plan`'s default assumptions."""
+def _predicted_blocking(matrix, th, limits, policy: Policy,  # noqa: ANN001
+                        cadence: str) -> list[tuple[str, str, str]]:
+    """The plan's prediction for the gates that fail a run at `cadence` unless they PASS, at `quantgate plan`'s
+    default assumptions (plan.blocking_gate_predictions)."""
     from quantgate.plan import (
         DEFAULT_BASE,
         DEFAULT_DISCORDANCE,
         DEFAULT_POWER,
-        critical_gate_predictions,
+        blocking_gate_predictions,
         distribution_plan_rows,
         parse_assumptions,
         plan_rows,
@@ -430,7 +434,7 @@ def _predicted_critical(matrix, th, limits, policy: Policy) -> list[tuple[str, s
     disc = parse_assumptions(DEFAULT_DISCORDANCE, names, "--discordance")
     rows = plan_rows(matrix, th, base, disc, power=DEFAULT_POWER)
     dist_rows = [] if limits is None else distribution_plan_rows(matrix, limits, DEFAULT_POWER)
-    return critical_gate_predictions(matrix, rows, dist_rows, policy)
+    return blocking_gate_predictions(matrix, rows, dist_rows, policy, cadence)
 
 
 def _policy_path(args: argparse.Namespace) -> Path | None:

@@ -320,25 +320,35 @@ def _avg_row(
                    f"{t_count} task{'' if t_count == 1 else 's'}, sizes scaled together")
 
 
-def critical_gate_predictions(
-    matrix: Matrix, rows: Sequence[PlanRow], dist_rows: Sequence[DistributionPlanRow], policy: Policy
-) -> list[tuple[str, str]]:
-    """(``subject gate``, ``INCONCLUSIVE`` or ``FAIL``) for each critical gate (``policy``) that the plan does
-    not expect to PASS at the matrix's n: INCONCLUSIVE where n is below the n needed, FAIL where a distribution
-    gate's assumed mean is on the wrong side of its limit (a negative control's FAIL is what it must give).
+def blocking_gate_predictions(
+    matrix: Matrix, rows: Sequence[PlanRow], dist_rows: Sequence[DistributionPlanRow], policy: Policy,
+    cadence: str = "commit",
+) -> list[tuple[str, str, str]]:
+    """(``subject gate``, ``INCONCLUSIVE`` or ``FAIL``, tier) for each gate that the plan does not expect to PASS
+    at the matrix's n and whose outcome the policy turns into a failed run at `cadence` (every critical gate; a
+    supporting gate's INCONCLUSIVE where the cadence fails on it, as nightly does by default): INCONCLUSIVE where
+    n is below the n needed, FAIL where a distribution gate's assumed mean is on the wrong side of its limit (a
+    negative control's FAIL is what it must give).
 
     A negative control's accuracy gates are left out: the plan models a lossless variant, not a damaged one.
     """
-    out = [(f"{r.subject} {r.gate}", "INCONCLUSIVE") for r in rows
-           if r.resolved is False and not matrix.is_control(r.subject)
-           and not r.note.startswith("reported, not gated") and policy.tier(r.gate) == "critical"]
+    from quantgate.gates.outcome import Outcome
+
+    def blocks(gate: str, outcome: str) -> str | None:
+        tier = policy.tier(gate)
+        return tier if policy.disposition(Outcome[outcome], tier, cadence) == "fail" else None
+
+    out = []
+    for r in rows:
+        if r.resolved is False and not matrix.is_control(r.subject) and not r.note.startswith("reported, not gated"):
+            tier = blocks(r.gate, "INCONCLUSIVE")
+            if tier:
+                out.append((f"{r.subject} {r.gate}", "INCONCLUSIVE", tier))
     for d in dist_rows:
-        if policy.tier(d.gate) != "critical":
-            continue
-        if d.resolved is False:
-            out.append((f"{d.subject} {d.gate}", "INCONCLUSIVE"))
-        elif d.expected == "FAIL" and not d.control:
-            out.append((f"{d.subject} {d.gate}", "FAIL"))
+        outcome = "INCONCLUSIVE" if d.resolved is False else "FAIL" if d.expected == "FAIL" and not d.control else None
+        tier = blocks(d.gate, outcome) if outcome else None
+        if tier:
+            out.append((f"{d.subject} {d.gate}", outcome, tier))
     return out
 
 

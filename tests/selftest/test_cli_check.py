@@ -210,3 +210,20 @@ def test_score_table_shows_the_cpu_tier_its_snapshots_are_kept_by(tmp_path, make
         assert "CPU tier" not in text
     else:
         assert f"CPU tier: {tier} (snapshots, accepted baselines and expected kernels are kept per tier)" in text
+
+
+def test_check_predicts_supporting_gates_that_block_at_nightly(project, capsys):
+    # the shipped policy: hellaswag supporting, whose INCONCLUSIVE warns at commit and fails at nightly
+    th = project.thresholds
+    (th.parent / "policy.yaml").write_text((ROOT / "thresholds" / "policy.yaml").read_text())
+    matrix = project(20)
+    assert cli.main(["check", str(matrix), "--thresholds", str(th)]) == 0
+    commit = capsys.readouterr().out
+    assert "supporting gate" not in commit and "supporting gates are predicted to block" not in commit
+    assert cli.main(["check", str(matrix), "--thresholds", str(th), "--qg-cadence", "nightly"]) == 0
+    nightly = capsys.readouterr().out
+    assert ("warning: supporting gate m/q retention[hellaswag]: the plan predicts INCONCLUSIVE at this n, which "
+            "fails a run at cadence nightly") in nightly
+    # retention[hellaswag] and retention[AVG]; the critical distribution gates are MISSING (no distribution:)
+    assert ("valid, but critical and supporting gates are predicted to block the run: 2 INCONCLUSIVE, 2 MISSING"
+            in nightly)
