@@ -100,6 +100,8 @@ class BatchedTokenization:
     """
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if getattr(self, "tokenizer_backend", None) != "huggingface":
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)  # type: ignore[misc]
         strings: dict[str, None] = {}  # insertion-ordered set
         for req in requests:
             context, continuation = req.args
