@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantgate.errors import MatrixError
-from quantgate.matrix import Cadence, Matrix
+from quantgate.matrix import Cadence, Matrix, Model
 
 ORDER: tuple[str, ...] = Cadence.__args__  # type: ignore[attr-defined]  # commit < nightly < weekly
 
@@ -54,20 +54,22 @@ def deferred_variants(matrix: Matrix, cadence: str) -> list[Deferred]:
 def baseline_cadence_errors(matrix: Matrix) -> list[str]:
     """One message per model whose BF16 baseline is evaluated later than one of its quantized variants: at
     the variant's cadence its retention gates would have no baseline to be paired with."""
-    out = []
-    for m in matrix.models:
-        base = m.baseline
-        early = [v.name for v in m.variants if v.format != "bf16" and _rank(v.cadence) < _rank(base.cadence)]
-        if early:
-            first = min((v for v in m.variants if v.name in early), key=lambda v: _rank(v.cadence)).cadence
-            verb = "runs" if len(early) == 1 else "run"
-            out.append(
-                f"models.{m.name}.variants.{base.name}: the BF16 baseline has cadence {base.cadence}, but "
-                f"{', '.join(early)} {verb} at {first}: their retention gates would have no baseline at "
-                f"--qg-cadence {first}; give the baseline the earliest cadence of its variants ({first}; "
-                "a baseline is evaluated whenever any of its variants is)"
-            )
-    return out
+    return [e for e in map(_baseline_cadence_error, matrix.models) if e is not None]
+
+
+def _baseline_cadence_error(m: Model) -> str | None:
+    base = m.baseline
+    early = [v for v in m.variants if v.format != "bf16" and _rank(v.cadence) < _rank(base.cadence)]
+    if not early:
+        return None
+    first = min((v.cadence for v in early), key=_rank)
+    verb = "runs" if len(early) == 1 else "run"
+    return (
+        f"models.{m.name}.variants.{base.name}: the BF16 baseline has cadence {base.cadence}, but "
+        f"{', '.join(v.name for v in early)} {verb} at {first}: their retention gates would have no baseline at "
+        f"--qg-cadence {first}; give the baseline the earliest cadence of its variants ({first}; "
+        "a baseline is evaluated whenever any of its variants is)"
+    )
 
 
 def at_cadence(matrix: Matrix, cadence: str) -> Matrix:
@@ -85,7 +87,7 @@ def at_cadence(matrix: Matrix, cadence: str) -> Matrix:
         if not kept:
             continue
         if (m.name, m.baseline.name) in deferred:
-            raise MatrixError("\n".join(e for e in baseline_cadence_errors(matrix) if f"models.{m.name}." in e))
+            raise MatrixError(_baseline_cadence_error(m) or f"models.{m.name}: the baseline is left out")
         models.append(m.model_copy(update={"variants": kept}))
     return matrix.model_copy(update={"models": models})
 
