@@ -176,8 +176,21 @@ def _stop_session_on_sigterm(signum: int, frame: object) -> None:
     # The library's handler (vllm_server.install_sigterm_handler) raises SystemExit, which pytest records as one
     # failed test and then goes on with the next: a CI timeout's SIGTERM would not stop the run. pytest.exit
     # ends the session (teardowns and the servers' atexit stop still run).
+    from quantgate import stopping
+
+    stopping.request(signum)
     print("quantgate: received SIGTERM; stopping the session and every server", file=sys.stderr, flush=True)
     pytest.exit("quantgate: received SIGTERM", returncode=128 + signum)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # pytest.exit raises an ordinary Exception: a catch-all on its way up (lm-eval's request loop, a builder's
+    # wrapper) can turn it into one failed test, after which the next test would start the next server
+    from quantgate import stopping
+
+    if (signum := stopping.requested()) is not None:
+        pytest.exit(f"quantgate: received signal {signum} during an earlier test", returncode=128 + signum)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -367,7 +367,7 @@ class VariantRun:
                 # `from None`: the server's log tail says why; lm-eval's chained async traceback only buries it
                 # (and has crashed pytest's traceback rendering: "AST constructor recursion depth mismatch").
                 try:
-                    server.check_alive(f"while evaluating task {task.key}")
+                    server.check_serving(f"while evaluating task {task.key}")
                 except ServerError as dead:
                     raise dead from None
                 raise

@@ -193,6 +193,48 @@ def test_server_dies_mid_evaluation(tmp_path, standin):
     assert rerun.events.evaluated == [f"{fh.MODEL}/bf16:ifeval"]
 
 
+def test_server_that_closes_its_port_before_exiting_is_named_with_its_error(tmp_path, standin):
+    """vLLM 0.26 with --api-server-count 4 on an H200: one API server process died on a tensor it could not
+    decode; the port closed while the leader was still shutting down, so the client gave up first and the
+    failure read as lm-eval's "Cannot connect". The server is named, with the error it logged while serving."""
+    store = tmp_path / "store"
+    run = fh.make_run(store)
+    vr = run.variant(fh.MODEL, "bf16")
+    fh.PROMPTS["ifeval"] = "hang-up"
+    with pytest.raises(ServerError, match=r"exited with code 1 while evaluating task ifeval[\s\S]*first error it "
+                                          r"logged while serving: RuntimeError: shape '\[25, 2\]' is invalid"):
+        vr.results(run.matrix.tasks)
+    leader = vr.server.proc.pid
+    run.close()
+    _assert_nothing_left(leader, leader)
+    assert _stored(store) == [f"{fh.MODEL}/bf16/hellaswag"], "the task evaluated before the crash is kept"
+
+
+def test_server_alive_but_not_answering_after_a_failed_evaluation(tmp_path, standin, monkeypatch):
+    monkeypatch.setenv("STANDIN_HANGUP_EXIT_S", "600")
+    monkeypatch.setattr(vllm_server, "SERVING_GRACE_S", 1.0)
+    run = fh.make_run(tmp_path / "store")
+    vr = run.variant(fh.MODEL, "bf16")
+    fh.PROMPTS["ifeval"] = "hang-up"
+    with pytest.raises(ServerError, match=r"stopped answering /health while evaluating task ifeval \(still "
+                                          r"running after 1s\)[\s\S]*first error it logged while serving"):
+        vr.results(run.matrix.tasks)
+    leader = vr.server.proc.pid
+    run.close()
+    _assert_nothing_left(leader, leader)
+
+
+def test_first_exception_reads_past_vllm_prefixes_and_ignores_mentions():
+    log = ("WARNING [system_utils.py:299] ... This can cause fd limit errors like `OSError: [Errno 24] Too many`\n"
+           "(ApiServer_2 pid=2468) ERROR 12-01 11:16:26 [async_llm.py:704]     return arr.view(torch_dtype)\n"
+           "(ApiServer_2 pid=2468) ERROR 12-01 11:16:26 [async_llm.py:704] RuntimeError: shape '[25, 2]' is "
+           "invalid for input of size 44\n"
+           "RuntimeError: Process ApiServer_2 (PID: 2468) died with exit code None\n")
+    assert vllm_server.first_exception(log) == "RuntimeError: shape '[25, 2]' is invalid for input of size 44"
+    assert vllm_server.first_exception("ValueError: bad\n") == "ValueError: bad"
+    assert vllm_server.first_exception("no error here\nlike `OSError: x`\n") is None
+
+
 def test_start_timeout_comes_from_the_matrix_and_the_environment(tmp_path, standin, monkeypatch):
     standin("never-healthy")
     monkeypatch.setenv("STANDIN_PIDFILE", str(tmp_path / "standin.pids"))
@@ -305,3 +347,25 @@ def test_sigterm_stops_a_pytest_session_instead_of_failing_one_test(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
     assert "quantgate: received SIGTERM" in proc.stdout + proc.stderr
     assert not marker.exists(), "the session went on after SIGTERM"
+
+
+def test_sigterm_swallowed_by_a_catch_all_still_stops_the_session(tmp_path):
+    """pytest.exit raises an ordinary Exception; on an H200 lm-eval's request loop and quantgate's task wrapper
+    caught it as one failed task, and the session went on to start the next variant's server. The next test
+    must not start."""
+    marker = tmp_path / "second-test-ran"
+    (tmp_path / "test_two.py").write_text(
+        "import os, signal, time\n"
+        "def test_first():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    except Exception:\n"
+        "        pass\n"
+        f"def test_second():\n    open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_two.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
+    assert not marker.exists(), "the session went on after a swallowed SIGTERM"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -48,6 +49,10 @@ SERVER_MODULE = "quantgate.engines.vllm_cli"
 _LIVE: set[VllmServer] = set()
 HOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT_S = 900.0
+# How long a server may take to answer /health again after an evaluation failed before it counts as down: vLLM
+# shuts its API servers down within seconds of one dying (reports/gpu-h200.md, session 8), and a /health
+# request that an overloaded server answers late is retried until then.
+SERVING_GRACE_S = 15.0
 # What quantgate decides for every server: a variant's serve_args or QUANTGATE_VLLM_ARGS may not override them
 # (argparse keeps the last value, so `--host 0.0.0.0` there would expose the server to the network).
 RESERVED_ARGS = ("--host", "--port", "--api-key", "--served-model-name", "--model")
@@ -394,6 +399,8 @@ class VllmServer:
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        # the log's length once the server answered /health: what it logs after that is the serving phase's
+        self.ready_log_offset = 0
         # A secret of this server alone; clients send it as `Authorization: Bearer <key>`. Kept out of the
         # command line (world-readable in /proc), the log, result keys and provenance.
         self.api_key: str | None = None
@@ -466,9 +473,14 @@ class VllmServer:
             return self.proc.poll()
 
     def failure(self, what: str) -> ServerError:
-        """A ServerError saying `what` happened, with the memory refusal vLLM logged and the log's end."""
-        refusal = memory_refusal(self.log_text())
+        """A ServerError saying `what` happened, with the memory refusal vLLM logged, the first exception it
+        logged while serving (the cause; the log's end is the shutdown that followed) and the log's end."""
+        text = self.log_text()
+        refusal = memory_refusal(text)
         cause = f"\nrefused for memory: {refusal}" if refusal else ""
+        serving_error = first_exception(text[self.ready_log_offset:]) if self.ready_log_offset else None
+        if serving_error:
+            cause += f"\nfirst error it logged while serving: {serving_error}"
         return ServerError(
             f"vLLM server for {self.model_dir} {what}{cause}\nlog {self.log_path}, last lines:\n{self.log_tail()}"
         )
@@ -479,6 +491,27 @@ class VllmServer:
         code = self.exit_code()
         if code is not None:
             raise self.failure(f"exited with code {code} {when}")
+
+    def check_serving(self, when: str, grace_s: float | None = None) -> None:
+        """Return once the server answers /health; raise ServerError if it exits, or has not answered within
+        `grace_s` seconds (default SERVING_GRACE_S). For after a failed evaluation: a server whose API process
+        died is still shutting down (its leader alive, its port closed) when the client gives up, so a bare
+        exit-code check would blame the client (seen with vLLM 0.26 and --api-server-count 4,
+        reports/gpu-h200.md, session 8)."""
+        import requests  # here, not at import: importing it costs seconds, and a warm rerun needs none
+
+        grace_s = SERVING_GRACE_S if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
+        while True:
+            self.check_alive(when)
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() >= deadline:
+                raise self.failure(f"stopped answering /health {when} (still running after {grace_s:.0f}s)")
+            time.sleep(0.5)
 
     def __enter__(self) -> VllmServer:
         global _DEVICES_BEFORE_FIRST_SERVER, _FIRST_SERVER_STARTED
@@ -515,6 +548,10 @@ class VllmServer:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - start
+        try:
+            self.ready_log_offset = self.log_path.stat().st_size
+        except OSError:
+            self.ready_log_offset = 0
         return self
 
     def _wait_healthy(self, start: float) -> None:
@@ -549,6 +586,17 @@ class VllmServer:
         self.stop()
 
 
+_EXCEPTION_LINE = re.compile(r"(?:^|[\]\)]\s)((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit)): (.+)$", re.M)
+
+
+def first_exception(log_text: str) -> str | None:
+    """The first `SomeError: message` line (an exception's last traceback line, bare or behind vLLM's
+    `(ApiServer_2 pid=..) ERROR ... [file.py:704]` prefix) in `log_text`, without its prefix; None if none.
+    Warnings that merely mention an error type (vLLM's "fd limit errors like OSError: ...") do not match."""
+    m = _EXCEPTION_LINE.search(log_text)
+    return f"{m[1]}: {m[2].strip()}" if m else None
+
+
 def install_sigterm_handler() -> None:
     """SIGTERM (a CI timeout, `kill`) skips atexit; turn it into SystemExit so every teardown runs."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -559,6 +607,9 @@ def install_sigterm_handler() -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    from quantgate import stopping
+
+    stopping.request(signum)
     print(f"quantgate: received {signal.Signals(signum).name}; stopping {len(_LIVE)} server(s) and exiting",
           file=sys.stderr, flush=True)
     sys.exit(128 + signum)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate import stopping
 from quantgate.errors import EvaluationError
 from quantgate.matrix import Chat, Generation, Task
 from quantgate.redaction import redact, secret_redacted_from_logs
@@ -421,6 +422,8 @@ def run_task(
     try:
         spec = lm_eval_task_spec(name, data_dir)
     except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+        if stopping.requested() is not None:  # a stop (pytest.exit on SIGTERM) is not this task's failure
+            raise
         raise failed(exc) from exc
     with ExitStack() as patched:
         # lm-eval's process state, patched once for every repeat: the repeats send the same prompts, so their
@@ -454,6 +457,8 @@ def run_task(
                         fewshot_random_seed=seed,
                     )
             except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+                if stopping.requested() is not None:  # a stop (pytest.exit on SIGTERM) is not a task failure
+                    raise
                 raise failed(exc) from exc
             as_leaves = isinstance(spec, list)  # a group handed over as its leaves: lm-eval reports no group row
             if not out or (name not in out.get("results", {}) and not as_leaves):

@@ -4,7 +4,10 @@ It takes vLLM's command line (only --port is read), spawns a child that sleeps (
 core) in its process group, and then behaves as env STANDIN_MODE says:
   healthy        /health answers 200; POST /v1/completions needs `Authorization: Bearer $VLLM_API_KEY`
                  (401 otherwise, as vLLM's AuthenticationMiddleware) and answers one choice; a prompt "die"
-                 makes the server exit with code 1 without answering (a crash mid-request)
+                 makes the server exit with code 1 without answering (a crash mid-request); a prompt
+                 "hang-up" logs vLLM 0.26's API-server crash (reports/gpu-h200.md, session 8), leaves the
+                 request unanswered and closes the port, and the leader exits 1 only STANDIN_HANGUP_EXIT_S
+                 (default 5) seconds later, as vLLM's launcher shuts its other API servers down
   crash          prints STANDIN_MESSAGE (default: a crash line) and exits 1 before serving
   never-healthy  /health answers 503 forever
 STANDIN_PIDFILE, if set, receives "<leader pid> <child pid>" once the child runs.
@@ -15,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 mode = os.environ.get("STANDIN_MODE", "healthy")
 port = int(sys.argv[sys.argv.index("--port") + 1])
@@ -43,6 +48,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if body.get("prompt") == "die":
             os._exit(1)
+        if body.get("prompt") == "hang-up":
+            print(API_SERVER_CRASH, flush=True)
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
+            return  # unanswered: the connection closes
         out = json.dumps({"choices": [{"index": 0, "text": f"echo {body.get('prompt')}"}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -54,4 +63,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+API_SERVER_CRASH = ("(ApiServer_2 pid=2468) ERROR 12-01 11:16:26 [async_llm.py:704] RuntimeError: shape '[25, 2]' "
+                    "is invalid for input of size 44")
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+server.serve_forever()
+# reached after a hang-up only: the port is closed while the leader lives on, then it exits
+server.server_close()
+time.sleep(float(os.environ.get("STANDIN_HANGUP_EXIT_S", "5")))
+sys.exit(1)
