@@ -265,3 +265,32 @@ def test_a_code_task_refused_for_want_of_hf_allow_code_eval_says_so():
         "HF_ALLOW_CODE_EVAL=1 in the environment (lm-eval's confirm_run_unsafe_code, the task's allow_code_execution, "
         "does not set it); set it where the suite runs, in a sandbox")
     assert _load_failure(ImportError("no module named math_verify")) == "ImportError: no module named math_verify"
+
+
+@pytest.mark.parametrize("inside_examples", [True, False], ids=["example-checkpoint", "any-other-path"])
+def test_a_missing_local_checkpoint_names_the_example_script_that_makes_it(tmp_path, inside_examples):
+    """fixtures/cpu-tasks.yaml names a checkpoint that examples/external-checkpoints/prepare.py makes: when it is
+    missing, the error says to run that script. Any other missing folder gets the plain error."""
+    from quantgate import matrix_checks
+    from quantgate.matrix_checks import check_matrix
+
+    checkout = Path(matrix_checks.__file__).resolve().parents[2]
+    folder = (checkout / "external-checkpoints" / "no-such-checkpoint-of-the-selftests" if inside_examples
+              else tmp_path / "no-such-checkpoint")
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(f"""
+        models:
+          - name: m
+            source: {{kind: local, path: {tmp_path}}}
+            variants:
+              - {{name: bf16, format: bf16}}
+              - {{name: q, format: nvfp4, source: {{kind: local, path: {folder}}}}}
+        tasks:
+          - {{name: hellaswag, metric: acc_norm, limit: 20}}
+        """))
+    errors = [e for e in check_matrix(load_matrix(path), path, None).errors if "does not exist" in e]
+    plain = (f"{path}: models.m.variants.q.source.path: {str(folder)!r} does not exist (a checkpoint folder is "
+             f"needed; a relative path is read from the working directory: {folder})")
+    hint = (f"; the project's examples/external-checkpoints/prepare.py makes it: run `python "
+            f"examples/external-checkpoints/prepare.py` in {checkout}")
+    assert errors == [plain + hint if inside_examples else plain]
