@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
@@ -28,11 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("server_levers", ROOT / "benchmarks" / "server_levers.py")
-levers = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["server_levers"] = levers
-_spec.loader.exec_module(levers)  # type: ignore[union-attr]
+# benchmarks/server_levers.py: run as a script, this file's folder is first on sys.path
+import server_levers as levers
 
 TASKS = {"hellaswag": ("acc_norm", 0), "gsm8k": ("exact_match,strict-match", 5)}
 

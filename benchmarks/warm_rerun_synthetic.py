@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]))
     child = [sys.executable, "-c", tw.CHILD, str(tmp), str(ROOT / "src" / "quantgate" / "suite"),
              "--qg-matrix", str(matrix), "--qg-thresholds", str(thresholds), "-p", "no:cacheprovider", "-q",
-             "-k", "not test_checkpoint_structure"]
+             # the child's rootdir is this checkout: its score-table candidate goes under DIR, not tests/__snapshots__
+             "--qg-snapshots", str(tmp / "snapshots"), "-k", "not test_checkpoint_structure"]
     walls = []
     for i in range(runs + 1):
         t0 = time.perf_counter()

@@ -23,6 +23,8 @@ weekly); each names the others in one line. `quantgate CMD --help` lists each co
 Exit codes of `quantgate run` (quantgate.run_verdict): 0 every counted gate passed; 1 a gate failed on
 evidence of loss, a critical gate is MISSING, or another test failed or errored; 2 nothing failed but a gate
 the policy blocks on is INCONCLUSIVE; 3 the run did not complete (bad configuration, usage, interrupted).
+Every other command exits 3 on a usage or configuration error, and so does `quantgate report` when the results
+folder holds no stored results for any model of the matrix (a wrong folder is not an empty report).
 """
 
 from __future__ import annotations
@@ -109,25 +111,39 @@ def _left_out(matrix_path: Path, cadence: str, verb: str) -> str | None:
     return deferred_line(deferred_variants(load_matrix(matrix_path), cadence), cadence, verb)
 
 
-def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
-                  results: Path | None = None, cadence: str = "commit"):  # noqa: ANN202 - a Run or None
-    """The score tables at `cadence` of the models with stored results; the others are named, and so are the
-    variants left to a later cadence. Creates no results folder. Returns the reading Run (None when no model
-    has stored results)."""
+def _model_names(matrix_path: Path, cadence: str) -> list[str]:
+    """The names of the matrix's models that have a variant at `cadence` (quantgate.cadence)."""
     from quantgate.cadence import at_cadence
 
+    return [m.name for m in at_cadence(load_matrix(matrix_path), cadence).models]
+
+
+def _nothing_stored(matrix_path: Path, root: Path) -> str:
+    """The one line saying that `root` holds no stored results for any model of the matrix, and what to do."""
+    return (f"no stored results for any model of {matrix_path.name} in {root} (the results folder read): "
+            f"`quantgate run --matrix {matrix_path}` stores them there, or name the folder a run stored them in "
+            "with --results DIR or QUANTGATE_RESULTS")
+
+
+def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
+                  results: Path | None = None, cadence: str = "commit"):  # noqa: ANN202 - a quantgate.runner.Run
+    """The score tables at `cadence` of the models with stored results; the others are named, and so are the
+    variants left to a later cadence. Creates no results folder. Returns the reading Run.
+
+    Raises QuantgateError (`quantgate report` exits 3) when no model of the matrix has stored results in the
+    results folder: a report of nothing is a wrong folder or a matrix never run, not a success."""
     root = results or results_dir(create=False)
+    names = _model_names(matrix_path, cadence)
+    stored = [n for n in names if (root / n).is_dir()]
+    if not stored:
+        raise QuantgateError(_nothing_stored(matrix_path, root))
     left_out = _left_out(matrix_path, cadence, "report")
     if left_out is not None:
         print(left_out)
-    names = [m.name for m in at_cadence(load_matrix(matrix_path), cadence).models]
-    stored = [n for n in names if (root / n).is_dir()]
     for name in names:
         if name not in stored:
             print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run` stores them, "
                   "QUANTGATE_RESULTS names another results directory)")
-    if not stored:
-        return None
     run = _reading_run(matrix_path, thresholds_path, limit, root, cadence)
     for table in _tables(run, thresholds_path):
         print(table)
@@ -232,8 +248,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     matrix_path, thresholds_path = _paths(args)
     results = _results_arg(args)
     run = _print_tables(matrix_path, thresholds_path, args.qg_limit, results, args.qg_cadence)
-    if run is None:
-        return 0
     if args.no_figures:
         return _report_complete(run)
     from quantgate import history
@@ -301,8 +315,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
             print(line)
         return 0
     matrix_path, thresholds_path = _paths(args)
-    run = _reading_run(matrix_path, thresholds_path, args.qg_limit, _results_arg(args), verdict.cadence)
-    tables = _tables(run, thresholds_path)
+    results = _results_arg(args)
+    if any((results / name).is_dir() for name in _model_names(matrix_path, verdict.cadence)):
+        run = _reading_run(matrix_path, thresholds_path, args.qg_limit, results, verdict.cadence)
+        tables = _tables(run, thresholds_path)
+    else:
+        # a run that stopped before storing a result still gets its summary (the verdict is the JUnit XML's);
+        # the Scores section says which folder was read instead of a table per model that cannot be complete
+        tables = [f"({_nothing_stored(matrix_path, results)})"]
     left_out = _left_out(matrix_path, verdict.cadence, "run")
     tables += [left_out] if left_out is not None else []
     bad = [link for link in args.link if "=" not in link]

@@ -5,7 +5,8 @@ formats and unknown compressed-tensors schemes. Here, against lm-eval's task con
 checkpoints already on this machine:
 
 errors   a metric lm-eval does not produce for the task; a code-executing task without allow_code_execution;
-         max_gen_toks >= max_model_len; a local source path that does not exist or has no config.json; a
+         max_gen_toks >= max_model_len; a local source path that does not exist (naming the script that makes it,
+         for a checkpoint of the project's own examples) or has no config.json; a
          prebuilt variant's own quantization config (local, or in the HF cache) with an unknown quant_method,
          format or quant_algo, or contradicting the variant's `format`; a group size that does not
          divide the baseline's hidden_size / intermediate_size (config.json, when the baseline is local);
@@ -52,6 +53,21 @@ SAMPLING_CONFIG_FIELDS = (
 )
 
 _BASELINE = Variant(name="bf16", format="bf16")
+
+# Checkpoint folders that a script of the project's own examples makes, by where the script puts them (relative
+# to the checkout) -> the script: fixtures/cpu-tasks.yaml names one by local path. A checkout only; an
+# installed quantgate has no examples/, and a user's own matrix gets the plain error.
+_EXAMPLE_CHECKPOINTS = {"external-checkpoints": "examples/external-checkpoints/prepare.py"}
+
+
+def _made_by_example(missing: Path) -> str:
+    """'; <how to make it>' when `missing` (resolved) lies in a folder that one of the checkout's example
+    scripts makes and that script is there; '' otherwise."""
+    checkout = Path(__file__).resolve().parents[2]  # src/quantgate/matrix_checks.py in a checkout
+    for folder, script in _EXAMPLE_CHECKPOINTS.items():
+        if (checkout / script).is_file() and missing.is_relative_to(checkout / folder):
+            return f"; the project's {script} makes it: run `python {script}` in {checkout}"
+    return ""
 
 
 @dataclass
@@ -161,7 +177,7 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
             resolved = Path(src.path).expanduser().resolve()
             report.errors.append(
                 f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed; a relative path "
-                f"is read from the working directory: {resolved})")
+                f"is read from the working directory: {resolved}){_made_by_example(resolved)}")
         elif isinstance(src, LocalSource) and not (Path(src.path).expanduser() / "config.json").is_file():
             report.errors.append(f"{path}: {where}.path: {src.path!r} has no config.json (a Hugging Face checkpoint "
                                  "folder is needed: config.json, *.safetensors and a tokenizer)")

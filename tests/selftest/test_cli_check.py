@@ -227,3 +227,70 @@ def test_check_predicts_supporting_gates_that_block_at_nightly(project, capsys):
     # retention[hellaswag] and retention[AVG]; the critical distribution gates are MISSING (no distribution:)
     assert ("valid, but critical and supporting gates are predicted to block the run: 2 INCONCLUSIVE, 2 MISSING"
             in nightly)
+
+
+def test_check_says_what_a_code_task_lacks_offline_and_what_to_do(project, tmp_path, monkeypatch, capsys):
+    """humaneval's scorer is evaluate's `code_eval`, loaded from the Hub when lm-eval builds the task. Offline
+    and not in evaluate's module cache, evaluate says the module "doesn't exist on the Hugging Face Hub"
+    (it does); the warning says what is missing, where it was looked for and how to get it."""
+    from evaluate import config as evaluate_config
+
+    modules = tmp_path / "no-modules"
+    monkeypatch.setattr(evaluate_config, "HF_MODULES_CACHE", modules)  # an empty module cache
+    monkeypatch.setattr(evaluate_config, "HF_EVALUATE_OFFLINE", True)  # the Hub is never asked
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    path = project(20)
+    path.write_text(path.read_text().replace(
+        "{name: hellaswag, metric: acc_norm, limit: 20}",
+        "{name: humaneval_plus, metric: 'pass@1,create_test', allow_code_execution: true, limit: 20}"))
+    cli.main(["check", str(path), "--thresholds", str(project.thresholds)])
+    out = capsys.readouterr().out
+    assert (f"warning: {path}: tasks.humaneval_plus: lm-eval cannot load humaneval_plus in this environment "
+            "(humaneval_plus: its scorer, the Hugging Face `evaluate` module 'code_eval' (evaluate.load('code_eval') "
+            f"when lm-eval builds the task), is not in evaluate's module cache ({modules / 'evaluate_modules'}, "
+            "HF_MODULES_CACHE) and was not fetched from the Hub (unreachable from here, or HF_EVALUATE_OFFLINE set); "
+            "where the Hub is reachable, `python -c \"import evaluate; evaluate.load('code_eval')\"` caches it, or "
+            "copy that folder from a machine that has it; code_eval also runs model-written code only with "
+            "HF_ALLOW_CODE_EVAL=1 set where the suite runs)") in out
+    assert "doesn't exist on the Hugging Face Hub" not in out
+
+
+def test_a_code_task_refused_for_want_of_hf_allow_code_eval_says_so():
+    """code_eval's own refusal is a banner of several lines; the check says it in one, with what to set."""
+    from quantgate.evaluation.lmeval_runner import _load_failure
+
+    banner = ValueError("\n####\n!!!WARNING!!!\n...set the environment variable HF_ALLOW_CODE_EVAL=\"1\"...\n####")
+    assert _load_failure(banner) == (
+        "its scorer, the Hugging Face `evaluate` module 'code_eval', runs model-written code only with "
+        "HF_ALLOW_CODE_EVAL=1 in the environment (lm-eval's confirm_run_unsafe_code, the task's allow_code_execution, "
+        "does not set it); set it where the suite runs, in a sandbox")
+    assert _load_failure(ImportError("no module named math_verify")) == "ImportError: no module named math_verify"
+
+
+@pytest.mark.parametrize("inside_examples", [True, False], ids=["example-checkpoint", "any-other-path"])
+def test_a_missing_local_checkpoint_names_the_example_script_that_makes_it(tmp_path, inside_examples):
+    """fixtures/cpu-tasks.yaml names a checkpoint that examples/external-checkpoints/prepare.py makes: when it is
+    missing, the error says to run that script. Any other missing folder gets the plain error."""
+    from quantgate import matrix_checks
+    from quantgate.matrix_checks import check_matrix
+
+    checkout = Path(matrix_checks.__file__).resolve().parents[2]
+    folder = (checkout / "external-checkpoints" / "no-such-checkpoint-of-the-selftests" if inside_examples
+              else tmp_path / "no-such-checkpoint")
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(f"""
+        models:
+          - name: m
+            source: {{kind: local, path: {tmp_path}}}
+            variants:
+              - {{name: bf16, format: bf16}}
+              - {{name: q, format: nvfp4, source: {{kind: local, path: {folder}}}}}
+        tasks:
+          - {{name: hellaswag, metric: acc_norm, limit: 20}}
+        """))
+    errors = [e for e in check_matrix(load_matrix(path), path, None).errors if "does not exist" in e]
+    plain = (f"{path}: models.m.variants.q.source.path: {str(folder)!r} does not exist (a checkpoint folder is "
+             f"needed; a relative path is read from the working directory: {folder})")
+    hint = (f"; the project's examples/external-checkpoints/prepare.py makes it: run `python "
+            f"examples/external-checkpoints/prepare.py` in {checkout}")
+    assert errors == [plain + hint if inside_examples else plain]

@@ -150,13 +150,29 @@ def test_a_negative_control_xfails_when_caught_and_fails_when_missed(pytester: p
     assert "negative control NOT caught" in out and "VERDICT: FAIL (exit 1)" in out
 
 
-def test_quantgate_report_on_an_empty_results_directory_says_so_and_creates_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_quantgate_report_on_an_empty_results_directory_fails_naming_it_and_creates_nothing(tmp_path, monkeypatch,
+                                                                                            capsys, how):
+    """A report of nothing is a wrong folder (or a matrix never run), not a success: exit 3 (the CLI's usage and
+    configuration error) with one line naming the folder read, `quantgate run` and how to name another."""
     from quantgate import cli
 
     monkeypatch.chdir(ROOT)
-    (tmp_path / "matrix.yaml").write_text(textwrap.dedent(MATRIX))
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(textwrap.dedent(MATRIX))
     results = tmp_path / "no-results-yet"
-    monkeypatch.setenv("QUANTGATE_RESULTS", str(results))
-    assert cli.main(["report", "--matrix", str(tmp_path / "matrix.yaml")]) == 0
-    assert f"(no stored results for m in {results}: nothing to report" in capsys.readouterr().out
-    assert not results.exists()
+    args = ["report", "--matrix", str(matrix)]
+    if how == "env":
+        monkeypatch.setenv("QUANTGATE_RESULTS", str(results))
+    else:
+        results.mkdir()  # --results must name a folder that exists; this one holds nothing of the matrix
+        (results / "another-model").mkdir()
+        args += ["--results", str(results)]
+    assert cli.main(args) == 3
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"quantgate: error: no stored results for any model of matrix.yaml in {results} (the results folder read): "
+        f"`quantgate run --matrix {matrix}` stores them there, or name the folder a run stored them in with "
+        "--results DIR or QUANTGATE_RESULTS\n")
+    assert results.exists() == (how == "option")  # a reader creates no results folder

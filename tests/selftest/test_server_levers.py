@@ -6,7 +6,9 @@ from __future__ import annotations
 import cProfile
 import importlib.util
 import json
+import os
 import pstats
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +111,13 @@ def test_plan_keeps_baseline_and_only_the_asked_levers(levers) -> None:
     with pytest.raises(levers.argparse.ArgumentTypeError, match="TASK=N"):
         levers._kv(["mmlu=3"])
     assert levers._kv(["gsm8k=8", "hellaswag=all"]) == {"gsm8k": 8, "hellaswag": 0}
+
+
+@pytest.mark.parametrize("script", ["client_cost.py", "fixed_cost.py"])
+def test_the_benchmarks_built_on_server_levers_import_it_when_run_as_scripts(script, tmp_path) -> None:
+    """Run from anywhere (here tmp_path), `python benchmarks/<script>` imports server_levers as its sibling."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"usage: {script}")

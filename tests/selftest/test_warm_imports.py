@@ -92,8 +92,12 @@ def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
 
     env = dict(os.environ, QUANTGATE_CACHE=str(cache), QUANTGATE_RESULTS=str(results),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    # The child's rootdir is this checkout (its pyproject.toml), whose tests/__snapshots__ is the project's
+    # own: the score-table candidate the suite writes for this synthetic matrix goes under tmp_path instead.
+    snapshots = tmp_path / "snapshots"
+    project_snapshots = _tree_state(ROOT / "tests" / "__snapshots__")
     argv = [str(ROOT / "src" / "quantgate" / "suite"), "--qg-matrix", str(matrix),
-            "--qg-thresholds", str(thresholds), "-p", "no:cacheprovider", "-q",
+            "--qg-thresholds", str(thresholds), "--qg-snapshots", str(snapshots), "-p", "no:cacheprovider", "-q",
             # the stand-in checkpoints hold no weights to inspect; the inspection's own cache is tested below
             "-k", "not test_checkpoint_structure"]
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *argv], cwd=ROOT, env=env,
@@ -106,6 +110,15 @@ def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
     assert out["events"]["reused"] == [f"{fh.MODEL}/{v}:{t}" for v in ("bf16", "w8a8") for t in fh.TASKS], out
     assert (out["events"]["evaluated"], out["events"]["servers_started"], out["events"]["built"]) == (0, 0, 0)
     assert out["heavy"] == [], f"a warm rerun imported {out['heavy']}"
+    # a test never writes into the repository: the candidate is in tmp_path, the project's snapshots untouched
+    assert list(snapshots.rglob("test_score_table[[]m[]][[]matrix[]].json.candidate")), proc.stdout[-3000:]
+    assert _tree_state(ROOT / "tests" / "__snapshots__") == project_snapshots
+
+
+def _tree_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size, mtime in ns), to see that nothing wrote there."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_checkpoint_inspection_is_read_back_while_the_checkpoints_are_unchanged(tmp_path, monkeypatch):

@@ -177,6 +177,27 @@ def test_workflow_commands_run_against_a_stored_result_set(workflow, tmp_path, m
     assert commands
 
 
+def test_summary_of_a_run_that_stored_nothing_names_the_results_folder_and_still_succeeds(tmp_path, make_run,  # noqa: F811
+                                                                                         monkeypatch, capsys):
+    """A run that stopped before storing a result still gets its job summary (its verdict is the JUnit XML's), so
+    `quantgate summary` exits 0; its Scores section names the results folder it read instead of a table per
+    model that cannot be complete (which used to blame a --qg-limit)."""
+    make_run(tmp_path / "results")  # writes tmp_path/matrix.yaml
+    empty = tmp_path / "empty-results"
+    empty.mkdir()
+    write_junit(tmp_path / "junit.xml")
+    monkeypatch.chdir(ROOT)
+    matrix = tmp_path / "matrix.yaml"
+    assert cli_main(["summary", "--junit", str(tmp_path / "junit.xml"), "--matrix", str(matrix),
+                     "--thresholds", str(THRESHOLDS), "--results", str(empty)]) == 0
+    md = capsys.readouterr().out
+    assert "quantgate: FAIL (exit 1)" in md
+    assert (f"(no stored results for any model of matrix.yaml in {empty} (the results folder read): `quantgate run "
+            f"--matrix {matrix}` stores them there, or name the folder a run stored them in with --results DIR or "
+            "QUANTGATE_RESULTS)") in md
+    assert "no complete table" not in md
+
+
 def test_every_input_and_variable_is_documented():
     """docs/ci-workflows.md's inputs table names every workflow_dispatch input and every repository variable."""
     doc = (ROOT / "docs" / "ci-workflows.md").read_text()

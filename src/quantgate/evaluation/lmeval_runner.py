@@ -15,6 +15,7 @@ import inspect
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -241,8 +242,44 @@ def task_load_error(name: str) -> str | None:
                 ifeval_checkers()
             load_yaml(leaf.yaml_path, resolve_func=True)
         except Exception as exc:  # noqa: BLE001 - reported to the user with the task named
-            return f"{leaf.name}: {type(exc).__name__}: {exc}"
+            return f"{leaf.name}: {_load_failure(exc)}"
     return None
+
+
+# evaluate 0.4's loading.evaluation_module_factory, when a module is neither a local script, nor fetched from
+# the Hub, nor in its module cache; it says the same whether the Hub was unreachable or lacks the module.
+_EVALUATE_MODULE_NOT_FOUND = re.compile(r"Module '([^']+)' doesn't exist on the Hugging Face Hub either")
+
+
+def _load_failure(exc: Exception) -> str:
+    """What a task's Python helpers lack, from the exception importing them raised.
+
+    Two failures of lm-eval's code tasks are said as what is missing and what to do, since their own messages
+    mislead: humaneval's and mbpp's utils.py call ``evaluate.load("code_eval")`` on import, which offline
+    raises "Couldn't find a module script at <cwd>/code_eval/code_eval.py. Module 'code_eval' doesn't exist on
+    the Hugging Face Hub either" (it does: the Hub was not reached and evaluate's module cache lacks it); and
+    they run code_eval once on import, which refuses unless HF_ALLOW_CODE_EVAL=1 (a ValueError with a banner;
+    lm-eval's confirm_run_unsafe_code does not set it). Anything else is `<type>: <message>`.
+    """
+    text = str(exc)
+    found = _EVALUATE_MODULE_NOT_FOUND.search(text) if isinstance(exc, FileNotFoundError) else None
+    if found is not None:
+        from evaluate import config as evaluate_config
+
+        name = found.group(1)
+        cache = Path(evaluate_config.HF_MODULES_CACHE) / "evaluate_modules"
+        allow = "" if os.environ.get("HF_ALLOW_CODE_EVAL") == "1" or name != "code_eval" else (
+            "; code_eval also runs model-written code only with HF_ALLOW_CODE_EVAL=1 set where the suite runs")
+        return (f"its scorer, the Hugging Face `evaluate` module {name!r} (evaluate.load({name!r}) when lm-eval "
+                f"builds the task), is not in evaluate's module cache ({cache}, HF_MODULES_CACHE) and was not "
+                f"fetched from the Hub (unreachable from here, or HF_EVALUATE_OFFLINE set); where the Hub is "
+                f"reachable, `python -c \"import evaluate; evaluate.load({name!r})\"` caches it, or copy that "
+                f"folder from a machine that has it{allow}")
+    if isinstance(exc, ValueError) and "HF_ALLOW_CODE_EVAL" in text:
+        return ("its scorer, the Hugging Face `evaluate` module 'code_eval', runs model-written code only with "
+                "HF_ALLOW_CODE_EVAL=1 in the environment (lm-eval's confirm_run_unsafe_code, the task's "
+                "allow_code_execution, does not set it); set it where the suite runs, in a sandbox")
+    return f"{type(exc).__name__}: {text}"
 
 
 def has_offline_data(name: str, data_dir: Path | None) -> bool:
