@@ -72,6 +72,9 @@ def test_a_failed_evaluation_is_not_retried_in_the_same_run(tmp_path, monkeypatc
         def check_alive(self, when):
             return None
 
+        def check_serving(self, when):
+            return None
+
     def fake_run_task(*, task, **kwargs):
         calls.append(task.key)
         if task.key == "ifeval":
