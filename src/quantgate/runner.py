@@ -41,6 +41,7 @@ from quantgate.evaluation.responses import ResponseCounters, metric_filter, resp
 from quantgate.evaluation.store import ResultStore, ServerRecords, StoredResult
 from quantgate.evaluation.task_data import task_data_fingerprint
 from quantgate.evaluation.task_registry import task_config_digest
+from quantgate.gates import scipy_memo
 from quantgate.matrix import Matrix, Model, Task, Thresholds, Variant
 from quantgate.paths import data_dir
 
@@ -482,6 +483,8 @@ class Run:
         self.server_records = ServerRecords(store_root)
         self.logs_dir = store_root / "_server_logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        # The gates' scipy results are kept beside the results: a warm rerun then never imports scipy.stats
+        scipy_memo.use(scipy_memo.memo_path(store_root))
         self.data_dir = data_dir(required=False)
         self.events = RunEvents()
         self._variants: dict[tuple[str, str], VariantRun] = {}

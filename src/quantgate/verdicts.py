@@ -48,7 +48,8 @@ def paired_outcomes(
     base_name = run.model(model).baseline.name
     base = variant_results(run, model, base_name)[task.key].outcomes(metric_key)
     var = variant_results(run, model, variant)[task.key].outcomes(metric_key)
-    common = tuple(d for d in base.ids if d in set(var.ids))
+    var_ids = set(var.ids)  # built once: a set per item made pairing quadratic in the items
+    common = tuple(d for d in base.ids if d in var_ids)
     if not common:
         raise QuantgateError(f"{model}/{variant} and its baseline share no items on {task.key}")
     return base.aligned(common), var.aligned(common)

@@ -26,9 +26,9 @@ from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
 
 from quantgate.errors import InsufficientSampleError, QuantgateError
+from quantgate.gates import scipy_memo
 from quantgate.gates.outcome import GateParameters, Outcome
 from quantgate.gates.stats import minimum_detectable_drop
 from quantgate.matrix import DistributionLimits
@@ -245,8 +245,8 @@ def mean_interval(per_document: np.ndarray, level: float = 0.95) -> tuple[float,
         return m, -math.inf, math.inf
     if np.ptp(x) == 0:
         return m, m, m
-    ci = stats.ttest_1samp(x, popmean=0.0).confidence_interval(confidence_level=level)
-    return m, float(ci.low), float(ci.high)
+    low, high = scipy_memo.ttest_1samp_ci(x, level)
+    return m, low, high
 
 
 def percentile_intervals(
@@ -268,6 +268,8 @@ def percentile_intervals(
     est = np.percentile(pooled, qs)
     out: dict[str, tuple[float, float, float]] = {}
     if len(docs) >= 2:
+        from scipy import stats  # here, not at import: see quantgate.gates.scipy_memo
+
         def stat(idx: np.ndarray) -> np.ndarray:
             return np.percentile(np.concatenate([docs[int(i)] for i in idx]), qs)
 

@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import optimize, stats
+
+from quantgate.gates import scipy_memo
 
 Aggregate = Literal["mean", "perplexity"]
 Method = Literal["auto", "score", "bootstrap"]
@@ -162,7 +163,7 @@ class PairedChange:
 
 @functools.lru_cache(maxsize=64)
 def _z(level: float) -> float:
-    return float(stats.norm.ppf(0.5 + level / 2))
+    return scipy_memo.norm_ppf(0.5 + level / 2)
 
 
 def _check_level(level: float) -> None:
@@ -208,7 +209,7 @@ def _sign_test_p(worse: int, better: int) -> float:
     m = worse + better
     if m == 0:
         return 1.0
-    return float(min(1.0, 2.0 * stats.binom.cdf(min(worse, better), m, 0.5)))
+    return float(min(1.0, 2.0 * scipy_memo.binom_cdf(min(worse, better), m, 0.5)))
 
 
 def _no_flip_discordance(n: float, z: float) -> float:
@@ -285,11 +286,19 @@ def tang_interval(n11: float, n12: float, n21: float, n: float, level: float = 0
     """Two-sided score interval for the ratio (n11 + n12) / (n11 + n21) of paired proportions.
 
     ``n11``: both items 1; ``n12``: numerator-only 1; ``n21``: denominator-only 1; ``n``: all pairs.
-    Counts may be fractional (expected tables, used for planning).
+    Counts may be fractional (expected tables, used for planning). The roots come from
+    ``scipy.optimize.brentq``; a Run keeps the interval in its scipy memo (quantgate.gates.scipy_memo).
     """
     _check_level(level)
     if n <= 0 or n11 + n21 <= 0:
         raise ValueError("the ratio is undefined: the denominator proportion is 0")
+    args = (float(n11), float(n12), float(n21), float(n), float(level))
+    return scipy_memo.memoized("tang_interval", _tang_interval, *args)
+
+
+def _tang_interval(n11: float, n12: float, n21: float, n: float, level: float) -> tuple[float, float]:
+    from scipy import optimize  # here, not at import: see quantgate.gates.scipy_memo
+
     z = _z(level)
     est = (n11 + n12) / (n11 + n21)
     log_min, log_max = math.log(1e-12), math.log(1e12)
@@ -664,7 +673,7 @@ def paired_change(
     binary = _is_binary(x) and _is_binary(y)
     if binary:
         discordant = worse + better
-        p = 1.0 if discordant == 0 else float(stats.binomtest(worse, discordant, 0.5, "greater").pvalue)
+        p = 1.0 if discordant == 0 else scipy_memo.binomtest_pvalue(worse, discordant, 0.5, "greater")
         # Agresti & Min (2005): add 1/2 to each cell; keeps the interval non-degenerate with no flips.
         n10 = float(np.sum((x == 1) & (y == 0))) + 0.5
         n01 = float(np.sum((x == 0) & (y == 1))) + 0.5
@@ -715,6 +724,8 @@ def _sign_flip_p(gain: np.ndarray, n_resamples: int, rng: np.random.Generator) -
     """
     if not np.any(gain):
         return 1.0
+    from scipy import stats  # here, not at import: importing scipy.stats costs a warm rerun ~1 s
+
     res = stats.permutation_test(
         (gain,),
         np.sum,
@@ -745,7 +756,7 @@ def minimum_detectable_drop(
         raise ValueError(f"power must be in (0, 1), got {power!r}")
     if n <= 0:
         raise ValueError(f"n must be positive, got {n!r}")
-    theta = (_z(level) + float(stats.norm.ppf(power))) * item_sd / math.sqrt(n)
+    theta = (_z(level) + scipy_memo.norm_ppf(power)) * item_sd / math.sqrt(n)
     return -math.expm1(-theta) if log_scale else theta
 
 
@@ -809,6 +820,8 @@ def _wilson_interval(k: float, n: float, level: float) -> tuple[float, float]:
 
     ``k`` is rounded to whole items: the planning rows give a base accuracy, not a count.
     """
+    from scipy import stats  # here, not at import: importing scipy.stats costs a warm rerun ~1 s
+
     ci = stats.binomtest(int(round(k)), int(round(n))).proportion_ci(confidence_level=level, method="wilson")
     return float(ci.low), float(ci.high)
 

@@ -13,15 +13,15 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from quantgate.evaluation.lmeval_runner import ItemOutcomes
 from quantgate.evaluation.responses import ResponseCounters
+from quantgate.gates.scipy_memo import norm_ppf
 
 
 def mean_halfwidth(o: ItemOutcomes, level: float = 0.95) -> float:
     """Half-width of a normal-approximation interval on the task score (ratio estimator when weighted)."""
-    z = stats.norm.ppf(0.5 + level / 2)
+    z = norm_ppf(0.5 + level / 2)
     n = len(o.values)
     if n < 2 or o.kind == "perplexity":
         return float("nan")
