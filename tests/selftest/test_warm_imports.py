@@ -21,6 +21,7 @@ import yaml
 from quantgate.checkpoints import inspect as inspect_mod
 from quantgate.evaluation import task_registry
 from quantgate.evaluation.provenance import versions
+from quantgate.gates import scipy_memo
 from tests.selftest import fault_harness as fh
 from tests.selftest.synthetic_store import ROOT
 
@@ -50,7 +51,8 @@ class Grab:
 
 code = pytest.main(sys.argv[2:], plugins=[Grab()])
 print("RESULT " + json.dumps({"code": int(code), "events": Grab.events,
-                              "heavy": [m for m in HEAVY_NAMES if m in sys.modules]}))
+                              "heavy": [m for m in HEAVY_NAMES if m in sys.modules],
+                              "scipy_stats": "scipy.stats" in sys.modules}))
 """.replace("HEAVY_NAMES", repr(HEAVY))
 
 
@@ -100,19 +102,30 @@ def test_a_fully_stored_run_imports_no_heavy_library(tmp_path, monkeypatch):
             "--qg-thresholds", str(thresholds), "--qg-snapshots", str(snapshots), "-p", "no:cacheprovider", "-q",
             # the stand-in checkpoints hold no weights to inspect; the inspection's own cache is tested below
             "-k", "not test_checkpoint_structure"]
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1].removeprefix("RESULT "))
-    assert out["events"] is not None, proc.stdout[-3000:]
-    # every result came from the store: nothing built, served or evaluated
-    assert out["events"]["reused"] == [f"{fh.MODEL}/{v}:{t}" for v in ("bf16", "w8a8") for t in fh.TASKS], out
-    assert (out["events"]["evaluated"], out["events"]["servers_started"], out["events"]["built"]) == (0, 0, 0)
-    assert out["heavy"] == [], f"a warm rerun imported {out['heavy']}"
-    # a test never writes into the repository: the candidate is in tmp_path, the project's snapshots untouched
-    assert list(snapshots.rglob("test_score_table[[]m[]][[]matrix[]].json.candidate")), proc.stdout[-3000:]
-    assert _tree_state(ROOT / "tests" / "__snapshots__") == project_snapshots
+
+    def rerun() -> dict:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = json.loads(lines[-1].removeprefix("RESULT "))
+        assert out["events"] is not None, proc.stdout[-3000:]
+        # every result came from the store: nothing built, served or evaluated
+        assert out["events"]["reused"] == [f"{fh.MODEL}/{v}:{t}" for v in ("bf16", "w8a8") for t in fh.TASKS], out
+        assert (out["events"]["evaluated"], out["events"]["servers_started"], out["events"]["built"]) == (0, 0, 0)
+        assert out["heavy"] == [], f"a warm rerun imported {out['heavy']}"
+        # a test never writes into the repository: the candidate is in tmp_path, the project's snapshots untouched
+        assert list(snapshots.rglob("test_score_table[[]m[]][[]matrix[]].json.candidate")), proc.stdout[-3000:]
+        assert _tree_state(ROOT / "tests" / "__snapshots__") == project_snapshots
+        return out
+
+    # The first rerun computes the gates with scipy and keeps scipy's numbers in the results' memo
+    # (quantgate.gates.scipy_memo); the next one, with identical inputs, reads them back: no scipy.stats.
+    first = rerun()
+    assert scipy_memo.memo_path(results).is_file(), first
+    again = rerun()
+    assert again["scipy_stats"] is False, "a warm rerun with the scipy memo filled imported scipy.stats"
+    assert again["code"] == first["code"]
 
 
 def _tree_state(folder: Path) -> dict[str, tuple[int, int]]:
