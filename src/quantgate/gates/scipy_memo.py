@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -218,12 +217,7 @@ def ttest_1samp_ci(x: np.ndarray, level: float) -> tuple[float, float]:
     return memoized("ttest_1samp.confidence_interval", compute, np.asarray(x, dtype=float), float(level))
 
 
-def scipy_stats_loaded() -> bool:
-    """Whether scipy.stats is imported in this process (the warm-path selftest asserts it is not)."""
-    return "scipy.stats" in sys.modules
-
-
 __all__ = [
     "MEMO_FILE", "MemoWarning", "binom_cdf", "binomtest_pvalue", "code_version", "memo_path", "memoized",
-    "norm_ppf", "scipy_stats_loaded", "ttest_1samp_ci", "use",
+    "norm_ppf", "ttest_1samp_ci", "use",
 ]
