@@ -45,8 +45,17 @@ MATRIX_HEADER = (
     "variants\n# and tasks with your own (README, \"Point it at your model\"); `quantgate check` validates it.\n"
 )
 
-# In this repository the workflows install the checkout (".[gpu]"); in a team's repository, the package.
-WORKFLOW_INSTALL = {'".[gpu]"': '"quantgate[gpu]"', "'.[gpu]'": "'quantgate[gpu]'"}
+# In this repository the workflows install the checkout (".[gpu]"); in a team's repository, the package. quantgate
+# is not on PyPI, so the default is the README's git URL with a placeholder the team must set (or a wheel's URL):
+# pip fails on it, naming the URL, rather than installing whatever else a package index holds under that name.
+INSTALL_PLACEHOLDER = "quantgate[gpu] @ git+https://github.com/<org>/quantgate"
+WORKFLOW_INSTALL = {
+    'description: "what pip installs (this repository: .[gpu]; a team\'s own repository: quantgate[gpu])"':
+        'description: "what pip installs: quantgate[gpu] from a git URL or a wheel (quantgate is not on PyPI)"',
+    'default: ".[gpu]"':
+        f'default: "{INSTALL_PLACEHOLDER}"  # set <org>, or a wheel: README, "Adopt it in your repository"',
+    "'.[gpu]'": f"'{INSTALL_PLACEHOLDER}'",
+}
 
 
 @dataclass
@@ -80,6 +89,9 @@ def render(template: str) -> str:
     if template.startswith("workflows/"):
         for here, there in WORKFLOW_INSTALL.items():
             text = text.replace(here, there)
+        if ".[gpu]" in text:  # a workflow edited so that a replacement above no longer matches
+            raise QuantgateError(f"quantgate's template {template} still installs '.[gpu]' after scaffolding: "
+                                 "update quantgate.scaffold.WORKFLOW_INSTALL")
     return text
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from quantgate import cli
 from quantgate.errors import QuantgateError
-from quantgate.scaffold import FILES, MATRIX_HEADER, init_project, template_text
+from quantgate.scaffold import FILES, INSTALL_PLACEHOLDER, MATRIX_HEADER, init_project, template_text
 
 pytest_plugins = ["pytester"]
 
@@ -47,9 +47,12 @@ def test_init_writes_the_team_files_and_keeps_existing_ones(tmp_path, capsys):
         text = wf.read_text()
         # a team's workflow installs the package, not the checkout it runs in
         assert "'.[gpu]'" not in text and '".[gpu]"' not in text, wf.name
-        assert "quantgate[gpu]" in text, wf.name
+        # quantgate is not on PyPI: the default is the README's git URL, a placeholder the team sets
+        assert f'default: "{INSTALL_PLACEHOLDER}"' in text, wf.name
+        assert "not on PyPI" in text, wf.name
     ini = (project / "pytest.ini").read_text()
     assert "testpaths = quantgate.suite" in ini and "addopts = --pyargs" in ini
+    assert "pip install -U quantgate`" not in ini and "not on PyPI" in ini
     assert "/results/" in (project / ".gitignore").read_text()
     capsys.readouterr()
 
