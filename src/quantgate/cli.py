@@ -121,8 +121,8 @@ def _model_names(matrix_path: Path, cadence: str) -> list[str]:
 def _nothing_stored(matrix_path: Path, root: Path) -> str:
     """The one line saying that `root` holds no stored results for any model of the matrix, and what to do."""
     return (f"no stored results for any model of {matrix_path.name} in {root} (the results folder read): "
-            f"`quantgate run --matrix {matrix_path}` stores them there, or name the folder a run stored them in "
-            "with --results DIR or QUANTGATE_RESULTS")
+            f"`quantgate run --matrix {matrix_path} --qg-results {root}` (or QUANTGATE_RESULTS={root}) stores them "
+            "there, or name the folder a run stored them in with --results DIR or QUANTGATE_RESULTS")
 
 
 def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = None,
@@ -142,8 +142,8 @@ def _print_tables(matrix_path: Path, thresholds_path: Path, limit: str | None = 
         print(left_out)
     for name in names:
         if name not in stored:
-            print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run` stores them, "
-                  "QUANTGATE_RESULTS names another results directory)")
+            print(f"(no stored results for {name} in {root}: nothing to report; `quantgate run --qg-results "
+                  f"{root}` (or QUANTGATE_RESULTS={root}) stores them there)")
     run = _reading_run(matrix_path, thresholds_path, limit, root, cadence)
     for table in _tables(run, thresholds_path):
         print(table)
@@ -643,22 +643,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--report-url", default=None, metavar="URL",
                            help="where <results>/report is published: the summary links its figures there")
             p.set_defaults(qg_cadence=None)  # the run's own cadence, from its JUnit properties
-    trend = sub.add_parser("trend", help="scores and retention over the runs of <results>/history.jsonl")
+    trend_help = "scores and retention over the runs of <results>/history.jsonl"
+    trend = sub.add_parser("trend", help=trend_help, description=trend_help)
     trend.add_argument("--results", default=None, metavar="DIR",
                        help="results directory (default: $QUANTGATE_RESULTS or results/)")
     trend.add_argument("--png", default=None, metavar="PATH",
                        help="write the trend plot here (default <results>/trend.png when matplotlib is installed)")
     trend.add_argument("--last", type=int, default=None, metavar="N", help="only the last N runs")
-    trend.add_argument("--cadence", choices=CADENCES, default=None, help="only the runs at this cadence")
-    init = sub.add_parser("init", help="scaffold a project: matrix, thresholds, CI workflows, pytest.ini, .gitignore")
+    trend.add_argument("--qg-cadence", choices=CADENCES, default=None, dest="cadence",
+                       help="only the runs at this cadence")
+    # the option's name before session 8, kept so that existing workflows keep working
+    trend.add_argument("--cadence", choices=CADENCES, dest="cadence", help=argparse.SUPPRESS)
+    init_help = "scaffold a project: matrix, thresholds, CI workflows, pytest.ini, .gitignore"
+    init = sub.add_parser("init", help=init_help, description=init_help)
     init.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
-    data = sub.add_parser("data", help="the evaluation datasets the matrix needs, which are here; --fetch the rest")
+    data_help = "the evaluation datasets the matrix needs, which are here; --fetch the rest"
+    data = sub.add_parser("data", help=data_help, description=data_help)
     data.add_argument("--matrix", "--qg-matrix", dest="matrix", default=DEFAULT_MATRIX,
                       help=f"matrix YAML (default {DEFAULT_MATRIX})")
     data.add_argument("--fetch", action="store_true",
                       help="download the missing Hub datasets (datasets.load_dataset) when the Hub is reachable")
-    merge = sub.add_parser("merge", help="merge the results directories of a run's shards into one")
+    merge_help = "merge the results directories of a run's shards into one"
+    merge = sub.add_parser("merge", help=merge_help, description=merge_help)
     merge.add_argument("sources", nargs="+", metavar="SRC", help="a shard's results directory")
     merge.add_argument("--into", required=True, metavar="DST", help="the merged results directory")
     return ap

@@ -126,7 +126,8 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     """Every entry of a history file, oldest first; raises QuantgateError naming the file and the bad line."""
     path = Path(path)
     if not path.exists():
-        raise QuantgateError(f"no run history at {path}: `quantgate run` appends one entry per run there")
+        raise QuantgateError(f"no run history at {path}: `quantgate run --qg-results {path.parent}` (or "
+                             f"QUANTGATE_RESULTS={path.parent}) appends one entry per run there")
     entries = read_jsonl(path, QuantgateError)
     for i, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or entry.get("schema") != SCHEMA:

@@ -120,6 +120,12 @@ def test_each_command_lists_only_the_options_it_takes():
     # report and plan read or plan the variants of a cadence (quantgate.cadence; test_cadence.py)
     assert "--qg-cadence" in options("plan") & options("report")
     assert "--qg-limit" not in options("trend") | options("init") | options("data") | options("merge")
+    # every command's --help opens with what it does; trend's cadence option is named as every other command's
+    assert all(parser.description for parser in commands.values())
+    assert "--qg-cadence" in options("trend")
+    assert cli.build_parser().parse_args(["trend", "--cadence", "nightly"]).cadence == "nightly"  # the old name
+    assert cli.build_parser().parse_args(["trend", "--qg-cadence", "nightly"]).cadence == "nightly"
+    assert "--cadence" not in commands["trend"].format_help().replace("--qg-cadence", "")
     for name in ("report", "summary", "check", "plan"):  # they run no pytest: nothing is passed on to it
         limit = next(a for a in commands[name]._actions if "--qg-limit" in a.option_strings)  # noqa: SLF001
         assert "pytest" not in limit.help

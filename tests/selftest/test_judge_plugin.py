@@ -173,6 +173,6 @@ def test_quantgate_report_on_an_empty_results_directory_fails_naming_it_and_crea
     assert captured.out == ""
     assert captured.err == (
         f"quantgate: error: no stored results for any model of matrix.yaml in {results} (the results folder read): "
-        f"`quantgate run --matrix {matrix}` stores them there, or name the folder a run stored them in with "
-        "--results DIR or QUANTGATE_RESULTS\n")
+        f"`quantgate run --matrix {matrix} --qg-results {results}` (or QUANTGATE_RESULTS={results}) stores them "
+        "there, or name the folder a run stored them in with --results DIR or QUANTGATE_RESULTS\n")
     assert results.exists() == (how == "option")  # a reader creates no results folder

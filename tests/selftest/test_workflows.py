@@ -193,8 +193,8 @@ def test_summary_of_a_run_that_stored_nothing_names_the_results_folder_and_still
     md = capsys.readouterr().out
     assert "quantgate: FAIL (exit 1)" in md
     assert (f"(no stored results for any model of matrix.yaml in {empty} (the results folder read): `quantgate run "
-            f"--matrix {matrix}` stores them there, or name the folder a run stored them in with --results DIR or "
-            "QUANTGATE_RESULTS)") in md
+            f"--matrix {matrix} --qg-results {empty}` (or QUANTGATE_RESULTS={empty}) stores them there, or name the "
+            "folder a run stored them in with --results DIR or QUANTGATE_RESULTS)") in md
     assert "no complete table" not in md
 
 
