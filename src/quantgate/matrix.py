@@ -24,7 +24,8 @@ from pydantic import (
 from quantgate.config_errors import close_names, format_validation_errors
 from quantgate.engines.hardware import HARDWARE_KEY
 from quantgate.engines.kernels import KernelExpectation, expectation
-from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S, RESERVED_ARGS, reserved_arg_overrides
+from quantgate.engines.serve_flags import owned_flag_message, owned_flag_overrides, repeated, settings
+from quantgate.engines.vllm_server import DEFAULT_START_TIMEOUT_S
 from quantgate.errors import MatrixError
 from quantgate.recipes import Recipe, produced_format
 
@@ -328,17 +329,17 @@ class Task(_Strict):
         return out
 
 
-def _flag_names(args: list[str]) -> list[str]:
-    """The long flags of a serve_args list, without their `=value` (`--max-num-batched-tokens=8192` and
-    `--max-num-batched-tokens 8192` are the same flag)."""
-    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
-
-
-def _serve_args_not_reserved(value: list[str]) -> list[str]:
-    bad = reserved_arg_overrides(value)
+def _serve_args_not_owned(value: list[str], where: str) -> list[str]:
+    """`value` when it sets no flag quantgate owns (serve_flags.OWNED_FLAGS, in any of vLLM's spellings) and no
+    setting twice; ValueError naming the matrix field to use instead, or the repeated flags."""
+    bad = owned_flag_overrides(value)
     if bad:
-        raise ValueError(f"serve_args may not set {bad}: quantgate sets {list(RESERVED_ARGS)} itself "
-                         "(every server listens on 127.0.0.1 only, with its own API key)")
+        raise ValueError(f"serve_args {owned_flag_message(bad)}")
+    twice = repeated(value)
+    if twice:
+        # vLLM's argparse keeps the last value: the first would be silently ignored
+        raise ValueError(f"serve_args flag(s) {twice} given twice within {where} serve_args (vLLM keeps "
+                         "the last value silently): give each once")
     return value
 
 
@@ -372,7 +373,7 @@ class Variant(_Strict):
     @field_validator("serve_args")
     @classmethod
     def _not_reserved(cls, value: list[str]) -> list[str]:
-        return _serve_args_not_reserved(value)
+        return _serve_args_not_owned(value, "this variant's")
 
     @field_validator("expected_kernels", mode="before")
     @classmethod
@@ -465,7 +466,7 @@ class Model(_Strict):
     @field_validator("serve_args")
     @classmethod
     def _model_args_not_reserved(cls, value: list[str]) -> list[str]:
-        return _serve_args_not_reserved(value)
+        return _serve_args_not_owned(value, "the model's")
 
     @model_validator(mode="after")
     def _one_baseline(self) -> Model:
@@ -476,23 +477,14 @@ class Model(_Strict):
         for v in self.variants:
             if v.compare_to is not None and v.compare_to not in names:
                 raise ValueError(f"variant {v.name!r}: compare_to {v.compare_to!r} is not a variant of {self.name!r}")
-        for where, args in [(f"model {self.name!r}", self.serve_args),
-                            *((f"variant {v.name!r}", v.serve_args) for v in self.variants)]:
-            if any(a in ("--tensor-parallel-size", "-tp") or a.startswith(("--tensor-parallel-size=", "-tp="))
-                   for a in args):
-                raise ValueError(f"{where}: set tensor parallelism with the model's `gpus: K`, not "
-                                 "--tensor-parallel-size in serve_args (gpus also reserves the devices)")
-            if "--api-server-count" in _flag_names(args):
-                raise ValueError(f"{where}: set API server processes with the model's `api_server_count: N`, not "
-                                 "--api-server-count in serve_args")
+        model_settings = set(settings(self.serve_args))
         for v in self.variants:
-            # vLLM's argparse keeps the last value: a flag given twice would silently take one of them
-            names = [*_flag_names(self.serve_args), *_flag_names(v.serve_args)]
-            twice = sorted({n for n in names if names.count(n) > 1})
-            if twice:
-                raise ValueError(f"variant {v.name!r}: serve_args flag(s) {twice} given twice (model {self.name!r} "
-                                 "and variant serve_args together): give each once, at the model for every variant "
-                                 "or at the variant")
+            # each list has no repeat (its validator); a flag in both would silently take the variant's value
+            both = sorted(model_settings & set(settings(v.serve_args)))
+            if both:
+                raise ValueError(f"serve_args flag(s) {both} given twice: once in model {self.name!r}'s serve_args "
+                                 f"and once in variant {v.name!r}'s (vLLM keeps the variant's silently): give each "
+                                 "once, at the model for every variant or at the variant")
         if sum(v.format == "bf16" for v in self.variants) != 1:
             raise ValueError(f"model {self.name!r} needs exactly one bf16 variant (the retention baseline)")
         return self

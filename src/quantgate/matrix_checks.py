@@ -54,19 +54,26 @@ SAMPLING_CONFIG_FIELDS = (
 
 _BASELINE = Variant(name="bf16", format="bf16")
 
-# Checkpoint folders that a script of the project's own examples makes, by where the script puts them (relative
-# to the checkout) -> the script: fixtures/cpu-tasks.yaml names one by local path. A checkout only; an
-# installed quantgate has no examples/, and a user's own matrix gets the plain error.
-_EXAMPLE_CHECKPOINTS = {"external-checkpoints": "examples/external-checkpoints/prepare.py"}
+# Checkpoint folders that a script of the project's own makes, by where the script puts them -> the script and
+# its command line: fixtures/cpu-tasks.yaml names one of examples/external-checkpoints/prepare.py's folders by a
+# path relative to the checkout, fixtures/gpu-tp2.yaml the model of ci/make_tp2_model.py by its default --out
+# (an absolute path). A checkout only; an installed quantgate has no examples/ or ci/, and a user's own matrix
+# gets the plain error.
+_EXAMPLE_CHECKPOINTS = {
+    "external-checkpoints": ("examples/external-checkpoints/prepare.py",
+                             "python examples/external-checkpoints/prepare.py"),
+    "/tmp/qg-tp2-model": ("ci/make_tp2_model.py", "python ci/make_tp2_model.py --out /tmp/qg-tp2-model"),
+}
 
 
 def _made_by_example(missing: Path) -> str:
-    """'; <how to make it>' when `missing` (resolved) lies in a folder that one of the checkout's example
-    scripts makes and that script is there; '' otherwise."""
+    """'; <how to make it>' when `missing` (resolved) lies in a folder that one of the checkout's own scripts
+    makes and that script is there; '' otherwise. A relative folder in _EXAMPLE_CHECKPOINTS is under the
+    checkout."""
     checkout = Path(__file__).resolve().parents[2]  # src/quantgate/matrix_checks.py in a checkout
-    for folder, script in _EXAMPLE_CHECKPOINTS.items():
-        if (checkout / script).is_file() and missing.is_relative_to(checkout / folder):
-            return f"; the project's {script} makes it: run `python {script}` in {checkout}"
+    for folder, (script, command) in _EXAMPLE_CHECKPOINTS.items():
+        if (checkout / script).is_file() and missing.is_relative_to((checkout / folder).resolve()):
+            return f"; the project's {script} makes it: run `{command}` in {checkout}"
     return ""
 
 
@@ -174,10 +181,13 @@ def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) 
     sources += [(f"models.{model.name}.variants.{v.name}.source", v.source) for v in model.variants if v.source]
     for where, src in sources:
         if isinstance(src, LocalSource) and not Path(src.path).expanduser().is_dir():
-            resolved = Path(src.path).expanduser().resolve()
+            given = Path(src.path).expanduser()
+            resolved = given.resolve()
+            relative = ("" if given.is_absolute()
+                        else f"; a relative path is read from the working directory: {resolved}")
             report.errors.append(
-                f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed; a relative path "
-                f"is read from the working directory: {resolved}){_made_by_example(resolved)}")
+                f"{path}: {where}.path: {src.path!r} does not exist (a checkpoint folder is needed{relative})"
+                f"{_made_by_example(resolved)}")
         elif isinstance(src, LocalSource) and not (Path(src.path).expanduser() / "config.json").is_file():
             report.errors.append(f"{path}: {where}.path: {src.path!r} has no config.json (a Hugging Face checkpoint "
                                  "folder is needed: config.json, *.safetensors and a tokenizer)")

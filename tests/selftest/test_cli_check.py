@@ -273,16 +273,21 @@ def test_a_code_task_refused_for_want_of_hf_allow_code_eval_says_so():
     assert _load_failure(ImportError("no module named math_verify")) == "ImportError: no module named math_verify"
 
 
-@pytest.mark.parametrize("inside_examples", [True, False], ids=["example-checkpoint", "any-other-path"])
-def test_a_missing_local_checkpoint_names_the_example_script_that_makes_it(tmp_path, inside_examples):
-    """fixtures/cpu-tasks.yaml names a checkpoint that examples/external-checkpoints/prepare.py makes: when it is
-    missing, the error says to run that script. Any other missing folder gets the plain error."""
+@pytest.mark.parametrize("case", ["example-checkpoint", "tp2-model", "any-other-path", "relative-path"])
+def test_a_missing_local_checkpoint_names_the_script_that_makes_it(tmp_path, monkeypatch, case):
+    """fixtures/cpu-tasks.yaml names a checkpoint that examples/external-checkpoints/prepare.py makes, and
+    fixtures/gpu-tp2.yaml the model ci/make_tp2_model.py writes to /tmp/qg-tp2-model: when it is missing, the error
+    says to run that script. Any other missing folder gets the plain error, which explains the working directory
+    only for a relative path."""
     from quantgate import matrix_checks
     from quantgate.matrix_checks import check_matrix
 
     checkout = Path(matrix_checks.__file__).resolve().parents[2]
-    folder = (checkout / "external-checkpoints" / "no-such-checkpoint-of-the-selftests" if inside_examples
-              else tmp_path / "no-such-checkpoint")
+    monkeypatch.chdir(tmp_path)
+    folder = {"example-checkpoint": str(checkout / "external-checkpoints" / "no-such-checkpoint-of-the-selftests"),
+              "tp2-model": "/tmp/qg-tp2-model/no-such-checkpoint-of-the-selftests",
+              "any-other-path": str(tmp_path / "no-such-checkpoint"),
+              "relative-path": "no-such-checkpoint"}[case]
     path = tmp_path / "m.yaml"
     path.write_text(textwrap.dedent(f"""
         models:
@@ -295,8 +300,12 @@ def test_a_missing_local_checkpoint_names_the_example_script_that_makes_it(tmp_p
           - {{name: hellaswag, metric: acc_norm, limit: 20}}
         """))
     errors = [e for e in check_matrix(load_matrix(path), path, None).errors if "does not exist" in e]
-    plain = (f"{path}: models.m.variants.q.source.path: {str(folder)!r} does not exist (a checkpoint folder is "
-             f"needed; a relative path is read from the working directory: {folder})")
-    hint = (f"; the project's examples/external-checkpoints/prepare.py makes it: run `python "
-            f"examples/external-checkpoints/prepare.py` in {checkout}")
-    assert errors == [plain + hint if inside_examples else plain]
+    relative = (f"; a relative path is read from the working directory: {tmp_path / folder}"
+                if case == "relative-path" else "")
+    plain = (f"{path}: models.m.variants.q.source.path: {folder!r} does not exist (a checkpoint folder is "
+             f"needed{relative})")
+    hint = {"example-checkpoint": (f"; the project's examples/external-checkpoints/prepare.py makes it: run `python "
+                                   f"examples/external-checkpoints/prepare.py` in {checkout}"),
+            "tp2-model": (f"; the project's ci/make_tp2_model.py makes it: run `python ci/make_tp2_model.py --out "
+                          f"/tmp/qg-tp2-model` in {checkout}")}.get(case, "")
+    assert errors == [plain + hint]

@@ -132,7 +132,8 @@ def test_matrix_gpus_field(tmp_path):
     with pytest.raises(MatrixError, match=r"models.m.gpu: unknown key .gpu. \(did you mean .gpus.\?\)"):
         load_matrix(f)
     f.write_text(_matrix_text(serve_args=", serve_args: ['--tensor-parallel-size', '2']"))
-    with pytest.raises(MatrixError, match="model's `gpus: K`, not --tensor-parallel-size"):
+    with pytest.raises(MatrixError, match=r"variants\.bf16\.serve_args: serve_args may not set "
+                                          r"\['--tensor-parallel-size'\].*set the model's `gpus: K`"):
         load_matrix(f)
 
 

@@ -70,26 +70,98 @@ def test_matrix_refuses_reserved_and_tensor_parallel_model_serve_args(tmp_path):
     with pytest.raises(MatrixError, match=r"models\.m\.serve_args: .*may not set \['--port'\]"):
         load_matrix(bad)
     bad.write_text(head + "  serve_args: ['-tp', '2']\n" + tail)
-    with pytest.raises(MatrixError, match=r"model 'm': set tensor parallelism with the model's `gpus: K`"):
+    with pytest.raises(MatrixError, match=r"models\.m\.serve_args: serve_args may not set \['--tensor-parallel-size'\] "
+                                          r"\(given as \['-tp'\]\).*set the model's `gpus: K`"):
         load_matrix(bad)
     bad.write_text(head + "  serve_args: ['--api-server-count', '2']\n" + tail)
-    with pytest.raises(MatrixError, match=r"model 'm': set API server processes with the model's `api_server_count"):
+    with pytest.raises(MatrixError, match=r"models\.m\.serve_args: .*set the model's `api_server_count: N`"):
         load_matrix(bad)
 
 
-@pytest.mark.parametrize(("model_args", "variant_args"), [
-    ("['--max-num-batched-tokens', '16384']", "['--max-num-batched-tokens=8192']"),   # the variant overrides
-    ("[]", "['--max-num-batched-tokens=16384', '--max-num-batched-tokens=8192']"),   # twice in one list
+_HEAD = "models:\n- name: m\n  source: {kind: local, path: /x}\n"
+_TASKS = "tasks:\n- {name: hellaswag, metric: acc_norm}\n"
+
+
+def _matrix(tmp_path: Path, model_args: str, bf16_args: str = "[]", q_args: str = "[]") -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(f"{_HEAD}  serve_args: {model_args}\n  variants:\n"
+                    f"  - {{name: bf16, format: bf16, serve_args: {bf16_args}}}\n"
+                    f"  - {{name: q, format: fp8, source: {{kind: local, path: /y}}, serve_args: {q_args}}}\n"
+                    + _TASKS)
+    return path
+
+
+@pytest.mark.parametrize(("model_args", "bf16_args", "where"), [
+    # both in the model's own list: reported once, for the model, not under its first variant
+    ("['--max-num-seqs', '8', '--max-num-seqs', '16']", "[]",
+     r"models\.m\.serve_args: serve_args flag\(s\) \['--max-num-seqs'\] given twice within the model's serve_args"),
+    ("[]", "['--max-num-batched-tokens=16384', '--max_num_batched_tokens', '8192']",
+     r"models\.m\.variants\.bf16\.serve_args: serve_args flag\(s\) \['--max-num-batched-tokens'\] given twice "
+     r"within this variant's serve_args"),
+    # a boolean flag and its --no- negation set one setting
+    ("[]", "['--enable-prefix-caching', '--no-enable-prefix-caching']",
+     r"variants\.bf16\.serve_args: serve_args flag\(s\) \['--enable-prefix-caching'\] given twice within this"),
+    ("['--max-num-batched-tokens', '16384']", "['--max_num_batched_tokens=8192']",
+     r"models\.m: serve_args flag\(s\) \['--max-num-batched-tokens'\] given twice: once in model 'm'\'s serve_args "
+     r"and once in variant 'bf16'\'s"),
 ])
-def test_matrix_refuses_a_serve_flag_given_twice(tmp_path, model_args, variant_args):
-    bad = tmp_path / "m.yaml"
-    bad.write_text("models:\n- name: m\n  source: {kind: local, path: /x}\n"
-                   f"  serve_args: {model_args}\n  variants:\n"
-                   f"  - {{name: bf16, format: bf16, serve_args: {variant_args}}}\n"
-                   "tasks:\n- {name: hellaswag, metric: acc_norm}\n")
-    with pytest.raises(MatrixError, match=r"variant 'bf16': serve_args flag\(s\) \['--max-num-batched-tokens'\] "
-                                          "given twice"):
-        load_matrix(bad)
+def test_matrix_refuses_a_serve_flag_given_twice_and_says_where(tmp_path, model_args, bf16_args, where):
+    with pytest.raises(MatrixError, match=where) as err:
+        load_matrix(_matrix(tmp_path, model_args, bf16_args))
+    assert "variant 'q'" not in str(err.value) and str(err.value).count("given twice") == 1
+
+
+def test_matrix_takes_distinct_serve_flags_and_a_flag_in_two_variants(tmp_path):
+    """Not refused: quantgate's own engine flags it leaves to the matrix (dtype, eager mode, batching, KV cache
+    dtype, quantization), and one flag in two variants' lists (each variant is its own server)."""
+    m = load_matrix(_matrix(tmp_path, "['--max-num-seqs', '8', '--enforce-eager', '--dtype', 'bfloat16']",
+                            "['--max-num-batched-tokens', '4096', '--kv-cache-dtype', 'fp8']",
+                            "['--max-num-batched-tokens', '2048', '-q', 'fp8']"))
+    assert m.models[0].variants[1].serve_args == ["--max-num-batched-tokens", "2048", "-q", "fp8"]
+
+
+@pytest.mark.parametrize(("args", "flag", "field"), [
+    ("['--max-model-len', '4096']", "--max-model-len", "the model's `max_model_len`"),
+    ("['--max_model_len=4096']", "--max-model-len", "the model's `max_model_len`"),
+    ("['--seed', '7']", "--seed", "`generation.seed`"),
+    ("['--generation-config', 'auto']", "--generation-config", "`generation` block"),
+    ("['--generation_config=auto']", "--generation-config", "`generation` block"),
+    ("['--trust-remote-code']", "--trust-remote-code", "`trust_remote_code: true`"),
+    ("['--no-trust-remote-code']", "--trust-remote-code", "`trust_remote_code: true`"),
+    ("['-asc', '2']", "--api-server-count", "`api_server_count: N`"),
+    ("['--api_server_count=2']", "--api-server-count", "`api_server_count: N`"),
+    ("['--tensor-parallel-size=2']", "--tensor-parallel-size", "`gpus: K`"),
+    ("['--served_model_name', 'x']", "--served-model-name", "names the model itself"),
+])
+@pytest.mark.parametrize("level", ["model", "variant"])
+def test_matrix_refuses_flags_quantgate_owns_naming_the_field(tmp_path, args, flag, field, level):
+    path = _matrix(tmp_path, args, "[]") if level == "model" else _matrix(tmp_path, "[]", "[]", args)
+    key = r"models\.m\.serve_args" if level == "model" else r"models\.m\.variants\.q\.serve_args"
+    with pytest.raises(MatrixError, match=rf"{key}: serve_args may not set \[{flag!r}\]") as err:
+        load_matrix(path)
+    assert field in str(err.value) and len(str(err.value).strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("args", [["--max-model-len", "4096"], ["--seed=1"], ["--generation-config", "auto"],
+                                  ["--trust_remote_code"], ["-asc", "2"], ["-tp", "2"]])
+def test_quantgate_vllm_args_cannot_override_owned_flags(tmp_path, monkeypatch, args):
+    monkeypatch.setenv("QUANTGATE_VLLM_ARGS", " ".join(args))
+    with pytest.raises(ServerError, match=r"QUANTGATE_VLLM_ARGS may not set \['--"):
+        _server(tmp_path).command()
+
+
+def test_server_command_keeps_quantgate_flags_and_takes_the_others(tmp_path, monkeypatch):
+    """quantgate's own --generation-config and the runner's --tensor-parallel-size are not overrides; --dtype
+    through QUANTGATE_VLLM_ARGS (the GPU runs') passes."""
+    monkeypatch.setenv("QUANTGATE_VLLM_ARGS", "--dtype bfloat16")
+    server = _server(tmp_path, extra_args=["--tensor-parallel-size", "2", "--max-num-seqs", "8"])
+    server.port = 8000
+    cmd = server.command()
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm" and cmd[-4:] == ["--tensor-parallel-size", "2",
+                                                                                 "--max-num-seqs", "8"]
+    assert cmd[len(cmd) - 1 - cmd[::-1].index("--dtype") + 1] == "bfloat16"
+    with pytest.raises(ServerError, match=r"may not set \['--seed'\]"):
+        _server(tmp_path, extra_args=["--seed", "3"]).command()
 
 
 def test_each_server_gets_its_own_key_and_demands_it(tmp_path, standin):

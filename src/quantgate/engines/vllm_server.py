@@ -39,6 +39,7 @@ from quantgate.engines.memory import (
     read_node_memory,
     weights_bytes_in_memory,
 )
+from quantgate.engines.serve_flags import SERVER_OWNED_FLAGS, owned_flag_message, owned_flag_overrides
 from quantgate.engines.startup_errors import memory_refusal
 from quantgate.errors import ServerError
 
@@ -53,9 +54,6 @@ DEFAULT_START_TIMEOUT_S = 900.0
 # shuts its API servers down within seconds of one dying (reports/gpu-h200.md, session 8), and a /health
 # request that an overloaded server answers late is retried until then.
 SERVING_GRACE_S = 15.0
-# What quantgate decides for every server: a variant's serve_args or QUANTGATE_VLLM_ARGS may not override them
-# (argparse keeps the last value, so `--host 0.0.0.0` there would expose the server to the network).
-RESERVED_ARGS = ("--host", "--port", "--api-key", "--served-model-name", "--model")
 # The GPU memory level before this process started its first server (None on a CPU or before that start).
 _DEVICES_BEFORE_FIRST_SERVER: list[device_memory.DeviceReading] | None = None
 _FIRST_SERVER_STARTED = False
@@ -74,11 +72,6 @@ def start_timeout(configured: float = DEFAULT_START_TIMEOUT_S) -> float:
     if value <= 0:
         raise ServerError(f"QUANTGATE_SERVER_START_TIMEOUT={raw!r}: give seconds, a number > 0")
     return value
-
-
-def reserved_arg_overrides(args: Sequence[str]) -> list[str]:
-    """The arguments in `args` that would override one quantgate sets itself (RESERVED_ARGS)."""
-    return [a for a in args if a.split("=", 1)[0] in RESERVED_ARGS]
 
 
 def free_port() -> int:
@@ -115,7 +108,12 @@ def default_engine_args(hw: Hardware) -> list[str]:
         # Eager mode: torch.compile on the CPU backend took minutes per variant at start (and recompiles per
         # checkpoint), far more than it saves on a small model's evaluation.
         args += ["--enforce-eager"]
-    return [*args, *shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))]
+    return [*args, *user_engine_args()]
+
+
+def user_engine_args() -> list[str]:
+    """The engine flags of env QUANTGATE_VLLM_ARGS (shell words), added to every server and the offline engine."""
+    return shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))
 
 
 # vLLM's default prefill budget per step when chunked prefill is off (SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
@@ -417,16 +415,15 @@ class VllmServer:
         return f"{self.base_url}/v1/completions"
 
     def command(self) -> list[str]:
-        """The server's command line. Raises ServerError where extra arguments would override the host,
-        port, API key or model quantgate sets."""
+        """The server's command line. Raises ServerError where extra arguments or QUANTGATE_VLLM_ARGS would
+        override a flag quantgate sets itself (serve_flags.OWNED_FLAGS: host, port, API key, model, max model
+        length, seed, generation config, ...), in any of vLLM's spellings."""
         hw = detect()
-        added = [*default_engine_args(hw), *self.extra_args]
-        overrides = reserved_arg_overrides(added)
+        # the runner puts --tensor-parallel-size (from the model's `gpus`) into extra_args itself
+        overrides = [*owned_flag_overrides(user_engine_args()),
+                     *owned_flag_overrides(self.extra_args, SERVER_OWNED_FLAGS)]
         if overrides:
-            raise ServerError(
-                f"serve_args / QUANTGATE_VLLM_ARGS may not set {overrides}: quantgate binds every server to "
-                f"{HOST} on a free port with its own API key, and names the model itself"
-            )
+            raise ServerError(f"serve_args / QUANTGATE_VLLM_ARGS {owned_flag_message(overrides)}")
         return [
             self.python,
             "-m",
