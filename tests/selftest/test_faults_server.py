@@ -329,21 +329,25 @@ def test_gpu_memory_still_held_blocks_the_next_start_naming_the_holder(tmp_path,
     assert second.proc is None and _pids(tmp_path) == first, "the refused server was never started"
 
 
-def test_sigterm_stops_a_pytest_session_instead_of_failing_one_test(tmp_path):
-    """CI's timeout sends SIGTERM to the whole run: the session must stop there (exit 128 + 15), not record one
-    failed test and go on starting servers for the next ones (the library's SystemExit would be caught by pytest
-    as a test failure; the plugin turns SIGTERM into pytest.exit)."""
+def _session_sent_sigterm(tmp_path: Path, first_test: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A pytest session in a child process whose first test is `first_test` (it signals its own process) and
+    whose second test touches a marker file; returns the finished child and the marker's path."""
     marker = tmp_path / "second-test-ran"
     (tmp_path / "test_two.py").write_text(
-        "import os, signal, time\n"
-        "def test_first():\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(30)\n"
-        f"def test_second():\n    open({str(marker)!r}, 'w').close()\n")
+        f"import os, signal, time\n{first_test}def test_second():\n    open({str(marker)!r}, 'w').close()\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(tmp_path / "test_two.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
+    return proc, marker
+
+
+def test_sigterm_stops_a_pytest_session_instead_of_failing_one_test(tmp_path):
+    """CI's timeout sends SIGTERM to the whole run: the session must stop there (exit 128 + 15), not record one
+    failed test and go on starting servers for the next ones (the library's SystemExit would be caught by pytest
+    as a test failure; the plugin turns SIGTERM into pytest.exit)."""
+    proc, marker = _session_sent_sigterm(
+        tmp_path, "def test_first():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
     assert "quantgate: received SIGTERM" in proc.stdout + proc.stderr
     assert not marker.exists(), "the session went on after SIGTERM"
@@ -353,19 +357,8 @@ def test_sigterm_swallowed_by_a_catch_all_still_stops_the_session(tmp_path):
     """pytest.exit raises an ordinary Exception; on an H200 lm-eval's request loop and quantgate's task wrapper
     caught it as one failed task, and the session went on to start the next variant's server. The next test
     must not start."""
-    marker = tmp_path / "second-test-ran"
-    (tmp_path / "test_two.py").write_text(
-        "import os, signal, time\n"
-        "def test_first():\n"
-        "    try:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        time.sleep(30)\n"
-        "    except Exception:\n"
-        "        pass\n"
-        f"def test_second():\n    open({str(marker)!r}, 'w').close()\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(tmp_path / "test_two.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc, marker = _session_sent_sigterm(
+        tmp_path, "def test_first():\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "        time.sleep(30)\n    except Exception:\n        pass\n")
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
     assert not marker.exists(), "the session went on after a swallowed SIGTERM"
