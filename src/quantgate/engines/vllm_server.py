@@ -495,20 +495,26 @@ class VllmServer:
         died is still shutting down (its leader alive, its port closed) when the client gives up, so a bare
         exit-code check would blame the client (seen with vLLM 0.26 and --api-server-count 4,
         reports/gpu-h200.md, session 8)."""
-        import requests  # here, not at import: importing it costs seconds, and a warm rerun needs none
-
         grace_s = SERVING_GRACE_S if grace_s is None else grace_s
-        deadline = time.monotonic() + grace_s
+        if not self._answers_health_by(time.monotonic() + grace_s, when, poll_s=0.5):
+            raise self.failure(f"stopped answering /health {when} (still running after {grace_s:.0f}s)")
+
+    def _answers_health_by(self, deadline: float, when: str, poll_s: float) -> bool:
+        """Poll /health every `poll_s` s until it answers 200 (True) or the monotonic `deadline` passes (False);
+        raise ServerError (check_alive, naming `when`) as soon as the server has exited."""
+        import requests  # here, not at import: importing it costs seconds (chardet), and a warm rerun needs none
+
         while True:
             self.check_alive(when)
             try:
                 if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
+                    return True
             except requests.RequestException:
                 pass
-            if time.monotonic() >= deadline:
-                raise self.failure(f"stopped answering /health {when} (still running after {grace_s:.0f}s)")
-            time.sleep(0.5)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
 
     def __enter__(self) -> VllmServer:
         global _DEVICES_BEFORE_FIRST_SERVER, _FIRST_SERVER_STARTED
@@ -552,22 +558,12 @@ class VllmServer:
         return self
 
     def _wait_healthy(self, start: float) -> None:
-        import requests  # here, not at import: importing it costs seconds (chardet), and a warm rerun needs none
-
         assert self.proc is not None
-        deadline = start + self.startup_timeout
-        while time.monotonic() < deadline:
-            self.check_alive("before becoming healthy")
-            try:
-                if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-        raise self.failure(
-            f"not healthy after {self.startup_timeout:.0f}s (the start timeout: the model's "
-            "server_start_timeout_s in the matrix, or env QUANTGATE_SERVER_START_TIMEOUT)"
-        )
+        if not self._answers_health_by(start + self.startup_timeout, "before becoming healthy", poll_s=1.0):
+            raise self.failure(
+                f"not healthy after {self.startup_timeout:.0f}s (the start timeout: the model's "
+                "server_start_timeout_s in the matrix, or env QUANTGATE_SERVER_START_TIMEOUT)"
+            )
 
     def stop(self) -> None:
         """Kill the server's whole process group (leader alive or not) and reap the leader."""
