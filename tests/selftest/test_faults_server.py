@@ -193,35 +193,34 @@ def test_server_dies_mid_evaluation(tmp_path, standin):
     assert rerun.events.evaluated == [f"{fh.MODEL}/bf16:ifeval"]
 
 
+def _hang_up_during_ifeval(store: Path, match: str) -> None:
+    """Evaluate the stand-in's tasks with ifeval's request hanging up the server; the ServerError must match
+    `match`, and no process of the server may be left."""
+    run = fh.make_run(store)
+    vr = run.variant(fh.MODEL, "bf16")
+    fh.PROMPTS["ifeval"] = "hang-up"
+    with pytest.raises(ServerError, match=match):
+        vr.results(run.matrix.tasks)
+    leader = vr.server.proc.pid
+    run.close()
+    _assert_nothing_left(leader, leader)
+
+
 def test_server_that_closes_its_port_before_exiting_is_named_with_its_error(tmp_path, standin):
     """vLLM 0.26 with --api-server-count 4 on an H200: one API server process died on a tensor it could not
     decode; the port closed while the leader was still shutting down, so the client gave up first and the
     failure read as lm-eval's "Cannot connect". The server is named, with the error it logged while serving."""
     store = tmp_path / "store"
-    run = fh.make_run(store)
-    vr = run.variant(fh.MODEL, "bf16")
-    fh.PROMPTS["ifeval"] = "hang-up"
-    with pytest.raises(ServerError, match=r"exited with code 1 while evaluating task ifeval[\s\S]*first error it "
-                                          r"logged while serving: RuntimeError: shape '\[25, 2\]' is invalid"):
-        vr.results(run.matrix.tasks)
-    leader = vr.server.proc.pid
-    run.close()
-    _assert_nothing_left(leader, leader)
+    _hang_up_during_ifeval(store, r"exited with code 1 while evaluating task ifeval[\s\S]*first error it logged "
+                                  r"while serving: RuntimeError: shape '\[25, 2\]' is invalid")
     assert _stored(store) == [f"{fh.MODEL}/bf16/hellaswag"], "the task evaluated before the crash is kept"
 
 
 def test_server_alive_but_not_answering_after_a_failed_evaluation(tmp_path, standin, monkeypatch):
     monkeypatch.setenv("STANDIN_HANGUP_EXIT_S", "600")
     monkeypatch.setattr(vllm_server, "SERVING_GRACE_S", 1.0)
-    run = fh.make_run(tmp_path / "store")
-    vr = run.variant(fh.MODEL, "bf16")
-    fh.PROMPTS["ifeval"] = "hang-up"
-    with pytest.raises(ServerError, match=r"stopped answering /health while evaluating task ifeval \(still "
-                                          r"running after 1s\)[\s\S]*first error it logged while serving"):
-        vr.results(run.matrix.tasks)
-    leader = vr.server.proc.pid
-    run.close()
-    _assert_nothing_left(leader, leader)
+    _hang_up_during_ifeval(tmp_path / "store", r"stopped answering /health while evaluating task ifeval \(still "
+                                               r"running after 1s\)[\s\S]*first error it logged while serving")
 
 
 def test_first_exception_reads_past_vllm_prefixes_and_ignores_mentions():
