@@ -18,7 +18,10 @@ package the lookup succeeds and the fallback is never used.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
+
+from quantgate.engines.vllm_workarounds import workaround_env
 
 _METADATA_VERSION = importlib.metadata.version  # the real lookup, before main() wraps it
 
@@ -40,7 +43,13 @@ def _version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run vLLM's CLI with `argv` (default sys.argv[1:]) as its arguments."""
+    """Run vLLM's CLI with `argv` (default sys.argv[1:]) as its arguments, after the environment settings that
+    keep known faults of this vLLM version out of it (quantgate.engines.vllm_workarounds; each is named on
+    stderr, which is the server's log)."""
+    settings, notes = workaround_env(vllm_version(), os.environ)
+    os.environ.update(settings)  # before vLLM starts: its engine core and API server processes inherit it
+    for note in notes:
+        print(f"quantgate: {note}", file=sys.stderr, flush=True)
     importlib.metadata.version = _version
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
