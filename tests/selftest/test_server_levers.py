@@ -108,6 +108,12 @@ def test_plan_keeps_baseline_and_only_the_asked_levers(levers) -> None:
     assert [lv.name for lv in plan[0][3]] == ["baseline", "baseline (repeat)", "1 prompt(s) per request",
                                               "64 prompt(s) per request"]
     assert plan[1][3][0].tasks == ("hellaswag",)
+    plan = levers.plan(levers.argparse.Namespace(
+        batch_sizes=[], concurrencies=[], api_server_count=4, prefix_caching_tasks=[],
+        levers=["api-servers", "workaround-off"]))
+    assert [(name, options) for name, _, options, _ in plan] == [
+        ("base", {}), ("api4", {"api_server_count": 4}),
+        ("api4-nofix", {"api_server_count": 4, "env": {"VLLM_MSGPACK_ZERO_COPY_THRESHOLD": "256"}})]
     with pytest.raises(levers.argparse.ArgumentTypeError, match="TASK=N"):
         levers._kv(["mmlu=3"])
     assert levers._kv(["gsm8k=8", "hellaswag=all"]) == {"gsm8k": 8, "hellaswag": 0}

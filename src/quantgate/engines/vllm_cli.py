@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run vLLM's CLI with `argv` (default sys.argv[1:]) as its arguments, after the environment settings that
     keep known faults of this vLLM version out of it (quantgate.engines.vllm_workarounds; each is named on
     stderr, which is the server's log)."""
-    settings, notes = workaround_env(vllm_version(), os.environ)
+    try:
+        version = vllm_version()
+    except importlib.metadata.PackageNotFoundError:  # vLLM's own import below names what is missing
+        version = "unknown"
+    settings, notes = workaround_env(version, os.environ)
     os.environ.update(settings)  # before vLLM starts: its engine core and API server processes inherit it
     for note in notes:
         print(f"quantgate: {note}", file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from quantgate.engines.memory import (
     NodeMemory,
     check_explicit_kv_bytes,
     check_gpu_fraction,
+    cpu_runtime_overhead_bytes,
     kv_bytes_per_token,
     plan_cpu_kv_cache,
     read_gpu_memory,
@@ -39,7 +40,7 @@ from quantgate.engines.memory import (
     read_node_memory,
     weights_bytes_in_memory,
 )
-from quantgate.engines.serve_flags import SERVER_OWNED_FLAGS, owned_flag_message, owned_flag_overrides
+from quantgate.engines.serve_flags import SERVER_OWNED_FLAGS, flag_name, owned_flag_message, owned_flag_overrides
 from quantgate.engines.startup_errors import memory_refusal
 from quantgate.errors import ServerError
 
@@ -140,13 +141,16 @@ def seeded_sampling_args(hw: Hardware, max_model_len: int) -> list[str]:
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of `--flag v` or `--flag=v` in an argument list (the last one wins, as in argparse)."""
+    """The value of long option `flag` in an argument list, in any spelling vLLM's parser accepts (`--flag v`,
+    `--flag=v`, underscores for dashes: serve_flags.flag_name); the last one wins, as in argparse."""
     value = None
     for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(flag + "="):
+        if flag_name(a) != flag:
+            continue
+        if "=" in a:
             value = a.split("=", 1)[1]
+        elif i + 1 < len(args):
+            value = args[i + 1]
     return value
 
 
@@ -157,12 +161,14 @@ def memory_args(
     max_model_len: int,
     sequences: int,
     engine_args: Sequence[str],
+    api_server_count: int | None = None,
     node: NodeMemory | None = None,
 ) -> tuple[list[str], str]:
     """The memory flags for one server and a line saying why: `--kv-cache-memory-bytes N` on the CPU (sized from
-    the model, `max_model_len` and the `sequences` in flight: engines/memory.py), `--gpu-memory-utilization`
-    on a GPU. Checked against the node's or device's available memory first; raises ServerError naming the
-    numbers and the setting to change when it does not fit. `node` replaces the reading (tests).
+    the model, `max_model_len`, the `sequences` in flight and the API server processes besides the engine:
+    engines/memory.py), `--gpu-memory-utilization` on a GPU. Checked against the node's or device's available
+    memory first; raises ServerError naming the numbers and the setting to change when it does not fit. `node`
+    replaces the reading (tests).
     """
     if hw.hw_class == "cpu":
         node = node or read_node_memory()
@@ -185,6 +191,7 @@ def memory_args(
             sequences=sequences,
             weights_bytes=weights_bytes_in_memory(config, checkpoint_bytes, compute_dtype(hw)),
             node=node,
+            overhead_bytes=cpu_runtime_overhead_bytes(api_server_count),
         )
         return ["--kv-cache-memory-bytes", str(plan.kv_bytes)], plan.describe()
     utilization = os.environ.get("QUANTGATE_GPU_MEMORY_UTILIZATION", "0.85")
@@ -526,7 +533,7 @@ class VllmServer:
         hw = detect()
         self.memory_args, self.memory_note = memory_args(
             hw, self.model_dir, max_model_len=self.max_model_len, sequences=self.sequences,
-            engine_args=[*default_engine_args(hw), *self.extra_args])
+            engine_args=[*default_engine_args(hw), *self.extra_args], api_server_count=self.api_server_count)
         self.port = free_port()
         self.api_key = secrets.token_urlsafe(32)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
