@@ -19,6 +19,17 @@ from contextlib import contextmanager
 PLACEHOLDER = "<redacted>"
 
 
+class Secret(str):
+    """A str whose repr hides its value: what pytest's long tracebacks print for every frame's arguments
+    (``api_key = '<redacted>'``), and what any ``{x!r}`` or container repr shows. Its value (``str(s)``, the
+    header it is sent in, the environment variable it is passed through) is the secret's own."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(PLACEHOLDER)
+
+
 def redact(text: str, secret: str | None) -> str:
     """``text`` with every occurrence of ``secret`` replaced by ``PLACEHOLDER`` (unchanged for no secret)."""
     return text.replace(secret, PLACEHOLDER) if secret else text

@@ -20,6 +20,8 @@ import pytest
 from quantgate.evaluation.lmeval_runner import server_api_key
 from quantgate.redaction import PLACEHOLDER, redact, secret_redacted_from_logs
 
+pytest_plugins = ["pytester"]
+
 KEY = "qg-test-key-7f3a9c51d2e84b60"
 
 
@@ -119,3 +121,32 @@ def test_redaction_covers_arguments_and_tracebacks(caplog):
     assert text.count(KEY) == 1 and "after the block" in text and text.count(PLACEHOLDER) == 2
     assert caplog.records[2].getMessage() == "nothing secret 3"
     assert redact(f"a {KEY} b", KEY) == f"a {PLACEHOLDER} b" and redact("x", None) == "x"
+
+
+def test_pytest_tracebacks_print_the_server_key_redacted(pytester: pytest.Pytester) -> None:
+    """pytest's long tracebacks print every frame's arguments; run_task(..., api_key=...) printed the server's
+    key in session 8's GPU logs. The server's key is a redaction.Secret: its repr is the placeholder, its value
+    the key. Control: the same key as a plain str is printed."""
+    pytester.makepyfile(test_leak=f"""
+        from quantgate.redaction import Secret
+
+        KEY = "{KEY[:6]}" + "{KEY[6:]}"  # split, so that the printed source lines do not hold it whole
+
+        def run_task(api_key):
+            raise RuntimeError("evaluation failed")
+
+        def test_secret():
+            run_task(Secret(KEY))
+
+        def test_plain_control():
+            run_task(KEY)
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    text = result.stdout.str()
+    secret_part, control_part = text.split("test_plain_control", 1)
+    assert KEY not in secret_part and f"api_key = '{PLACEHOLDER}'" in secret_part
+    assert f"api_key = '{KEY}'" in control_part
+    from quantgate.redaction import Secret
+
+    assert str(Secret(KEY)) == KEY and f"{Secret(KEY)}" == KEY and Secret(KEY) == KEY  # the value is untouched

