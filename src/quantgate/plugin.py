@@ -81,6 +81,7 @@ class QuantgateSession:
     deselected: list[str] = field(default_factory=list)  # model/variant labels whose tests the cadence deselected
     other_failures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    ran: int | None = 0  # tests whose body ran (a "call" phase reported, not skipped); None: --collect-only
 
     @property
     def evaluated_matrix(self) -> Matrix:
@@ -95,7 +96,8 @@ class QuantgateSession:
 
     def verdict(self) -> RunVerdict:
         return summarize(
-            self.gates, self.policy, self.cadence, other_failures=self.other_failures, errors=self.errors
+            self.gates, self.policy, self.cadence, other_failures=self.other_failures, errors=self.errors,
+            ran=self.ran,
         )
 
 
@@ -243,6 +245,7 @@ def pytest_configure(config: pytest.Config) -> None:
         policy=policy,
         policy_path=policy_path,
         cadence=config.getoption("--qg-cadence"),
+        ran=None if config.getoption("collectonly") else 0,  # collecting only: nothing was meant to run
     )
     config.pluginmanager.register(_GateCollector(config.stash[STASH]), "quantgate-gates")
 
@@ -389,6 +392,8 @@ class _GateCollector:
         gates = [Gate.from_json(v) for k, v in report.user_properties if k == GATE_PROPERTY]
         if report.when == "call":
             self.qs.gates.extend(gates)
+            if self.qs.ran is not None:
+                self.qs.ran += not report.skipped
         if report.failed and not gates:
             (self.qs.other_failures if report.when == "call" else self.qs.errors).append(report.nodeid)
 

@@ -6,7 +6,9 @@ Exit codes of ``quantgate run`` (and of ``RunVerdict.exit_code``):
 * ``1`` FAIL: a gate failed on evidence of loss in a blocking tier, a critical gate is MISSING, or a test
   other than a gate failed or errored (a build, a kernel check).
 * ``2`` INCONCLUSIVE: nothing failed, but a gate whose policy blocks on INCONCLUSIVE did not resolve.
-* ``3`` the run did not complete: bad configuration, interrupted, or pytest usage/internal error.
+* ``3`` the run did not complete: bad configuration, interrupted, or pytest usage/internal error; or nothing
+  ran at all (every test skipped or deselected, no gate judged): a green PASS would say the checkpoint was
+  checked when nothing was.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ class RunVerdict:
     judged: list[tuple[Gate, Disposition]]
     other_failures: list[str] = field(default_factory=list)  # node ids of failed non-gate tests
     errors: list[str] = field(default_factory=list)  # node ids that errored
+    ran: int | None = None  # tests whose body ran (not skipped); None where unknown
+
+    @property
+    def nothing_ran(self) -> bool:
+        """No test body ran and no gate was judged (every test skipped, deselected or none collected)."""
+        return self.ran == 0 and not self.judged and not self.errors and not self.other_failures
 
     @property
     def exit_code(self) -> int:
+        if self.nothing_ran:
+            return EXIT_ERROR
         if self.errors or self.other_failures:
             return EXIT_FAIL
         if any(d == "fail" and g.outcome in (Outcome.FAIL, Outcome.MISSING) for g, d in self.judged):
@@ -43,7 +53,8 @@ class RunVerdict:
     def headline(self) -> str:
         """``PASS`` / ``FAIL`` / ``INCONCLUSIVE``: FAIL only when something failed on evidence (or is missing
         or broke); a run whose only blocking gates are inconclusive is INCONCLUSIVE."""
-        return {EXIT_PASS: "PASS", EXIT_FAIL: "FAIL", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}[self.exit_code]
+        return {EXIT_PASS: "PASS", EXIT_FAIL: "FAIL", EXIT_INCONCLUSIVE: "INCONCLUSIVE",
+                EXIT_ERROR: "NOTHING RAN"}[self.exit_code]
 
     def counts(self) -> Counter[str]:
         return Counter(g.outcome.label for g, _ in self.judged)
@@ -70,6 +81,8 @@ class RunVerdict:
         if policy is not None:
             out.append(policy.describe(self.cadence, {g.name for g, _ in self.judged}))
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        if self.nothing_ran:
+            counts = "none judged: every selected test was skipped (the SKIPPED lines say why)"
         out.append(f"VERDICT: {self.headline} (exit {self.exit_code}); gates: {counts or 'none judged'}")
         return out
 
@@ -81,8 +94,10 @@ def summarize(
     *,
     other_failures: list[str] | None = None,
     errors: list[str] | None = None,
+    ran: int | None = None,
 ) -> RunVerdict:
-    """Add the MISSING critical gates, resolve each gate's disposition, and give the run's verdict."""
+    """Add the MISSING critical gates, resolve each gate's disposition, and give the run's verdict. `ran`: how
+    many tests' bodies ran (None: unknown), so that a run where nothing ran is not a PASS."""
     all_gates = list(gates) + missing_gates(gates, policy)
     judged = [(g, policy.disposition(g.outcome, g.tier, cadence, control=g.control)) for g in all_gates]
-    return RunVerdict(cadence, judged, list(other_failures or []), list(errors or []))
+    return RunVerdict(cadence, judged, list(other_failures or []), list(errors or []), ran)

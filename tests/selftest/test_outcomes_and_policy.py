@@ -306,6 +306,32 @@ class TestRunVerdict:
         assert summarize([], policy, "commit", other_failures=["t::k"]).exit_code == EXIT_FAIL
         assert summarize([], policy, "commit", errors=["t::build"]).exit_code == EXIT_FAIL
 
+    def test_a_run_where_nothing_ran_is_not_a_pass(self, policy, tmp_path):
+        """Every test skipped (or none collected) and no gate judged: exit 3, not a green PASS; the job summary
+        read from the JUnit XML says the same. Control: one test that ran and passed is a PASS."""
+        from quantgate.report.job_summary import annotations, markdown, read_junit, verdict_of
+        from quantgate.run_verdict import EXIT_ERROR
+
+        v = summarize([], policy, "commit", ran=0)
+        assert v.exit_code == EXIT_ERROR and v.headline == "NOTHING RAN" and "skipped" in v.lines()[-1]
+        assert summarize([], policy, "commit", ran=1).exit_code == EXIT_PASS  # a test ran and passed
+        assert summarize([], policy, "commit").exit_code == EXIT_PASS  # unknown count: as before
+        assert summarize([], policy, "commit", ran=0, errors=["t::build"]).exit_code == EXIT_FAIL
+        skipped = tmp_path / "skipped.xml"
+        skipped.write_text('<testsuites><testsuite name="pytest" tests="2"><testcase classname="s" name="a">'
+                           '<skipped message="no snapshot"/></testcase><testcase classname="s" name="b">'
+                           '<skipped message="no baseline"/></testcase></testsuite></testsuites>')
+        run = read_junit(skipped)
+        verdict = verdict_of(run, policy)
+        assert (run.tests, run.skipped, verdict.exit_code) == (2, 2, EXIT_ERROR)
+        text = markdown(verdict, run, [], policy)
+        assert "NOTHING RAN (exit 3)" in text and "Every judged gate passed" not in text
+        assert any("nothing ran" in line for line in annotations(verdict, run))
+        ran = tmp_path / "ran.xml"
+        ran.write_text('<testsuites><testsuite name="pytest" tests="1"><testcase classname="s" name="a"/>'
+                       '</testsuite></testsuites>')
+        assert verdict_of(read_junit(ran), policy).exit_code == EXIT_PASS
+
     def test_default_policy_has_every_tier(self):
         assert DEFAULT_POLICY.disposition(Outcome.INCONCLUSIVE, "supporting", "commit") == "warn"
 

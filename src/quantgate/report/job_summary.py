@@ -34,6 +34,7 @@ class JunitRun:
     errors: list[str] = field(default_factory=list)
     cadence: str | None = None
     tests: int = 0
+    skipped: int = 0
 
 
 def read_junit(path: Path) -> JunitRun:
@@ -51,6 +52,7 @@ def read_junit(path: Path) -> JunitRun:
         failure = case.find("failure")
         error = case.find("error")
         skipped = case.find("skipped")
+        out.skipped += skipped is not None
         text = next(
             ((el.text or el.get("message") or "").strip() for el in (failure, error, skipped) if el is not None), ""
         )
@@ -73,7 +75,7 @@ def read_junit(path: Path) -> JunitRun:
 def verdict_of(run: JunitRun, policy: Policy, cadence: str | None = None) -> RunVerdict:
     """The run's verdict as `quantgate run` gave it: the policy applied at the run's cadence."""
     return summarize(run.gates, policy, cadence or run.cadence or "commit",
-                     other_failures=run.other_failures, errors=run.errors)
+                     other_failures=run.other_failures, errors=run.errors, ran=run.tests - run.skipped)
 
 
 def _not_passed(verdict: RunVerdict) -> list[tuple[Gate, str]]:
@@ -89,12 +91,16 @@ def markdown(verdict: RunVerdict, run: JunitRun, tables: list[str], policy: Poli
     """The job summary: headline, gate counts, a table of the gates that did not pass (each failing one with
     its message, flipped items included, in a collapsed block), other failures, then the score tables and
     links to the report's figures (`figures`: name -> URL, or a path inside the uploaded results)."""
-    icon = {"PASS": ":white_check_mark:", "FAIL": ":x:", "INCONCLUSIVE": ":grey_question:"}[verdict.headline]
+    icon = {"PASS": ":white_check_mark:", "FAIL": ":x:", "INCONCLUSIVE": ":grey_question:",
+            "NOTHING RAN": ":x:"}[verdict.headline]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(verdict.counts().items())) or "none judged"
     lines = [f"## {icon} quantgate: {verdict.headline} (exit {verdict.exit_code})", "",
              f"Cadence **{verdict.cadence}**; {run.tests} tests; gates: {counts}.", ""]
     shown = _not_passed(verdict)
-    if shown:
+    if verdict.nothing_ran:
+        what = "every one of the run's tests was skipped" if run.tests else "the JUnit XML holds no test"
+        lines += [f"Nothing ran: {what}, so no checkpoint was checked. The run's log gives the skip reasons.", ""]
+    elif shown:
         lines += ["### Gates that did not pass", "", "| Outcome | Subject | Gate | Tier | Disposition | Parameters |",
                   "|---|---|---|---|---|---|"]
         for g, d in shown:
@@ -136,6 +142,9 @@ def annotations(verdict: RunVerdict, run: JunitRun) -> list[str]:
         out.append(f"::{level} title={_escape_property(title)}::{_escape_data(first)}")
     for nodeid in run.other_failures + run.errors:
         out.append(f"::error title={_escape_property('quantgate test failed')}::{_escape_data(nodeid)}")
+    if verdict.nothing_ran:
+        out.append(f"::error title={_escape_property('quantgate: nothing ran')}::"
+                   f"{_escape_data(f'{run.tests} test(s), all skipped: no checkpoint was checked')}")
     return out
 
 
