@@ -17,7 +17,10 @@ The workaround quantgate applies to an affected vLLM (`quantgate.engines.vllm_wo
 VLLM_MSGPACK_ZERO_COPY_THRESHOLD above any tensor's size, so every tensor is encoded inside the payload, each
 message is one frame, and the tracker that gates the buffer's reuse is the payload's own.
 
-    # the affected vLLM (the GPU bundle's 0.26.0 tree on PYTHONPATH), without and with the workaround:
+    # the affected vLLM: the 0.26.0 tree of the GPU bundle (../shared/device/make-bundle.sh .devbundle), unpacked
+    #   mkdir -p /tmp/v026/full && cat .devbundle/part*/bundle.tar.* | tar xOf - ./vllm026.tar.xz \
+    #     | tar xJf - -C /tmp/v026/full
+    # imports on the CPU with this project's torch; run without and with the workaround:
     PYTHONPATH=/tmp/v026/full .venv/bin/python benchmarks/vllm_payload_reuse.py
     PYTHONPATH=/tmp/v026/full .venv/bin/python benchmarks/vllm_payload_reuse.py --workaround
     # the installed (fixed) vLLM as the control:
