@@ -51,8 +51,8 @@ class RunVerdict:
 
     @property
     def headline(self) -> str:
-        """``PASS`` / ``FAIL`` / ``INCONCLUSIVE``: FAIL only when something failed on evidence (or is missing
-        or broke); a run whose only blocking gates are inconclusive is INCONCLUSIVE."""
+        """``PASS`` / ``FAIL`` / ``INCONCLUSIVE`` / ``NOTHING RAN``: FAIL only when something failed on evidence
+        (or is missing or broke); a run whose only blocking gates are inconclusive is INCONCLUSIVE."""
         return {EXIT_PASS: "PASS", EXIT_FAIL: "FAIL", EXIT_INCONCLUSIVE: "INCONCLUSIVE",
                 EXIT_ERROR: "NOTHING RAN"}[self.exit_code]
 

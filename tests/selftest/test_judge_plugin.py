@@ -176,3 +176,24 @@ def test_quantgate_report_on_an_empty_results_directory_fails_naming_it_and_crea
         f"`quantgate run --matrix {matrix} --qg-results {results}` (or QUANTGATE_RESULTS={results}) stores them "
         "there, or name the folder a run stored them in with --results DIR or QUANTGATE_RESULTS\n")
     assert results.exists() == (how == "option")  # a reader creates no results folder
+
+
+def test_a_session_where_every_test_skipped_says_nothing_ran(project):
+    """pytest exits 0 when every test skips; the plugin says no checkpoint was checked. Control: the gates of
+    the same project ran, and it does not say it."""
+    (project.path / "test_gates.py").unlink()  # module names must not repeat across this process's pytester runs
+    project.makepyfile(test_gates_that_run=TESTS)
+    assert "NOTHING RAN" not in _run(project).stdout.str()
+    (project.path / "test_gates_that_run.py").unlink()
+    project.makepyfile(test_all_skipped="""
+        import pytest
+
+        def test_skipped_a():
+            pytest.skip("no baseline accepted yet")
+
+        def test_skipped_b():
+            pytest.skip("no GPU")
+    """)
+    result = _run(project)
+    result.assert_outcomes(skipped=2)
+    assert "quantgate: NOTHING RAN" in result.stdout.str()
