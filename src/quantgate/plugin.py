@@ -226,7 +226,7 @@ def pytest_configure(config: pytest.Config) -> None:
     results = (
         Path(config.getoption("--qg-results")).resolve()
         if config.getoption("--qg-results")
-        else results_dir()
+        else results_dir(create=False)  # made by the first result written: collecting alone leaves no folder
     )
     try:
         # each xdist worker its own device(s), before anything in it can touch CUDA (docs/multi-gpu.md)

@@ -92,7 +92,7 @@ def test_readme_commands_work_in_a_scaffolded_project(tmp_path, monkeypatch, cap
         assert f"{module}.py::" in proc.stdout, module
     assert "test_accuracy.py::test_accuracy_retention[smollm2-135m/w8a8-int8-hellaswag]" in proc.stdout
     assert f"rootdir: {tmp_path}" in proc.stdout or "tests collected" in proc.stdout
-    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    assert not (tmp_path / "results").exists()  # collecting alone leaves no results folder behind
 
 
 RELOCATED_TEST = """
