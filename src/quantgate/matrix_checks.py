@@ -13,13 +13,14 @@ errors   a metric lm-eval does not produce for the task; a code-executing task w
          a log-probability task sent to a chat endpoint; distribution.tokens > a model's max_model_len;
          thresholds/distribution.yaml malformed, or without limits for a variant's format (when the matrix has a
          gated distribution section); a BF16 baseline with a later `cadence` than one of its quantized
-         variants (at the variant's cadence its retention would have no baseline).
+         variants (at the variant's cadence its retention would have no baseline); a serve_args or
+         QUANTGATE_VLLM_ARGS option that the installed vLLM's `vllm serve` parser does not have.
 warnings what could not be checked here (a Hub source not in the local Hugging Face cache, with the cached ids
          close to its id; the baseline's config.json is not local; a Python task declares no
          metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
          a variant whose generation_config.json sampling defaults differ from the baseline's; a task_floors
          entry naming no task of the matrix; a critical gate of the policy that this matrix cannot produce
-         (every variant would be MISSING it, and the run fails).
+         (every variant would be MISSING it, and the run fails); serve_args not checked (vLLM not importable).
 notes    which tasks read offline data here and which need the Hub.
 """
 
@@ -91,6 +92,7 @@ def check_matrix(
     report = CheckReport()
     report.errors += [f"{path}: {e}" for e in baseline_cadence_errors(matrix)]
     _check_tasks(matrix, path, data_dir, report)
+    _check_serve_args(matrix, path, report)
     for model in matrix.models:
         _check_model(matrix, model, path, report)
         dist = matrix.distribution
@@ -174,6 +176,33 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
     report.notes.append(f"offline data ({data_dir}): {', '.join(offline) or 'none'}")
     if hub:
         report.notes.append(f"need the Hugging Face Hub (no offline data here): {', '.join(hub)}")
+
+
+def _check_serve_args(matrix: Matrix, path: Path, report: CheckReport) -> None:
+    """serve_args (model and variant level) and QUANTGATE_VLLM_ARGS against the options of the installed
+    vLLM's own `vllm serve` parser: a misspelt flag otherwise surfaces only when its server starts, after the
+    builds. vLLM is imported only when there are serve args to check."""
+    from quantgate.engines.serve_flags import flag_name, unknown_flags, vllm_serve_options
+    from quantgate.engines.vllm_server import user_engine_args
+
+    places = [(f"{path}: models.{m.name}.serve_args", m.serve_args) for m in matrix.models]
+    places += [(f"{path}: models.{m.name}.variants.{v.name}.serve_args", v.serve_args)
+               for m in matrix.models for v in m.variants]
+    places += [("QUANTGATE_VLLM_ARGS", user_engine_args())]
+    places = [(where, args) for where, args in places if args]
+    if not places:
+        return
+    known = vllm_serve_options()
+    if known is None:
+        report.warnings.append("serve_args: not checked against vLLM's options (vLLM's `vllm serve` parser cannot "
+                               "be imported in this environment)")
+        return
+    longs = sorted(o for o in known if o.startswith("--"))
+    for where, args in places:
+        for token in unknown_flags(args, known):
+            name = flag_name(token) or token
+            report.errors.append(f"{where}: {token!r} is not an option of the installed vLLM's `vllm serve`"
+                                 f"{close_names(name, longs)}")
 
 
 def _check_model(matrix: Matrix, model: Model, path: Path, report: CheckReport) -> None:

@@ -7,6 +7,7 @@ one given twice, silently replaces a value. Comparing flags therefore needs the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 # vLLM's short option aliases (vllm 0.31): `-asc` in vllm/entrypoints/launchers/cli_args.py; `-tp`, `-pp`, `-dp`
@@ -95,3 +96,42 @@ def repeated(args: Iterable[str]) -> list[str]:
     """The settings given more than once in `args` (vLLM would keep the last value silently), sorted."""
     seen = settings(args)
     return sorted({s for s in seen if seen.count(s) > 1})
+
+
+# Where vLLM builds its `vllm serve` parser (make_arg_parser): vllm/entrypoints/launchers/cli_args.py from 0.31,
+# vllm/entrypoints/openai/cli_args.py before (0.26 and the releases around it).
+_PARSER_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
+
+
+@functools.lru_cache(maxsize=1)
+def vllm_serve_options() -> frozenset[str] | None:
+    """Every option string the installed vLLM's `vllm serve` accepts (its own parser, built the way `vllm serve`
+    builds it), or None where vLLM or that parser cannot be imported here. Imports vLLM: ~15 s on 2 cores,
+    once per process."""
+    import importlib
+
+    for name in _PARSER_MODULES:
+        try:
+            module = importlib.import_module(name)
+            from vllm.utils.argparse_utils import FlexibleArgumentParser
+        except ImportError:
+            continue
+        parser = module.make_arg_parser(FlexibleArgumentParser())
+        return frozenset(o for action in parser._actions for o in action.option_strings)
+    return None
+
+
+def unknown_flags(args: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The option tokens of `args` (as written) that name no option in `known` (vllm_serve_options), in vLLM's
+    spellings (flag_name). A dotted name (`--compilation-config.level 3`) is checked by its part before the
+    first dot, which is how vLLM's FlexibleArgumentParser reads JSON-valued options."""
+    known = set(known)
+    out = []
+    for a in args:
+        name = flag_name(a)
+        if name is None and a.startswith("-") and not a.lstrip("-").replace(".", "").isdigit():
+            # a short option: argparse also reads `-O3` as `-O 3`
+            name = a.split("=", 1)[0] if a[:2] not in known else a[:2]
+        if name is not None and name not in known and name.split(".", 1)[0] not in known:
+            out.append(a)
+    return out
