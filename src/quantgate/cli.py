@@ -178,6 +178,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
     matrix = load_matrix(matrix_path)  # fail before pytest starts
     load_thresholds(thresholds_path), _policy(args)
+    from quantgate.engines.vllm_server import user_engine_args_error
+
+    env_args_error = user_engine_args_error()
+    if env_args_error is not None:  # else every server start fails on it, each as a test failure
+        raise QuantgateError(env_args_error)
     _, limit_errors = check_distribution_limits(matrix, matrix_path, distribution_limits_path(thresholds_path))
     if limit_errors:  # found here, not at the first distribution test after hours of builds
         raise QuantgateError("\n".join(limit_errors))
@@ -192,10 +197,18 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     for reason, nodeids in collector.skips.items():
         where = nodeids[0] if len(nodeids) == 1 else f"{len(nodeids)} tests, e.g. {nodeids[0]}"
         print(f"  SKIPPED {where}\n          {reason}")
+    if int(code) == pytest.ExitCode.NO_TESTS_COLLECTED:
+        picks = [f"{a} {b!r}" for a, b in zip(extra, [*extra[1:], ""], strict=True) if a in ("-m", "-k")]
+        picks += [a for a in extra if a.startswith(("-m", "-k")) and len(a) > 2]  # -mnvfp4, -knot_slow
+        selection = " ".join(picks) or "the selection"
+        print(f"VERDICT: NOTHING RAN (exit {EXIT_ERROR}): no test matched {selection} (pytest exit 5); "
+              f"`pytest --markers` lists the markers, `quantgate run --collect-only` the tests  ({wall:.0f}s wall)")
+        return EXIT_ERROR
     if collector.verdict is None or int(code) not in (0, 1):
-        # pytest did not get to judge the suite (usage error, interrupted, nothing collected)
+        # pytest did not get to judge the suite (usage error, interrupted)
         print(f"VERDICT: ERROR (pytest exit {int(code)}), the run did not complete  ({wall:.0f}s wall)")
-        _append_history(args, None, EXIT_ERROR, wall, collector.results, None)
+        if int(code) != pytest.ExitCode.USAGE_ERROR:  # a mistyped option is no run of the project's history
+            _append_history(args, None, EXIT_ERROR, wall, collector.results, None)
         return EXIT_ERROR
     # The gates and the policy are listed just above, in pytest's terminal summary ("quantgate gates").
     print(f"{collector.verdict.lines()[-1]}  ({wall:.0f}s wall)")

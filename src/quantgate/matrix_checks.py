@@ -183,12 +183,16 @@ def _check_serve_args(matrix: Matrix, path: Path, report: CheckReport) -> None:
     vLLM's own `vllm serve` parser: a misspelt flag otherwise surfaces only when its server starts, after the
     builds. vLLM is imported only when there are serve args to check."""
     from quantgate.engines.serve_flags import flag_name, unknown_flags, vllm_serve_options
-    from quantgate.engines.vllm_server import user_engine_args
+    from quantgate.engines.vllm_server import user_engine_args, user_engine_args_error
 
     places = [(f"{path}: models.{m.name}.serve_args", m.serve_args) for m in matrix.models]
     places += [(f"{path}: models.{m.name}.variants.{v.name}.serve_args", v.serve_args)
                for m in matrix.models for v in m.variants]
-    places += [("QUANTGATE_VLLM_ARGS", user_engine_args())]
+    env_error = user_engine_args_error()
+    if env_error is not None:
+        report.errors.append(env_error)
+    else:
+        places += [("QUANTGATE_VLLM_ARGS", user_engine_args())]
     places = [(where, args) for where, args in places if args]
     if not places:
         return

@@ -221,6 +221,11 @@ def pytest_configure(config: pytest.Config) -> None:
             policy_path = None  # no policy file in this project: the built-in default
         policy = load_policy(policy_path) if policy_path is not None else DEFAULT_POLICY
         at_cadence(matrix, config.getoption("--qg-cadence"))  # a baseline later than its variants: usage error
+        from quantgate.engines.vllm_server import user_engine_args_error
+
+        env_args_error = user_engine_args_error()  # else each server start fails on it, as a test failure
+        if env_args_error is not None:
+            raise QuantgateError(env_args_error)
     except QuantgateError as exc:
         raise pytest.UsageError(str(exc)) from None
     results = (

@@ -116,6 +116,17 @@ def test_quantgate_run_exit_codes(tmp_path, monkeypatch, capsys):
     (suite / "test_more.py").write_text(TESTS.replace('("kl", "PASS")', '("kl", "FAIL")'))
     assert cli.main(common) == 1
     assert "VERDICT: FAIL (exit 1)" in capsys.readouterr().out
+    # a marker that selects nothing: NOTHING RAN, exit 3, naming the selection; no history entry for it
+    history = tmp_path / "results" / "history.jsonl"
+    lines_before = history.read_text().count("\n") if history.exists() else 0
+    assert cli.main([*common, "-m", "nvfp"]) == 3
+    assert "VERDICT: NOTHING RAN (exit 3): no test matched -m 'nvfp'" in capsys.readouterr().out
+    # QUANTGATE_VLLM_ARGS that sets a flag quantgate owns: refused before pytest starts, one line, exit 3
+    monkeypatch.setenv("QUANTGATE_VLLM_ARGS", "--api_server_count=2")
+    assert cli.main(common) == 3
+    printed = capsys.readouterr()
+    assert "QUANTGATE_VLLM_ARGS may not set ['--api-server-count']" in printed.err and "VERDICT" not in printed.out
+    assert (history.read_text().count("\n") if history.exists() else 0) == lines_before
 
 
 CONTROL_TESTS = """

@@ -114,8 +114,23 @@ def default_engine_args(hw: Hardware) -> list[str]:
 
 
 def user_engine_args() -> list[str]:
-    """The engine flags of env QUANTGATE_VLLM_ARGS (shell words), added to every server and the offline engine."""
-    return shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))
+    """The engine flags of env QUANTGATE_VLLM_ARGS (shell words), added to every server and the offline engine.
+    Raises ServerError when the value is not valid shell words (an unclosed quote)."""
+    try:
+        return shlex.split(os.environ.get("QUANTGATE_VLLM_ARGS", ""))
+    except ValueError as exc:
+        value = os.environ["QUANTGATE_VLLM_ARGS"]
+        raise ServerError(f"QUANTGATE_VLLM_ARGS={value!r}: not shell words ({exc})") from None
+
+
+def user_engine_args_error() -> str | None:
+    """Why QUANTGATE_VLLM_ARGS cannot be used (a flag quantgate sets itself, serve_flags.OWNED_FLAGS, or not shell
+    words), or None: checked before a run starts, not at each server's start."""
+    try:
+        bad = owned_flag_overrides(user_engine_args())
+    except ServerError as exc:
+        return str(exc)
+    return f"QUANTGATE_VLLM_ARGS {owned_flag_message(bad)}" if bad else None
 
 
 # vLLM's default prefill budget per step when chunked prefill is off (SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
