@@ -20,7 +20,8 @@ warnings what could not be checked here (a Hub source not in the local Hugging F
          metrics; a task whose Python helpers cannot be imported in this environment, e.g. a missing extra);
          a variant whose generation_config.json sampling defaults differ from the baseline's; a task_floors
          entry naming no task of the matrix; a critical gate of the policy that this matrix cannot produce
-         (every variant would be MISSING it, and the run fails); serve_args not checked (vLLM not importable).
+         (every variant would be MISSING it, and the run fails); serve_args not checked (vLLM not importable); a
+         data-folder file the matrix reads (calibration, distribution documents) that is not in the data folder.
 notes    which tasks read offline data here and which need the Hub.
 """
 
@@ -93,6 +94,7 @@ def check_matrix(
     report.errors += [f"{path}: {e}" for e in baseline_cadence_errors(matrix)]
     _check_tasks(matrix, path, data_dir, report)
     _check_serve_args(matrix, path, report)
+    _check_data_files(matrix, path, data_dir, report)
     for model in matrix.models:
         _check_model(matrix, model, path, report)
         dist = matrix.distribution
@@ -176,6 +178,18 @@ def _check_tasks(matrix: Matrix, path: Path, data_dir: Path | None, report: Chec
     report.notes.append(f"offline data ({data_dir}): {', '.join(offline) or 'none'}")
     if hub:
         report.notes.append(f"need the Hugging Face Hub (no offline data here): {', '.join(hub)}")
+
+
+def _check_data_files(matrix: Matrix, path: Path, data_dir: Path | None, report: CheckReport) -> None:
+    """The data-folder files the matrix reads (calibration sets, distribution documents: evaluation.hub_data)
+    that are not in `data_dir`: a warning each, since a build or distribution test would stop on it."""
+    from quantgate.evaluation.hub_data import file_presence, matrix_needs
+
+    for rel, readers in matrix_needs(matrix).files.items():
+        if not file_presence(rel, data_dir).present:
+            where = data_dir or "(no data folder: set QUANTGATE_DATA_DIR, or put the offline bundle in shared/data)"
+            report.warnings.append(f"{path}: {rel} is not in the data folder {where}; needed by {', '.join(readers)}"
+                                   " (`quantgate data` lists every file and dataset the matrix reads)")
 
 
 def _check_serve_args(matrix: Matrix, path: Path, report: CheckReport) -> None:
@@ -382,6 +396,8 @@ def policy_coverage_warnings(
     from quantgate.gates.distribution import GATE_NAMES
 
     out: list[str] = []
+    if all(v.format == "bf16" for m in matrix.models for v in m.variants):
+        return out  # baselines only: the policy's gates judge quantized variants, and there is none to miss them
     fails = "every quantized variant will be MISSING it and the run fails (exit 1)"
     dist_gate_names = set(GATE_NAMES.values())
     tasks = {t.key: t for t in matrix.tasks} | {t.name: t for t in matrix.tasks}

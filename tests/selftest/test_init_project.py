@@ -54,6 +54,7 @@ def test_init_writes_the_team_files_and_keeps_existing_ones(tmp_path, capsys):
     assert "testpaths = quantgate.suite" in ini and "addopts = --pyargs" in ini
     assert "pip install -U quantgate`" not in ini and "not on PyPI" in ini
     assert "/results/" in (project / ".gitignore").read_text()
+    assert "*.candidate" in (project / ".gitignore").read_text()  # a run must not leave the checkout dirty
     capsys.readouterr()
 
     (project / "thresholds" / "policy.yaml").write_text("# the team's own\n")

@@ -506,6 +506,10 @@ def test_check_warns_when_a_critical_gate_cannot_run_in_this_matrix(tmp_path):
                                                                   "critical top1_agreement"]
     assert any("sets no top1_agreement_min for format(s) ['int4']" in w for w in with_dist)
     assert any("task hellaswag is not gated in this matrix (gate: false)" in w for w in with_dist)
+    # a matrix of baselines only has no quantized variant to miss a gate: no warning (the run passes)
+    bf16_only = BASE.replace(
+        "      - {name: q, format: int4, builder: llmcompressor, recipe: {scheme: W4A16, group_size: 64}}\n", "")
+    assert policy_coverage_warnings(load_matrix(write(tmp_path, bf16_only)), policy, limits, limits_path) == []
 
 
 def test_empty_models_or_tasks_and_a_bf16_control_are_refused(tmp_path):
@@ -555,3 +559,26 @@ def test_plan_counts_a_groups_limit_per_leaf():
     m = load_matrix(ROOT / "fixtures" / "cpu-tasks.yaml")
     assert planned_items(m.task("mmlu")) == 114
     assert planned_items(m.task("gsm8k")) == 30
+
+
+def test_check_warns_about_data_folder_files_the_matrix_reads(tmp_path):
+    """A calibration set that is not in the data folder stops the build; check says so before it (it used to say
+    `valid` with wikitext2 missing). Control: the file present, no warning."""
+    from quantgate.evaluation.hub_data import matrix_needs
+    from quantgate.matrix_checks import CheckReport, _check_data_files
+
+    matrix = load_matrix(write(tmp_path, BASE))
+    needed = list(matrix_needs(matrix).files)
+    assert needed, "the int4 variant calibrates on a data-folder file"
+    empty = tmp_path / "data"
+    empty.mkdir()
+    report = CheckReport()
+    _check_data_files(matrix, Path("m.yaml"), empty, report)
+    assert len(report.warnings) == len(needed) and needed[0] in report.warnings[0]
+    assert "`quantgate data`" in report.warnings[0]
+    for rel in needed:
+        (empty / rel).parent.mkdir(parents=True, exist_ok=True)
+        (empty / rel).write_text("text\n")
+    report = CheckReport()
+    _check_data_files(matrix, Path("m.yaml"), empty, report)
+    assert report.warnings == []
