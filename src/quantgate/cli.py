@@ -22,7 +22,8 @@ weekly); each names the others in one line. `quantgate CMD --help` lists each co
 
 Exit codes of `quantgate run` (quantgate.run_verdict): 0 every counted gate passed; 1 a gate failed on
 evidence of loss, a critical gate is MISSING, or another test failed or errored; 2 nothing failed but a gate
-the policy blocks on is INCONCLUSIVE; 3 the run did not complete (bad configuration, usage, interrupted).
+the policy blocks on is INCONCLUSIVE; 3 the run did not complete (bad configuration, usage, interrupted), or
+nothing ran (every selected test skipped, or none selected: NOTHING RAN).
 Every other command exits 3 on a usage or configuration error, and so does `quantgate report` when the results
 folder holds no stored results for any model of the matrix (a wrong folder is not an empty report).
 """
@@ -30,6 +31,7 @@ folder holds no stored results for any model of the matrix (a wrong folder is no
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -716,6 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     except QuantgateError as exc:
         print(f"quantgate: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # the reader went away (`quantgate summary ... | head`): what it read was printed; no traceback.
+        # stdout is pointed at devnull so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 class _Parser(argparse.ArgumentParser):

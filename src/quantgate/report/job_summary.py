@@ -78,6 +78,11 @@ def verdict_of(run: JunitRun, policy: Policy, cadence: str | None = None) -> Run
                      other_failures=run.other_failures, errors=run.errors, ran=run.tests - run.skipped)
 
 
+def _nothing_ran_why(run: JunitRun) -> str:
+    return (f"all {run.tests} of the run's tests were skipped" if run.tests > 1 else
+            "the run's one test was skipped" if run.tests == 1 else "the JUnit XML holds no test")
+
+
 def _not_passed(verdict: RunVerdict) -> list[tuple[Gate, str]]:
     order = {Outcome.FAIL: 0, Outcome.MISSING: 1, Outcome.INCONCLUSIVE: 2, Outcome.NOT_GATED: 3}
     return sorted(
@@ -95,11 +100,11 @@ def markdown(verdict: RunVerdict, run: JunitRun, tables: list[str], policy: Poli
             "NOTHING RAN": ":x:"}[verdict.headline]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(verdict.counts().items())) or "none judged"
     lines = [f"## {icon} quantgate: {verdict.headline} (exit {verdict.exit_code})", "",
-             f"Cadence **{verdict.cadence}**; {run.tests} tests; gates: {counts}.", ""]
+             f"Cadence **{verdict.cadence}**; {run.tests} test{'' if run.tests == 1 else 's'}; gates: {counts}.", ""]
     shown = _not_passed(verdict)
     if verdict.nothing_ran:
-        what = "every one of the run's tests was skipped" if run.tests else "the JUnit XML holds no test"
-        lines += [f"Nothing ran: {what}, so no checkpoint was checked. The run's log gives the skip reasons.", ""]
+        why = _nothing_ran_why(run) + (" (the run's log gives the skip reasons)" if run.tests else "")
+        lines += [f"Nothing ran: {why}, so no checkpoint was checked.", ""]
     elif shown:
         lines += ["### Gates that did not pass", "", "| Outcome | Subject | Gate | Tier | Disposition | Parameters |",
                   "|---|---|---|---|---|---|"]
@@ -144,7 +149,7 @@ def annotations(verdict: RunVerdict, run: JunitRun) -> list[str]:
         out.append(f"::error title={_escape_property('quantgate test failed')}::{_escape_data(nodeid)}")
     if verdict.nothing_ran:
         out.append(f"::error title={_escape_property('quantgate: nothing ran')}::"
-                   f"{_escape_data(f'{run.tests} test(s), all skipped: no checkpoint was checked')}")
+                   f"{_escape_data(_nothing_ran_why(run) + ': no checkpoint was checked')}")
     return out
 
 
