@@ -360,6 +360,12 @@ def score_table(
         )
         if no_distribution:
             legend["distribution not stored"] = ", ".join(no_distribution)
+    # "engine args" above is the compared context of committed snapshots (quantgate's own flags only); a model's
+    # or variant's serve_args, which are in every result key, are shown here
+    served = [f"{v.name}: {' '.join([*model.serve_args, *v.serve_args])}" for v in model.variants
+              if [*model.serve_args, *v.serve_args]]
+    if served:
+        legend["serve args"] = "; ".join(served)
     volatile = {
         "hardware": f"{run.hw.name} x{run.hw.count}" + (f", driver {run.hw.driver}" if run.hw.driver else ""),
         # "hardware class: cpu" above is compared context of committed snapshots, so it stays; the tier, which

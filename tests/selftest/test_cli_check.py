@@ -216,6 +216,14 @@ def test_score_table_shows_the_cpu_tier_its_snapshots_are_kept_by(tmp_path, make
         assert "CPU tier" not in text
     else:
         assert f"CPU tier: {tier} (snapshots, accepted baselines and expected kernels are kept per tier)" in text
+    assert "serve args" not in text  # none in this matrix
+    # a model's serve_args (in every result key) are shown in the legend, not in the snapshot's compared footer
+    model = run.matrix.models[0]
+    served = model.model_copy(update={"serve_args": ["--max-num-seqs", "8"]})
+    run.matrix = run.matrix.model_copy(update={"models": [served]})
+    table = verdicts.score_table(run, "m", partial=True)
+    assert "- serve args: bf16: --max-num-seqs 8;" in table.render()
+    assert all("max-num-seqs" not in v for v in table.footer.values())
 
 
 def test_check_predicts_supporting_gates_that_block_at_nightly(project, capsys):
