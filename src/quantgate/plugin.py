@@ -169,9 +169,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, AN
 
 
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
+    """An option's or ini setting's path; a relative one from the ini file's folder, else from where pytest was
+    started. Not from pytest's rootdir: with no ini file beside the arguments, pytest takes the common folder of
+    any existing paths on its command line as rootdir, option values included (`--qg-matrix /elsewhere/m.yaml`
+    made it /elsewhere, and thresholds/ was looked for there)."""
     value = config.getoption(option) or config.getini(ini)
     path = Path(value)
-    return path if path.is_absolute() else Path(config.rootpath) / path
+    if path.is_absolute():
+        return path
+    base = config.inipath.parent if config.inipath is not None else config.invocation_params.dir
+    return Path(base) / path
 
 
 def _stop_session_on_sigterm(signum: int, frame: object) -> None:

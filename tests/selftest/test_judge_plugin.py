@@ -208,3 +208,19 @@ def test_a_session_where_every_test_skipped_says_nothing_ran(project):
     result = _run(project)
     result.assert_outcomes(skipped=2)
     assert "quantgate: NOTHING RAN" in result.stdout.str()
+
+
+def test_a_matrix_outside_the_project_finds_the_projects_thresholds(pytester: pytest.Pytester, tmp_path_factory):
+    """pytest takes the folder of an existing path among its arguments as rootdir when no ini file is there,
+    option values included: `--qg-matrix /elsewhere/m.yaml` made /elsewhere the rootdir, and thresholds/ was
+    looked for there. Relative paths now resolve from the ini file's folder, else where pytest was started."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "m.yaml").write_text(textwrap.dedent(MATRIX))
+    (pytester.path / "thresholds").mkdir()
+    (pytester.path / "thresholds" / "retention.yaml").write_text(
+        (ROOT / "thresholds" / "retention.yaml").read_text())
+    pytester.makepyfile(test_nothing_here="def test_x():\n    pass\n")
+    result = pytester.runpytest("--qg-matrix", str(elsewhere / "m.yaml"), "--collect-only", "-q",
+                                "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    assert "file not found" not in result.stderr.str()
