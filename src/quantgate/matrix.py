@@ -447,12 +447,12 @@ class Model(_Strict):
         description="seconds the server may take to become healthy (env QUANTGATE_SERVER_START_TIMEOUT overrides)",
     )
     gpus: int = Field(
-        1, ge=1, description="GPUs each server of this model uses: --tensor-parallel-size, and the devices "
-        "each xdist worker reserves (docs/multi-gpu.md)"
+        1, ge=1, strict=True, description="GPUs each server of this model uses: --tensor-parallel-size, and the "
+        "devices each xdist worker reserves (docs/multi-gpu.md)"
     )
     api_server_count: int | None = Field(
-        None, gt=0, description="API server processes in front of the engine (`vllm serve --api-server-count`); "
-        "unset: vLLM's default. Transport only: not part of the result keys")
+        None, gt=0, strict=True, description="API server processes in front of the engine (`vllm serve "
+        "--api-server-count`); unset: vLLM's default. Transport only: not part of the result keys")
     batch_invariant: bool = Field(
         False, description="serve with vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1): greedy decoding "
         "repeats item for item through a batching server, at a cost in speed; part of the result keys")

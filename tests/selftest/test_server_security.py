@@ -323,9 +323,11 @@ def test_matrix_api_server_count_is_validated_and_kept_out_of_result_keys(tmp_pa
     base = {"name": "m", "source": {"kind": "local", "path": "/x"}, "variants": [{"name": "bf16", "format": "bf16"}]}
     assert Model.model_validate({**base, "api_server_count": 2}).api_server_count == 2
     assert Model.model_validate(base).api_server_count is None
-    for bad in (0, -1):
+    for bad in (0, -1, True, "2", 1.5):  # a YAML boolean or string is no count (strict: no coercion)
         with pytest.raises(ValueError, match="api_server_count"):
             Model.model_validate({**base, "api_server_count": bad})
+    with pytest.raises(ValueError, match="gpus"):
+        Model.model_validate({**base, "gpus": "2"})
     # transport: the same result and server keys with and without it
     fh.patch(monkeypatch.setattr, tmp_path)
     monkeypatch.setattr(fh.runner_mod, "task_config_digest", lambda name: "digest")
