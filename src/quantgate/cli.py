@@ -251,10 +251,12 @@ def _suite_argv(args: argparse.Namespace, *extra: str) -> list[str]:
         suite = [str(tests), "--ignore", str(tests / "selftest")]
     limit = ["--qg-limit", args.qg_limit] if args.qg_limit else []
     path = _policy_path(args)
-    policy = ["--qg-policy", str(path.resolve())] if path is not None else []
+    # `--opt=PATH`, one token: pytest picks its rootdir (and with it the ini file) from the bare paths among its
+    # arguments, option values included, before it knows the plugin's options (quantgate.plugin)
+    policy = [f"--qg-policy={path.resolve()}"] if path is not None else []
     return [
         *suite,
-        "--qg-matrix", str(matrix_path), "--qg-thresholds", str(thresholds_path),
+        f"--qg-matrix={matrix_path}", f"--qg-thresholds={thresholds_path}",
         "--qg-cadence", args.qg_cadence, "-p", "no:cacheprovider", *policy, *limit, *extra,
     ]
 

@@ -168,6 +168,24 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, AN
     return make_variant_scheduler(config, log, labels)
 
 
+def _ini_pytest_skipped(config: pytest.Config) -> Path | None:
+    """The pytest configuration file in the invocation folder that pytest did not use because `--qg-matrix PATH`
+    (a bare path, read before plugins are known) moved its rootdir elsewhere; None when that did not happen."""
+    if not config.getoption("--qg-matrix") or config.inipath is not None or config.option.rootdir:
+        return None
+    if getattr(config, "args_source", None) == pytest.Config.ArgsSource.ARGS:
+        return None  # test paths given: they, not the ini file's testpaths, say what is collected
+    here = Path(config.invocation_params.dir)
+    if Path(config.rootpath) == here:
+        return None
+    for name, section in (("pytest.ini", ""), ("pyproject.toml", "[tool.pytest.ini_options]"),
+                          ("tox.ini", "[pytest]"), ("setup.cfg", "[tool:pytest]")):
+        candidate = here / name
+        if candidate.is_file() and section in candidate.read_text(errors="replace"):
+            return candidate
+    return None
+
+
 def _resolve(config: pytest.Config, option: str, ini: str) -> Path:
     """An option's or ini setting's path; a relative one from the ini file's folder, else from where pytest was
     started. Not from pytest's rootdir: with no ini file beside the arguments, pytest takes the common folder of
@@ -214,6 +232,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadgroup = True  # read by xdist's worker when it collects (xdist/remote.py)
     for name, doc in {**FORMAT_MARKERS, **OTHER_MARKERS}.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
+    skipped_ini = _ini_pytest_skipped(config)
+    if skipped_ini is not None:
+        raise pytest.UsageError(
+            f"pytest took {config.rootpath} as its rootdir, from the path given to --qg-matrix, and so ignored "
+            f"{skipped_ini} here (its testpaths and settings: the run would collect other tests too). Give the "
+            "matrix as --qg-matrix=PATH (with '='), or add --rootdir=.")
     matrix_path = _resolve(config, "--qg-matrix", "quantgate_matrix")
     thresholds_path = _resolve(config, "--qg-thresholds", "quantgate_thresholds")
     if not matrix_path.exists() and not config.getoption("--qg-matrix"):

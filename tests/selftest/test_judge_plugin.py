@@ -224,3 +224,12 @@ def test_a_matrix_outside_the_project_finds_the_projects_thresholds(pytester: py
                                 "-p", "no:cacheprovider")
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
     assert "file not found" not in result.stderr.str()
+    # with a pytest ini file here, that moved rootdir would drop its testpaths and settings: refused, saying why
+    (pytester.path / "pytest.ini").write_text("[pytest]\nquantgate_thresholds = thresholds/retention.yaml\n")
+    result = pytester.runpytest("--qg-matrix", str(elsewhere / "m.yaml"), "--collect-only", "-q",
+                                "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "Give the matrix as --qg-matrix=PATH (with '=')" in result.stderr.str()
+    result = pytester.runpytest(f"--qg-matrix={elsewhere / 'm.yaml'}", "--collect-only", "-q",
+                                "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
