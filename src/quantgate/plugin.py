@@ -456,14 +456,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     left_out = deferred_line(deferred, qs.cadence)
     if left_out is not None:
         terminalreporter.write_line(f"quantgate {left_out}")
-    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and qs.verdict().nothing_ran \
+    verdict = qs.verdict()
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and verdict.nothing_ran \
             and not config.stash.get(CALLER_PRINTS_VERDICT, False):
         # pytest itself exits 0 when every test skipped; say that no checkpoint was checked
         terminalreporter.write_line("quantgate: NOTHING RAN: every selected test was skipped, so no checkpoint was "
                                     "checked (`quantgate run` exits 3 here)", red=True)
     if qs.gates:
         terminalreporter.write_sep("-", "quantgate gates")
-        lines = qs.verdict().lines(qs.policy)
+        lines = verdict.lines(qs.policy)
         for line in lines[:-1] if config.stash.get(CALLER_PRINTS_VERDICT, False) else lines:
             terminalreporter.write_line(line)
     if qs.run is None:
